@@ -1,0 +1,20 @@
+"""duccio-fx: hardware-aware neural architecture search (DUCCIO) for tiny devices, on torch.fx."""
+
+from duccio_fx import rules as _rules  # noqa: F401  (registers the built-in channel rules)
+from duccio_fx.channels import ChannelGroup, GroupMember
+from duccio_fx.errors import DuccioError, DuccioTraceError, ModelFileError, PassError, ShapePropagationError
+from duccio_fx.pass_manager import DumpIR, Instrument, Pass, PassManager, PrintIR, TimePasses
+from duccio_fx.pipeline import analyze, channel_groups
+from duccio_fx.printer import format_ir
+from duccio_fx.registry import REGISTRY, register_function, register_method, register_module
+from duccio_fx.rules import RuleContext
+from duccio_fx.tracer import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelGroup", "DuccioError", "DuccioTraceError", "DumpIR", "GroupMember", "Instrument", "ModelFileError",
+    "Pass", "PassError", "PassManager", "PrintIR", "REGISTRY", "RuleContext", "ShapePropagationError",
+    "TimePasses", "analyze", "channel_groups", "format_ir", "register_function", "register_method",
+    "register_module", "trace",
+]

@@ -1,0 +1,37 @@
+"""Errors users see. Each says what went wrong, where, and how to fix it."""
+
+from __future__ import annotations
+
+
+class DuccioError(Exception):
+    """Base class of every error duccio-fx raises on purpose (the CLI turns these into exit code 1)."""
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [self.what]
+        if self.where:
+            lines.append(f"  where: {self.where}")
+        if self.fix:
+            lines.append(f"  how to fix: {self.fix}")
+        return "\n".join(lines)
+
+
+class DuccioTraceError(DuccioError):
+    """torch.fx could not trace the model (data-dependent control flow, unsupported Python, ...)."""
+
+
+class ShapePropagationError(DuccioError):
+    """The traced model failed to run on its example input."""
+
+
+class PassError(DuccioError):
+    """A pass failed or left an invalid graph; names the pass."""
+
+
+class ModelFileError(DuccioError):
+    """A user's model file is missing, broken or does not follow the model.py contract."""

@@ -1,0 +1,157 @@
+"""The duccio annotations of IR nodes: one place owns every `node.meta` key and its typed accessor.
+
+Values are frozen dataclasses so passes cannot mutate each other's results by accident, and torch's own
+keys (`tensor_meta`, `val`, `nn_module_stack`, `stack_trace`) are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch.fx import Node
+
+TENSOR_KEY = "duccio_tensor"
+LAYOUT_KEY = "duccio_channels"
+COST_KEY = "duccio_cost"
+ROLE_KEY = "duccio_role"
+GROUPS_KEY = "duccio_channel_groups"  # on GraphModule.meta: tuple[ChannelGroup, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a tensor value, recorded by shape propagation (batch dimension included)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"{dt}[{','.join(map(str, self.shape))}]"
+
+
+# A node's value: a tensor, a (nested) tuple of values, or something that is not a tensor (None).
+ValueInfo = Union[TensorInfo, tuple["ValueInfo", ...], None]
+
+
+@dataclass(frozen=True)
+class GroupSlice:
+    """Entries `[start, stop)` of channel group `group`, each repeated `block` times along the tensor dim.
+
+    `block > 1` appears after a flatten (each channel owns H*W features) or a depthwise conv with a
+    channel multiplier.
+    """
+
+    group: int
+    start: int
+    stop: int
+    block: int = 1
+
+    @property
+    def width(self) -> int:
+        return (self.stop - self.start) * self.block
+
+    def __str__(self) -> str:
+        full = f"g{self.group}[{self.start}:{self.stop}]"
+        return full if self.block == 1 else f"{full}x{self.block}"
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Which channel group every index of tensor dimension `dim` belongs to."""
+
+    dim: int
+    slices: tuple[GroupSlice, ...]
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(s.group for s in self.slices))
+
+    def __str__(self) -> str:
+        return f"d{self.dim}:" + "+".join(str(s) for s in self.slices)
+
+
+LayoutInfo = Union[ChannelLayout, tuple["LayoutInfo", ...], None]
+
+
+@dataclass(frozen=True)
+class OpRole:
+    """The channel role the registry gave a node (e.g. 'defines', 'follows', 'couples', 'blocks')."""
+
+    role: str
+    rule: str
+
+    def __str__(self) -> str:
+        return self.role
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Per-sample cost of one node: weights it owns, multiply-accumulates, activation sizes in bytes."""
+
+    params: int
+    macs: int
+    input_bytes: int
+    output_bytes: int
+
+
+def tensor_info(node: Node) -> ValueInfo:
+    """The value recorded by shape propagation (None if the pass has not run or the value is no tensor)."""
+    return node.meta.get(TENSOR_KEY)
+
+
+def set_tensor_info(node: Node, info: ValueInfo) -> None:
+    node.meta[TENSOR_KEY] = info
+
+
+def channel_layout(node: Node) -> LayoutInfo:
+    """The resolved channel layout of the node's output (None for values without channels)."""
+    return node.meta.get(LAYOUT_KEY)
+
+
+def set_channel_layout(node: Node, layout: LayoutInfo) -> None:
+    node.meta[LAYOUT_KEY] = layout
+
+
+def op_role(node: Node) -> OpRole | None:
+    return node.meta.get(ROLE_KEY)
+
+
+def set_op_role(node: Node, role: OpRole) -> None:
+    node.meta[ROLE_KEY] = role
+
+
+def layer_cost(node: Node) -> LayerCost | None:
+    return node.meta.get(COST_KEY)
+
+
+def set_layer_cost(node: Node, cost: LayerCost) -> None:
+    node.meta[COST_KEY] = cost
+
+
+def channel_group_of(node: Node) -> tuple[int, ...]:
+    """Ids of the channel groups the node's output channels belong to (empty when it has none)."""
+    layout = channel_layout(node)
+    return layout.groups if isinstance(layout, ChannelLayout) else ()
+
+
+def source_line(node: Node) -> str:
+    """`file.py:12: x = self.conv(x)` for the user code that created the node, or '' if unknown."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            parts = lines[i].split(",")
+            file = parts[0].removeprefix("File ").strip().strip('"')
+            lineno = parts[1].strip().removeprefix("line ").strip() if len(parts) > 1 else "?"
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{file}:{lineno}: {code}"
+    return ""

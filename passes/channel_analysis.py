@@ -1,0 +1,105 @@
+"""channel-analysis: find which output channels are coupled and must be kept or removed together.
+
+Walks the graph in order, applies each node's registry rule (`duccio_fx.rules`), then resolves the
+recorded constraints into `ChannelGroup`s. Writes `duccio_role` and `duccio_channels` on every node and
+the group list on `gm.meta`. An op the registry does not know freezes the groups it touches.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule, Node
+
+from duccio_fx.channels import Atom, ChannelSolver, RawLayout
+from duccio_fx.meta import (GROUPS_KEY, ChannelLayout, GroupSlice, LayoutInfo, OpRole, TensorInfo, ValueInfo,
+                            set_channel_layout, set_op_role, tensor_info)
+from duccio_fx.pass_manager import Pass
+from duccio_fx.registry import REGISTRY, OpRegistry, describe_target
+from duccio_fx.rules import RawValue, RuleContext, iter_nodes
+
+
+def _fits(value: RawValue, info: ValueInfo) -> bool:
+    """Does a rule's layout describe the recorded tensor (right dim, right width)?"""
+    if value is None:
+        return True
+    if isinstance(value, RawLayout):
+        return isinstance(info, TensorInfo) and 0 <= value.dim < len(info.shape) \
+            and info.shape[value.dim] == value.width
+    if isinstance(value, tuple):
+        return isinstance(info, tuple) and len(info) == len(value) and all(map(_fits, value, info))
+    return False
+
+
+@dataclass
+class ChannelAnalysis(Pass):
+    """Computes channel groups with the rules of `registry` (the global registry by default)."""
+
+    registry: OpRegistry = field(default_factory=lambda: REGISTRY)
+    name = "channel-analysis"
+
+    def run(self, gm: GraphModule) -> bool:
+        solver = ChannelSolver()
+        ctx = RuleContext(gm, solver, self.registry)
+        for node in gm.graph.nodes:
+            ctx.layouts[node] = self._apply(ctx, gm, node)
+        groups, atoms = solver.resolve()
+        starts = {sid: [a.start for a, _ in pieces] for sid, pieces in atoms.items()}
+        for node in gm.graph.nodes:
+            set_op_role(node, OpRole(ctx.roles.get(node, "unknown"), self._rule_name(gm, node)))
+            set_channel_layout(node, _resolve(ctx.layouts[node], atoms, starts))
+        gm.meta[GROUPS_KEY] = tuple(groups)
+        return False
+
+    def _rule_name(self, gm: GraphModule, node: Node) -> str:
+        rule = self.registry.lookup(gm, node)
+        return rule.name if rule else node.op
+
+    def _apply(self, ctx: RuleContext, gm: GraphModule, node: Node) -> RawValue:
+        if node.op == "placeholder":
+            ctx.set_role(node, "input")
+            return ctx.opaque(node, f"model input '{node.name}': its channels are fixed by the data")
+        if node.op == "get_attr":
+            ctx.set_role(node, "constant")
+            return None
+        if node.op == "output":
+            ctx.set_role(node, "output")
+            for arg in iter_nodes(node.args):
+                ctx.freeze(ctx.layouts.get(arg), f"model output '{arg.name}': the model's outputs keep "
+                                                 f"their size (e.g. the number of classes)")
+            return None
+        rule = self.registry.lookup(gm, node)
+        if rule is None:
+            what = describe_target(gm, node)
+            hint = (f"duccio_fx.register_module({type(gm.get_submodule(str(node.target))).__name__}, 'follows')"
+                    if node.op == "call_module" else
+                    f"duccio_fx.register_function(<fn>, 'follows')" if node.op == "call_function" else
+                    f"duccio_fx.register_method('{node.target}', 'follows')")
+            return ctx.block(node, f"is not in the op registry, so duccio-fx cannot tell how it uses "
+                                   f"channels (if it acts on each channel separately, register it: {hint})")
+        value = rule.apply(ctx, node)
+        if not _fits(value, tensor_info(node)):
+            return ctx.block(node, f"got a channel layout from rule '{rule.name}' that does not match its "
+                                   f"output shape {tensor_info(node)}")
+        return value
+
+
+def _resolve(value: RawValue, atoms: dict[int, list[tuple[Atom, int]]],
+             starts: dict[int, list[int]]) -> LayoutInfo:
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, atoms, starts) for v in value)
+    if not isinstance(value, RawLayout):
+        return None
+    slices: list[GroupSlice] = []
+    for seg in value.segments:
+        pieces = atoms[seg.space]
+        i = bisect.bisect_right(starts[seg.space], seg.start) - 1
+        while i < len(pieces) and pieces[i][0].start < seg.stop:
+            atom, gid = pieces[i]
+            lo, hi = max(seg.start, atom.start), min(seg.stop, atom.stop)
+            if lo < hi:
+                slices.append(GroupSlice(gid, lo - atom.start, hi - atom.start, seg.block))
+            i += 1
+    return ChannelLayout(value.dim, tuple(slices))
+
