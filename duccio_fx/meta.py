@@ -6,6 +6,7 @@ keys (`tensor_meta`, `val`, `nn_module_stack`, `stack_trace`) are never touched.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Union
 
@@ -144,14 +145,21 @@ def channel_group_of(node: Node) -> tuple[int, ...]:
 
 
 def source_line(node: Node) -> str:
-    """`file.py:12: x = self.conv(x)` for the user code that created the node, or '' if unknown."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            parts = lines[i].split(",")
-            file = parts[0].removeprefix("File ").strip().strip('"')
-            lineno = parts[1].strip().removeprefix("line ").strip() if len(parts) > 1 else "?"
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{file}:{lineno}: {code}"
-    return ""
+    """`file.py:12: x = self.conv(x)` for the user code that created the node, or '' if unknown.
+
+    Needs a trace with stack traces recorded; frames inside torch and duccio-fx are skipped.
+    """
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines() if ln.strip()]
+    found = ""
+    for i, line in enumerate(lines):
+        if not line.startswith("File "):
+            continue
+        parts = line.split(",")
+        file = parts[0].removeprefix("File ").strip().strip('"')
+        if os.path.abspath(file).startswith(skip):
+            continue
+        lineno = parts[1].strip().removeprefix("line ").strip() if len(parts) > 1 else "?"
+        code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+        found = f"{file}:{lineno}: {code}"
+    return found

@@ -104,10 +104,7 @@ class PassManager:
                     gm.graph.lint()
                     gm.recompile()
             except DuccioError as err:
-                if err.where and p.name in err.where:
-                    raise
-                where = f"pass '{p.name}'" + (f", {err.where}" if err.where else "")
-                raise type(err)(err.what, where=where, fix=err.fix) from err
+                raise err.locate(f"pass '{p.name}'")
             except Exception as err:  # a bug or an unexpected graph: say which pass, keep the cause
                 raise PassError(f"pass '{p.name}' failed: {type(err).__name__}: {err}",
                                 where=f"pass '{p.name}' (step {index + 1} of {len(self.passes)})",

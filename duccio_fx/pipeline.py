@@ -12,18 +12,19 @@ from duccio_fx.meta import GROUPS_KEY, tensor_info
 from duccio_fx.channels import ChannelGroup
 from duccio_fx.pass_manager import Instrument, PassManager
 from duccio_fx.passes import ChannelAnalysis, LayerCosts, ShapePropagation
-from duccio_fx.tracer import LeafSpec, as_input_tuple, symbolic_trace
+from duccio_fx.tracer import LeafSpec, as_input_tuple, locate_errors, symbolic_trace
 
 
 def analyze(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[LeafSpec] = (),
             instruments: Sequence[Instrument] = ()) -> GraphModule:
     """Trace `model` and run every analysis pass on it; the IR carries shapes, groups and costs."""
     gm = symbolic_trace(model, leaf_modules)
-    PassManager([
-        ShapePropagation(as_input_tuple(example_inputs)),  # shapes and dtypes of every value
-        ChannelAnalysis(),                                 # coupled channels → channel groups
-        LayerCosts(),                                      # per-layer params, MACs, activation bytes
-    ], instruments).run(gm)
+    with locate_errors(model, leaf_modules):
+        PassManager([
+            ShapePropagation(as_input_tuple(example_inputs)),  # shapes and dtypes of every value
+            ChannelAnalysis(),                                 # coupled channels → channel groups
+            LayerCosts(),                                      # per-layer params, MACs, activation bytes
+        ], instruments).run(gm)
     return gm
 
 

@@ -86,7 +86,7 @@ def register_module(cls: type[nn.Module], rule: RoleOrRule, *, role: str | None 
 def register_function(fn: Any, rule: RoleOrRule, *, role: str | None = None,
                       registry: OpRegistry = REGISTRY) -> None:
     """Give a free function (e.g. `torch.cat`, `operator.add`, a `torch.fx.wrap`ped helper) a rule."""
-    registry.functions[fn] = _as_rule(rule, role, getattr(fn, "__qualname__", str(fn)))
+    registry.functions[fn] = _as_rule(rule, role, function_name(fn))
 
 
 def register_method(name: str, rule: RoleOrRule, *, role: str | None = None,
@@ -100,13 +100,27 @@ def describe_target(gm: GraphModule, node: Node) -> str:
     if node.op == "call_module":
         return f"{type(gm.get_submodule(str(node.target))).__name__} '{node.target}'"
     if node.op == "call_function":
-        fn = node.target
-        mod = getattr(fn, "__module__", None) or ""
-        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", str(fn))
-        if mod.startswith("torch") and not mod.startswith("torch._"):
-            mod = "torch.nn.functional" if mod == "torch.nn.functional" else "torch"
-        return f"{mod}.{name}" if mod and mod != "builtins" and mod != "_operator" else f"operator.{name}"
+        return function_name(node.target)
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     return f"{node.op} {node.target}"
 
+
+
+def function_name(fn: Any) -> str:
+    """`torch.cat`, `torch.nn.functional.relu`, `operator.add`, or `module.qualname` for user functions."""
+    import operator
+
+    import torch
+    import torch.nn.functional as F
+
+    name = getattr(fn, "__name__", None) or str(fn)
+    if getattr(operator, name, None) is fn:
+        return f"operator.{name}"
+    if getattr(F, name, None) is fn:
+        return f"torch.nn.functional.{name}"
+    if getattr(torch, name, None) is fn:
+        return f"torch.{name}"
+    module = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", name)
+    return f"{module}.{qual}" if module and module != "builtins" else qual

@@ -240,48 +240,56 @@ def rule_couples(ctx: RuleContext, node: Node) -> RawValue:
     return ref
 
 
+def _sequence(ctx: RuleContext, value: Any) -> list[tuple[str, ValueInfo, RawValue]]:
+    """(name, info, layout) of each tensor in a list argument, which may itself be one tuple-valued node."""
+    if isinstance(value, Node):
+        infos, lays = ctx.info(value), ctx.layout(value)
+        if isinstance(infos, tuple):
+            lays = lays if isinstance(lays, tuple) else (None,) * len(infos)
+            return [(f"{value.name}[{i}]", info, lay) for i, (info, lay) in enumerate(zip(infos, lays))]
+        return [(value.name, infos, lays)]
+    return [(getattr(v, "name", str(v)), ctx.info(v), ctx.layout(v)) for v in value]
+
+
 def rule_concat(ctx: RuleContext, node: Node) -> RawValue:
     """torch.cat: along the channel dim the output is the inputs' channels one after another (with
     offsets); along any other dim the inputs must share their channels."""
-    tensors = list(ctx.arg(node, 0, "tensors", ()))
+    items = _sequence(ctx, ctx.arg(node, 0, "tensors", ()))
     dim = ctx.arg(node, 1, "dim", 0)
     shape = out_shape(node)
     if shape is None:
         return None
     dim = norm_dim(dim, len(shape))
     ctx.set_role(node, "concat")
-    lays = [ctx.layout(t) for t in tensors]
-    known = [lay for lay in lays if isinstance(lay, RawLayout)]
+    known = [lay for _, _, lay in items if isinstance(lay, RawLayout)]
     if not known:
         return None
     if len({lay.dim for lay in known}) > 1:
         return ctx.block(node, "concatenates tensors whose channels lie on different dims")
-    cdim = known[0].dim
-    if cdim != dim:
+    if known[0].dim != dim:
         for lay in known[1:]:
             ctx.couple(known[0], lay, node)
         return known[0]
     segments = []
-    for t, lay in zip(tensors, lays):
+    for name, info, lay in items:
         if not isinstance(lay, RawLayout):
-            info = ctx.info(t)
             width = info.shape[dim] if isinstance(info, TensorInfo) else 0
             lay = ctx.new_space(node, width, dim, kind="opaque",
-                                frozen=f"{ctx.where(node)} concatenates '{getattr(t, 'name', t)}', whose "
-                                       f"channels duccio-fx does not track")
+                                frozen=f"{ctx.where(node)} concatenates '{name}', whose channels duccio-fx "
+                                       f"does not track")
         segments.extend(lay.segments)
     return RawLayout(dim, tuple(segments))
 
 
 def rule_stack(ctx: RuleContext, node: Node) -> RawValue:
     """torch.stack adds a new dim: the inputs must share their channels."""
-    tensors = list(ctx.arg(node, 0, "tensors", ()))
+    items = _sequence(ctx, ctx.arg(node, 0, "tensors", ()))
     dim = ctx.arg(node, 1, "dim", 0)
     shape = out_shape(node)
     if shape is None:
         return None
     dim = norm_dim(dim, len(shape))
-    known = [lay for lay in (ctx.layout(t) for t in tensors) if isinstance(lay, RawLayout)]
+    known = [lay for _, _, lay in items if isinstance(lay, RawLayout)]
     ctx.set_role(node, "concat")
     if not known:
         return None

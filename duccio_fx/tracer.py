@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import traceback
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Tracer
 
-from duccio_fx.errors import DuccioTraceError
+from duccio_fx.errors import DuccioError, DuccioTraceError
+from duccio_fx.meta import source_line
 from duccio_fx.pass_manager import Instrument, PassManager
 from duccio_fx.registry import REGISTRY, OpRegistry
 
@@ -26,9 +28,10 @@ _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class _DuccioTracer(Tracer):
     """fx tracer that honours leaf modules (given and registered) and remembers where tracing failed."""
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec], registry: OpRegistry) -> None:
+    def __init__(self, leaf_modules: Iterable[LeafSpec], registry: OpRegistry,
+                 record_stack_traces: bool = False) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = record_stack_traces  # costly (about 3x the trace): only to locate errors
         specs = list(leaf_modules)
         self.leaf_types = tuple(s for s in specs if isinstance(s, type))
         self.leaf_names = {s for s in specs if isinstance(s, str)}
@@ -64,12 +67,12 @@ def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
 
 
 def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
-                   registry: OpRegistry = REGISTRY) -> GraphModule:
+                   registry: OpRegistry = REGISTRY, record_stack_traces: bool = False) -> GraphModule:
     """Trace `model` into a GraphModule (no shapes yet). Leaf modules stay as single call_module nodes."""
     if not isinstance(model, nn.Module):
         raise DuccioTraceError(f"expected a torch.nn.Module, got {type(model).__name__}",
                                fix="pass the model object (an nn.Module instance), not its class or output")
-    tracer = _DuccioTracer(leaf_modules, registry)
+    tracer = _DuccioTracer(leaf_modules, registry, record_stack_traces)
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -107,5 +110,24 @@ def trace(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[LeafSpec
     from duccio_fx.passes.shape_propagation import ShapePropagation
 
     gm = symbolic_trace(model, leaf_modules)
-    PassManager([ShapePropagation(as_input_tuple(example_inputs))], instruments).run(gm)
+    with locate_errors(model, leaf_modules):
+        PassManager([ShapePropagation(as_input_tuple(example_inputs))], instruments).run(gm)
     return gm
+
+
+@contextmanager
+def locate_errors(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> Iterator[None]:
+    """Add the user's source line to errors about a node: traces again, with stack traces, only on failure."""
+    try:
+        yield
+    except DuccioError as err:
+        if err.node is not None:
+            try:
+                gm = symbolic_trace(model, leaf_modules, record_stack_traces=True)
+                node = next((n for n in gm.graph.nodes if n.name == err.node), None)
+                line = source_line(node) if node is not None else ""
+            except DuccioError:
+                line = ""
+            if line:
+                raise err.locate(line, prepend=False)
+        raise

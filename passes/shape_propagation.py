@@ -13,7 +13,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from duccio_fx.errors import ShapePropagationError
-from duccio_fx.meta import TensorInfo, ValueInfo, set_tensor_info, source_line
+from duccio_fx.meta import TensorInfo, ValueInfo, set_tensor_info
 from duccio_fx.pass_manager import Pass
 
 
@@ -30,14 +30,14 @@ class _Recorder(Interpreter):
         try:
             result = super().run_node(n)
         except Exception as err:
-            line = source_line(n)
             args = ", ".join(str(describe_value(self.env[a]) if isinstance(a, Node) else a)
                              for a in n.args)
             raise ShapePropagationError(
                 f"the model failed on its example input at node '{n.name}' ({n.op} {n.target}): "
                 f"{type(err).__name__}: {err}",
-                where=(line or f"node '{n.name}'") + (f"; inputs: {args}" if args else ""),
+                where=f"node '{n.name}'" + (f" with inputs {args}" if args else ""),
                 fix="check that the example input has the shape the model expects (batch dim first)",
+                node=n.name,
             ) from err
         set_tensor_info(n, describe_value(result))
         return result
