@@ -43,15 +43,19 @@ class ModelSpec:
 
 
 def _value(ns: dict[str, Any], name: str, builder: str, source: str) -> Any:
-    if builder in ns and callable(ns[builder]):
-        try:
-            return ns[builder]()
-        except Exception as err:
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            raise ModelFileError(f"{builder}() raised {type(err).__name__}: {err}",
-                                 where=f"{frame.filename}:{frame.lineno}", fix=f"fix {builder}() in {source}") from err
-    value = ns.get(name)
-    return value() if callable(value) and not isinstance(value, nn.Module) else value
+    """`ns[builder]()` if that is a function, else `ns[name]` (called when it is a plain function)."""
+    fn = ns.get(builder) if callable(ns.get(builder)) and not isinstance(ns.get(builder), type) else None
+    if fn is None and callable(ns.get(name)) and not isinstance(ns.get(name), (nn.Module, type)):
+        fn, builder = ns[name], name
+    if fn is None:
+        return ns.get(name)
+    try:
+        return fn()
+    except Exception as err:
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        raise ModelFileError(f"{builder}() raised {type(err).__name__}: {err}",
+                             where=f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}",
+                             fix=f"fix {builder}() in {source}") from err
 
 
 def _load_namespace(path: Path) -> dict[str, Any]:
