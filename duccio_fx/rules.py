@@ -361,9 +361,13 @@ def _split_like(ctx: RuleContext, node: Node, dim: int) -> RawValue:
     pieces, pos = [], 0
     for info in infos:
         assert isinstance(info, TensorInfo)
-        width = info.shape[dim]
-        pieces.append(_slice_channels(ctx, node, lay, pos, pos + width, dim))
-        pos += width
+        piece = lay.slice(pos, pos + info.shape[dim])
+        if piece is None:
+            return ctx.block(node, "splits through the middle of a flattened or repeated channel")
+        pieces.append(piece.with_dim(dim))
+        pos += info.shape[dim]
+    for piece in pieces:
+        ctx.solver.cut(piece)
     return tuple(pieces)
 
 
