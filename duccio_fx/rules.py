@@ -520,20 +520,8 @@ def _dim_rule(default_dim: int | None, attr: str = "dim") -> Callable[[RuleConte
     return rule
 
 
-def rule_pad(ctx: RuleContext, node: Node) -> RawValue:
-    """F.pad pads the last dims; fine unless it pads the channel dim."""
-    lay = first_layout(ctx, node)
-    shape = out_shape(node)
-    ctx.set_role(node, "follows")
-    if lay is None or shape is None:
-        return lay
-    if shape[lay.dim] != lay.width:
-        return ctx.block(node, "pads the channel dim")
-    return lay
-
-
 def rule_keeps_channels(ctx: RuleContext, node: Node) -> RawValue:
-    """expand / repeat / interpolate: follows when the channel dim keeps its size, blocks otherwise."""
+    """pad / expand / repeat / interpolate: follows when the channel dim keeps its size, blocks otherwise."""
     lay = first_layout(ctx, node)
     shape = out_shape(node)
     ctx.set_role(node, "follows")
@@ -541,7 +529,7 @@ def rule_keeps_channels(ctx: RuleContext, node: Node) -> RawValue:
         return lay
     new_dim = lay.dim + (len(shape) - len(ctx.info(node.args[0]).shape))  # type: ignore[union-attr]
     if not 0 <= new_dim < len(shape) or shape[new_dim] != lay.width:
-        return ctx.block(node, "repeats or resizes the channel dim")
+        return ctx.block(node, "changes the size of the channel dim (pads, repeats or resizes it)")
     return lay.with_dim(new_dim)
 
 
@@ -595,7 +583,7 @@ def _register_builtins(registry: OpRegistry) -> None:
             nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
             nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
     mod(activations + pools, rule_follows, "follows")
-    mod(pads, rule_pad, "follows")
+    mod(pads, rule_keeps_channels, "follows")
     mod((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU),
         rule_follows_with_params, "follows")
     mod((nn.modules.conv._ConvNd,), rule_conv, "defines")
@@ -618,7 +606,7 @@ def _register_builtins(registry: OpRegistry) -> None:
              operator.neg, operator.pos, operator.abs)
     fns(unary, rule_follows, "follows")
     fns((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), rule_keeps_channels, "follows")
-    fns((F.pad,), rule_pad, "follows")
+    fns((F.pad,), rule_keeps_channels, "follows")
     binary = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
               operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.mod,
               torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,

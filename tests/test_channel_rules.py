@@ -219,7 +219,7 @@ def test_padding_the_channel_dim_blocks():
             return self.b(F.pad(self.a(x), (0, 0, 0, 0, 1, 1)))
 
     g = group_with(groups_of(M(), torch.randn(1, 3, 8, 8)), "a")
-    assert g.frozen and "pads the channel dim" in g.reason
+    assert g.frozen and "changes the size of the channel dim" in g.reason
 
 
 def test_flatten_into_linear_gives_each_channel_a_block_of_features():
