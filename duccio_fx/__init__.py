@@ -8,6 +8,7 @@ from duccio_fx.pipeline import analyze, channel_groups
 from duccio_fx.printer import format_ir
 from duccio_fx.registry import REGISTRY, register_function, register_method, register_module
 from duccio_fx.rules import RuleContext
+from duccio_fx.searchable import SearchableModel, make_searchable
 from duccio_fx.tracer import trace
 
 __version__ = "0.1.0"
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelGroup", "DuccioError", "DuccioTraceError", "DumpIR", "GroupMember", "Instrument", "ModelFileError",
     "Pass", "PassError", "PassManager", "PrintIR", "REGISTRY", "RuleContext", "ShapePropagationError",
-    "TimePasses", "analyze", "channel_groups", "format_ir", "register_function", "register_method",
+    "SearchableModel", "TimePasses", "analyze", "make_searchable", "channel_groups", "format_ir", "register_function", "register_method",
     "register_module", "trace",
 ]

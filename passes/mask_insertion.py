@@ -1,0 +1,66 @@
+"""mask-insertion: turn an analysed graph into a searchable one (one α vector per searchable group).
+
+Adds a `duccio_masks` MaskBank, computes all masks once per forward, and gives every conv/linear that
+reads searchable channels the mask of its input channels (`MaskedConv2d(x, in_mask)`). Groups whose
+consumers cannot be masked (e.g. ConvTranspose, a user subclass) are left out of the search, with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from duccio_fx.channels import ChannelGroup
+from duccio_fx.masks import MASKED, MaskBank, as_masked, assemble, mask_spec
+from duccio_fx.meta import GROUPS_KEY, ChannelLayout, channel_layout, op_role
+from duccio_fx.pass_manager import Pass
+
+BANK = "duccio_masks"
+
+
+def reads_channels(gm: GraphModule, node: Node) -> ChannelLayout | None:
+    """Input layout of a module that mixes channels (a conv with groups=1 or a linear), else None."""
+    if node.op != "call_module" or op_role(node) is None or op_role(node).role != "defines":
+        return None
+    src = node.args[0] if node.args else None
+    layout = channel_layout(src) if isinstance(src, Node) else None
+    return layout if isinstance(layout, ChannelLayout) else None
+
+
+@dataclass
+class MaskInsertion(Pass):
+    """Needs channel-analysis. Result: `gm.duccio_masks` and `excluded` (group id → reason)."""
+
+    threshold: float = 0.5
+    excluded: dict[int, str] = field(default_factory=dict)
+    name = "mask-insertion"
+
+    def run(self, gm: GraphModule) -> bool:
+        groups: tuple[ChannelGroup, ...] = gm.meta[GROUPS_KEY]
+        searchable = {g.id for g in groups if not g.frozen}
+        consumers = [(n, lay) for n in gm.graph.nodes if (lay := reads_channels(gm, n)) is not None]
+        for node, layout in consumers:
+            module = gm.get_submodule(str(node.target))
+            if type(module) not in MASKED:
+                for gid in set(layout.groups) & searchable:
+                    self.excluded[gid] = (f"its channels feed {type(module).__name__} '{node.target}', which the "
+                                          f"mask search cannot resize (supported: Conv1d/2d/3d, Linear)")
+        ids = [g.id for g in groups if g.id in searchable and g.id not in self.excluded]
+        if not ids:
+            return False
+        bank_index = {gid: i for i, gid in enumerate(ids)}
+        gm.add_submodule(BANK, MaskBank(ids, [groups[g].channels for g in ids], self.threshold))
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        with gm.graph.inserting_before(first):
+            masks = gm.graph.call_module(BANK)
+        for node, layout in consumers:
+            if not set(layout.groups) & set(bank_index):
+                continue
+            module: nn.Module = gm.get_submodule(str(node.target))
+            as_masked(module)
+            with gm.graph.inserting_before(node):
+                in_mask = gm.graph.call_function(assemble, (masks, mask_spec(layout, bank_index)))
+            node.args = (node.args[0], in_mask) + tuple(node.args[1:])
+        return True
