@@ -59,6 +59,21 @@ def assemble(masks: tuple[torch.Tensor, ...], spec: MaskSpec) -> torch.Tensor:
 
 
 
+class MaskSelect(nn.Module):
+    """Picks the mask of one consumer's input channels out of the bank's masks (a module, so the graph
+    keeps it as one node through pickling, which re-traces the generated code)."""
+
+    def __init__(self, spec: MaskSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, masks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return assemble(masks, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}"
+
+
 def mask_spec(layout: ChannelLayout, bank_index: dict[int, int]) -> MaskSpec:
     """Plain-data form of a layout: searchable groups by their index in the bank, the rest as -1."""
     return tuple((bank_index.get(s.group, -1), s.start, s.stop, s.block) for s in layout.slices)

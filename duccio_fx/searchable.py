@@ -146,7 +146,7 @@ class SearchableModel(nn.Module):
         `params`: conv/linear weights + biases; `macs`: per sample; `layer_memory`: per layer,
         weights + input + output activation elements (= bytes at 8 bit).
         """
-        masks = self._bank_masks()
+        masks = tuple(m.double() for m in self._bank_masks())  # float64: MAC counts exceed 2**24
         params: torch.Tensor | int = 0
         macs: torch.Tensor | int = 0
         memory: dict[str, torch.Tensor] = {}
@@ -162,8 +162,10 @@ class SearchableModel(nn.Module):
                 weights, bias = t.fixed_params - (kout if t.bias else 0), kout if t.bias else 0
             params = params + weights + bias
             macs = macs + weights * t.positions
-            memory[t.name] = torch.as_tensor(weights + kin * t.in_positions + kout * t.positions)
-        return {"params": torch.as_tensor(params), "macs": torch.as_tensor(macs), "layer_memory": memory}
+            memory[t.name] = torch.as_tensor(weights + kin * t.in_positions + kout * t.positions,
+                                             dtype=torch.float64)
+        return {"params": torch.as_tensor(params, dtype=torch.float64),
+                "macs": torch.as_tensor(macs, dtype=torch.float64), "layer_memory": memory}
 
     # -- export -------------------------------------------------------------------------------------
     def export(self) -> GraphModule:

@@ -28,8 +28,8 @@ _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class _DuccioTracer(Tracer):
     """fx tracer that honours leaf modules (given and registered) and remembers where tracing failed."""
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec], registry: OpRegistry,
-                 record_stack_traces: bool = False) -> None:
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = (), registry: OpRegistry = REGISTRY,
+                 record_stack_traces: bool = False) -> None:  # defaults: unpickling re-creates the tracer
         super().__init__()
         self.record_stack_traces = record_stack_traces  # costly (about 3x the trace): only to locate errors
         specs = list(leaf_modules)
@@ -92,8 +92,10 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
                  f"model file: LEAF_MODULES = [...]) and register its channel rule with "
                  f"duccio_fx.register_module; otherwise rewrite the line without branching on tensor values"),
         ) from err
-    name = type(model).__name__
-    return GraphModule(tracer.root, graph, name)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # `from __future__ import annotations`: fx cannot pickle string types
+            node.type = None
+    return GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:

@@ -13,11 +13,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from duccio_fx.channels import ChannelGroup
-from duccio_fx.masks import MASKED, MaskBank, as_masked, assemble, mask_spec
+from duccio_fx.masks import MASKED, MaskBank, MaskSelect, as_masked, mask_spec
 from duccio_fx.meta import GROUPS_KEY, ChannelLayout, channel_layout, op_role
 from duccio_fx.pass_manager import Pass
 
 BANK = "duccio_masks"
+SELECT = "duccio_mask_select"
 
 
 def reads_channels(gm: GraphModule, node: Node) -> ChannelLayout | None:
@@ -52,6 +53,7 @@ class MaskInsertion(Pass):
             return False
         bank_index = {gid: i for i, gid in enumerate(ids)}
         gm.add_submodule(BANK, MaskBank(ids, [groups[g].channels for g in ids], self.threshold))
+        gm.add_submodule(SELECT, nn.ModuleDict())
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         with gm.graph.inserting_before(first):
             masks = gm.graph.call_module(BANK)
@@ -60,7 +62,8 @@ class MaskInsertion(Pass):
                 continue
             module: nn.Module = gm.get_submodule(str(node.target))
             as_masked(module)
+            gm.get_submodule(SELECT)[node.name] = MaskSelect(mask_spec(layout, bank_index))
             with gm.graph.inserting_before(node):
-                in_mask = gm.graph.call_function(assemble, (masks, mask_spec(layout, bank_index)))
+                in_mask = gm.graph.call_module(f"{SELECT}.{node.name}", (masks,))
             node.args = (node.args[0], in_mask) + tuple(node.args[1:])
         return True

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from duccio_fx.masks import PLAIN, MaskSpec, assemble, kept_entries
+from duccio_fx.masks import PLAIN, MaskSpec, kept_entries
 from duccio_fx.pass_manager import Pass
 
 NodeLayout = Any  # (dim, MaskSpec, ndim) for a tensor | tuple[NodeLayout, ...] | None
@@ -87,6 +87,7 @@ class ShrinkExport(Pass):
     layouts: dict[str, NodeLayout]
     masks: Sequence[torch.Tensor]
     bank: str = "duccio_masks"
+    select: str = "duccio_mask_select"
     name = "shrink-export"
     _idx_cache: dict[MaskSpec, torch.Tensor] = field(default_factory=dict)
 
@@ -101,7 +102,7 @@ class ShrinkExport(Pass):
     def run(self, gm: GraphModule) -> bool:
         dead = []
         for node in list(gm.graph.nodes):
-            if node.op == "call_module" and node.target == self.bank or node.target is assemble:
+            if node.op == "call_module" and (node.target == self.bank or node.target.startswith(self.select + ".")):
                 dead.append(node)
             elif node.op == "call_module":
                 self._shrink_call(gm, node)
@@ -109,8 +110,9 @@ class ShrinkExport(Pass):
                 self._rewrite_counts(gm, node)
         for node in reversed(dead):
             gm.graph.erase_node(node)
-        if hasattr(gm, self.bank):
-            delattr(gm, self.bank)
+        for container in (self.bank, self.select):
+            if hasattr(gm, container):
+                delattr(gm, container)
         return True
 
     # -- modules -----------------------------------------------------------------------------------
