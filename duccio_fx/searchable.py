@@ -76,7 +76,6 @@ def _layer_terms(gm: GraphModule, bank_index: dict[int, int]) -> list[LayerTerm]
             in_positions = math.prod(in_info.shape[2:])
             kind = {"defines": "conv", "depthwise": "depthwise"}.get(role, "fixed")
             if module.transposed:
-                kind = "fixed" if kind != "conv" else "conv"
                 positions = in_positions  # MACs of a transposed conv scale with its input
         fixed = weights + (module.bias.numel() if module.bias is not None else 0)
         terms.append(LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, positions, in_positions,
