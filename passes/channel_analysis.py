@@ -71,10 +71,10 @@ class ChannelAnalysis(Pass):
             return None
         rule = self.registry.lookup(gm, node)
         if rule is None:
-            what = describe_target(gm, node)
             hint = (f"duccio_fx.register_module({type(gm.get_submodule(str(node.target))).__name__}, 'follows')"
                     if node.op == "call_module" else
-                    f"duccio_fx.register_function(<fn>, 'follows')" if node.op == "call_function" else
+                    f"duccio_fx.register_function({describe_target(gm, node)}, 'follows')"
+                    if node.op == "call_function" else
                     f"duccio_fx.register_method('{node.target}', 'follows')")
             return ctx.block(node, f"is not in the op registry, so duccio-fx cannot tell how it uses "
                                    f"channels (if it acts on each channel separately, register it: {hint})")

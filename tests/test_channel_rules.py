@@ -56,7 +56,7 @@ def test_squeeze_excite_broadcast_multiply_couples_scale_with_features():
     assert set(g.producers) == {"stem", "expand"}
     assert group_with(groups, "reduce").producers == ("reduce",)
     # x.mean(1) reduces over channels: the group is frozen and the reason names the node
-    assert g.frozen and "mean_1" not in g.reason and "reduces over the channel dim" in g.reason
+    assert g.frozen and g.reason == "Tensor.mean at node 'mean' reduces over the channel dim"
 
 
 def test_squeeze_excite_without_channel_mean_is_searchable():
@@ -304,7 +304,7 @@ def test_several_outputs_are_all_frozen():
 def test_model_inputs_are_frozen():
     groups = groups_of(nn.Sequential(conv(3, 4)), torch.randn(1, 3, 8, 8))
     g = groups[0]
-    assert g.producers == ("input_1",) or g.producers[0].startswith("input")
+    assert g.producers == ("input_1",)
     assert g.frozen and "model input" in g.reason and g.consumers == ("0",)
 
 
@@ -322,7 +322,8 @@ def test_unknown_op_freezes_what_it_touches_and_names_the_node():
     groups = groups_of(M(), torch.randn(1, 3, 8, 8))
     a, b = group_with(groups, "a"), group_with(groups, "b")
     assert a.frozen and "roll" in a.reason
-    assert b.frozen and "fliplr" in b.reason and "not in the op registry" in b.reason
+    assert b.frozen and "not in the op registry" in b.reason
+    assert "duccio_fx.register_function(torch.fliplr, 'follows')" in b.reason
     assert "register" in b.reason
 
 

@@ -31,7 +31,6 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
