@@ -39,6 +39,10 @@ def inspect(
     print_between_passes: bool = typer.Option(False, "--print-between-passes",
                                               help="print the IR before the first pass and after every pass"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass to DIR/NNN_<pass>.txt"),
+    target: Optional[str] = typer.Option(None, "--target", help="a target name (`duccio-fx targets list`) or "
+                                         "TOML path: adds per-layer memory, level, cycles, critical layers"),
+    layerwise: str = typer.Option("0.3,0.6,0.9", "--layerwise", help="slack values C for critical layers, "
+                                  "comma-separated (with --target)"),
 ) -> None:
     """Show every layer of MODEL with its shapes and costs, and its channel groups with frozen reasons."""
     from duccio_fx.model_file import load_model_file
@@ -52,15 +56,93 @@ def inspect(
     if dump_ir is not None:
         instruments.append(DumpIR(dump_ir))
     try:
+        hw = _load_target(target) if target is not None else None
+        slacks = _slacks(layerwise)
         spec = load_model_file(model)
         gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, instruments)
         report = inspect_report(gm, spec.source, timer.seconds)
+        if hw is not None:
+            from duccio_fx.target_report import target_report
+
+            report["target"] = target_report(gm, hw, slacks)
     except DuccioError as err:
         raise _fail(err) from None
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
-        render_inspect(report, Console(width=max(Console().width, 160)))
+        console = Console(width=max(Console().width, 160))
+        render_inspect(report, console)
+        if hw is not None:
+            from duccio_fx.target_report import render_target_report
+
+            render_target_report(report["target"], console)
+
+
+def _load_target(spec: str):  # -> Target; imported lazily to keep `--help` fast
+    from duccio_fx.targets import load_target
+
+    return load_target(spec)
+
+
+def _slacks(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise DuccioError(f"--layerwise {text!r} is not a list of positive numbers", where="--layerwise",
+                          fix="write slack values such as 0.3 or 0.3,0.6,0.9")
+    return values
+
+
+targets_app = typer.Typer(no_args_is_help=True, help="List, show and validate hardware target descriptions.")
+app.add_typer(targets_app, name="targets")
+
+
+@targets_app.command("list")
+def targets_list() -> None:
+    """The built-in targets and those other packages register (entry-point group duccio_fx.targets)."""
+    from rich.table import Table
+
+    from duccio_fx.targets import list_targets
+
+    table = Table(title="hardware targets (use as --target NAME, or pass a TOML path)")
+    for col in ("name", "origin", "description"):
+        table.add_column(col)
+    for t in list_targets():
+        table.add_row(t.name, t.origin, t.description)
+    Console().print(table)
+
+
+@targets_app.command("show")
+def targets_show(
+    name: str = typer.Argument(..., help="target name or TOML path"),
+    as_json: bool = typer.Option(False, "--json", help="print the validated description as JSON"),
+) -> None:
+    """Print a target's memory levels, bit widths, compute and latency model."""
+    from duccio_fx.target_view import render_target
+
+    try:
+        hw = _load_target(name)
+    except DuccioError as err:
+        raise _fail(err) from None
+    if as_json:
+        sys.stdout.write(hw.model_dump_json(indent=2) + "\n")
+    else:
+        render_target(hw, Console(width=max(Console().width, 120)))
+
+
+@targets_app.command("validate")
+def targets_validate(path: Path = typer.Argument(..., help="a target TOML file")) -> None:
+    """Check a target file against the schema; every problem names its field. Exit 1 when invalid."""
+    from duccio_fx.targets import load_target_file
+
+    try:
+        hw = load_target_file(path)
+    except DuccioError as err:
+        raise _fail(err) from None
+    Console().print(f"[green]ok[/]: {path} describes target '{hw.name}' with memory levels "
+                    + ", ".join(f"{m.name} ({m.usable:,} B usable)" for m in hw.memory), highlight=False)
 
 
 @app.command()

@@ -11,76 +11,23 @@ Everything the export needs is stored as plain data on the module, so a `torch.s
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from duccio_fx.channels import ChannelGroup
+from duccio_fx.cost_model import LayerTerm, LayerValues, evaluate, layer_terms, target_costs
 from duccio_fx.errors import DuccioError
-from duccio_fx.masks import MaskSpec, mask_spec
-from duccio_fx.meta import GROUPS_KEY, ChannelLayout, TensorInfo, channel_layout, op_role, tensor_info
+from duccio_fx.masks import mask_spec
+from duccio_fx.meta import GROUPS_KEY, ChannelLayout, TensorInfo, channel_layout, tensor_info
 from duccio_fx.pass_manager import PassManager
 from duccio_fx.pipeline import analyze
 from duccio_fx.tracer import LeafSpec
 
-
-@dataclass(frozen=True)
-class LayerTerm:
-    """Cost of one conv/linear as a function of its kept input and output entries."""
-
-    name: str
-    kind: str  # "conv" | "depthwise" | "fixed" | "linear"
-    in_spec: MaskSpec
-    out_spec: MaskSpec
-    kernel: int  # kernel elements (1 for linear)
-    positions: int  # output positions per sample (linear: leading dims)
-    in_positions: int  # input positions per sample
-    bias: bool
-    fixed_params: int  # for frozen (grouped) layers
-
-
-def _count(spec: MaskSpec, masks: Sequence[torch.Tensor]) -> torch.Tensor | int:
-    total: torch.Tensor | int = 0
-    for index, start, stop, block in spec:
-        total = total + ((stop - start) * block if index < 0 else masks[index][start:stop].sum() * block)
-    return total
-
-
-def _layer_terms(gm: GraphModule, bank_index: dict[int, int]) -> list[LayerTerm]:
-    terms = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(str(node.target))
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
-        src = node.args[0]
-        in_lay, out_lay = channel_layout(src), channel_layout(node)
-        in_info, out_info = tensor_info(src), tensor_info(node)
-        assert isinstance(in_info, TensorInfo) and isinstance(out_info, TensorInfo)
-        in_spec = mask_spec(in_lay, bank_index) if isinstance(in_lay, ChannelLayout) else ((-1, 0, 1, 1),)
-        out_spec = mask_spec(out_lay, bank_index) if isinstance(out_lay, ChannelLayout) else ((-1, 0, 1, 1),)
-        role = op_role(node).role if op_role(node) else "defines"
-        weights = module.weight.numel()
-        if isinstance(module, nn.Linear):
-            kind, kernel = "linear", 1
-            positions = math.prod(out_info.shape[1:-1])
-            in_positions = math.prod(in_info.shape[1:-1])
-        else:
-            kernel = math.prod(module.kernel_size)
-            positions = math.prod(out_info.shape[2:])
-            in_positions = math.prod(in_info.shape[2:])
-            kind = {"defines": "conv", "depthwise": "depthwise"}.get(role, "fixed")
-            if module.transposed:
-                positions = in_positions  # MACs of a transposed conv scale with its input
-        fixed = weights + (module.bias.numel() if module.bias is not None else 0)
-        terms.append(LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, positions, in_positions,
-                               module.bias is not None, fixed))
-    return terms
+if TYPE_CHECKING:
+    from duccio_fx.targets import Target
 
 
 class SearchableModel(nn.Module):
@@ -139,32 +86,31 @@ class SearchableModel(nn.Module):
                 alpha.copy_(mask.to(alpha.dtype))
 
     # -- costs --------------------------------------------------------------------------------------
-    def costs(self) -> dict[str, Any]:
+    def costs(self, target: Target | str | None = None) -> dict[str, Any]:
         """Costs of the binarized architecture, differentiable w.r.t. the α (straight-through).
 
         `params`: conv/linear weights + biases; `macs`: per sample; `layer_memory`: per layer,
-        weights + input + output activation elements (= bytes at 8 bit).
+        weights + input + output activation elements (= bytes at 8 bit). With a `target` (a Target, a
+        name or a path) also `size_bytes`, `layer_bytes` (DORY's accounting), `layer_cycles`, `cycles`,
+        `latency_s` and `overflow_bytes` (per layer-wise level; L2V on GAP8).
         """
         masks = tuple(m.double() for m in self._bank_masks())  # float64: MAC counts exceed 2**24
-        params: torch.Tensor | int = 0
-        macs: torch.Tensor | int = 0
-        memory: dict[str, torch.Tensor] = {}
-        for t in self.terms:
-            kin, kout = _count(t.in_spec, masks), _count(t.out_spec, masks)
-            if t.kind == "conv" or t.kind == "linear":
-                weights = kin * kout * t.kernel
-                bias = kout if t.bias else 0
-            elif t.kind == "depthwise":
-                weights = kout * t.kernel
-                bias = kout if t.bias else 0
-            else:
-                weights, bias = t.fixed_params - (kout if t.bias else 0), kout if t.bias else 0
-            params = params + weights + bias
-            macs = macs + weights * t.positions
-            memory[t.name] = torch.as_tensor(weights + kin * t.in_positions + kout * t.positions,
-                                             dtype=torch.float64)
-        return {"params": torch.as_tensor(params, dtype=torch.float64),
-                "macs": torch.as_tensor(macs, dtype=torch.float64), "layer_memory": memory}
+        values = evaluate(self.terms, masks)
+        out: dict[str, Any] = {
+            "params": torch.as_tensor(sum((v.params for v in values), 0), dtype=torch.float64),
+            "macs": torch.as_tensor(sum((v.macs for v in values), 0), dtype=torch.float64),
+            "layer_memory": {v.term.name: torch.as_tensor(v.elements, dtype=torch.float64) for v in values},
+        }
+        if target is not None:
+            from duccio_fx.targets import load_target
+
+            tc = target_costs(values, load_target(target))
+            out.update({k: _tensors(x) for k, x in tc.items()})
+        return out
+
+    def layer_values(self) -> list[LayerValues]:
+        """Kept channels and counts of every conv/linear layer (tensors; for custom cost terms)."""
+        return evaluate(self.terms, tuple(m.double() for m in self._bank_masks()))
 
     # -- export -------------------------------------------------------------------------------------
     def export(self) -> GraphModule:
@@ -176,6 +122,12 @@ class SearchableModel(nn.Module):
         PassManager([ShrinkExport(self.layouts, masks, self.bank_name)]).run(gm)
         gm.train(self.training)
         return gm
+
+
+def _tensors(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _tensors(v) for k, v in x.items()}
+    return torch.as_tensor(x, dtype=torch.float64)
 
 
 def _node_layouts(gm: GraphModule, bank_index: dict[int, int]) -> dict[str, Any]:
@@ -203,7 +155,7 @@ def make_searchable(model: nn.Module, example_inputs: Any, method: str = "mask",
     ids = bank.group_ids if bank is not None else []
     bank_index = {gid: i for i, gid in enumerate(ids)}
     layouts = _node_layouts(gm, bank_index)
-    terms = _layer_terms(gm, bank_index)
+    terms = layer_terms(gm, bank_index)
     groups = gm.meta[GROUPS_KEY]
     for node in gm.graph.nodes:  # the graph is pickled without meta; everything needed is in `layouts`
         node.meta = {k: v for k, v in node.meta.items() if not k.startswith("duccio_")}
