@@ -189,7 +189,7 @@ def placement(v: LayerValues, target: Target) -> str:
     """The fastest memory level (among those holding activations) that holds the whole layer."""
     candidates = [m for m in target.memory if "activations" in m.holds]
     for m in candidates:
-        if float(layer_bytes(v, target, m)) <= m.usable:
+        if value(layer_bytes(v, target, m)) <= m.usable:
             return m.name
     return "none"
 
@@ -197,7 +197,7 @@ def placement(v: LayerValues, target: Target) -> str:
 def critical_level(v: LayerValues, target: Target, slack: float) -> str | None:
     """The layer-wise level this layer *almost* fits: usable < bytes <= (1 + slack) * usable."""
     for m in target.layerwise_levels:
-        need = float(layer_bytes(v, target, m))
+        need = value(layer_bytes(v, target, m))
         if m.usable < need <= (1 + slack) * m.usable:
             return m.name
     return None
@@ -233,6 +233,11 @@ def target_costs(values: Sequence[LayerValues], target: Target) -> dict[str, Any
     return {"size_bytes": size, "layer_bytes": per_layer_bytes, "layer_cycles": per_layer_cycles,
             "cycles": cycles, "latency_s": cycles / target.compute.clock,
             "overflow_bytes": overflow_bytes(values, target)}
+
+
+def value(x: Number) -> float:
+    """A count as a plain float (detached), for decisions that are not differentiated."""
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
 def as_float(x: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from duccio_fx.cost_model import LayerValues, Number, layer_bytes
+from duccio_fx.cost_model import LayerValues, Number, layer_bytes, value
 
 if TYPE_CHECKING:
     from duccio_fx.targets import Target
@@ -75,7 +75,7 @@ def transfer_cycles(v: LayerValues, target: Target) -> Number:
     if not slower or slower[0].bytes_per_cycle is None:
         return 0
     need = layer_bytes(v, target, last)
-    if float(need) <= last.usable:
+    if value(need) <= last.usable:
         return 0
     return need / slower[0].bytes_per_cycle
 

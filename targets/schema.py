@@ -76,6 +76,24 @@ class Latency(_Strict):
                                                       "last layer-wise level (e.g. GAP8 layers that need L3)")
     note: str = ""
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from duccio_fx.latency import LATENCY_MODELS
+
+        if v not in LATENCY_MODELS:
+            raise ValueError(f"unknown latency model {v!r}; known: {', '.join(sorted(LATENCY_MODELS))} "
+                             "(register more with duccio_fx.latency.register_latency_model)")
+        return v
+
+    @model_validator(mode="after")
+    def _rates_for_mac_rate(self) -> Latency:
+        if self.model == "mac-rate":
+            missing = [k for k in ("conv", "depthwise", "linear") if k not in self.macs_per_cycle]
+            if missing:
+                raise ValueError(f"'mac-rate' needs macs_per_cycle for {', '.join(missing)}")
+        return self
+
     @field_validator("macs_per_cycle")
     @classmethod
     def _positive(cls, v: dict[str, float]) -> dict[str, float]:
@@ -119,19 +137,6 @@ class Target(_Strict):
         if dup:
             raise ValueError(f"memory level names must be unique; repeated: {', '.join(dup)}")
         return levels
-
-    @model_validator(mode="after")
-    def _latency_model_known(self) -> Target:
-        from duccio_fx.latency import LATENCY_MODELS
-
-        if self.latency.model not in LATENCY_MODELS:
-            raise ValueError(f"latency.model: unknown latency model {self.latency.model!r}; known: "
-                             f"{', '.join(sorted(LATENCY_MODELS))}")
-        if self.latency.model == "mac-rate":
-            missing = [k for k in ("conv", "depthwise", "linear") if k not in self.latency.macs_per_cycle]
-            if missing:
-                raise ValueError(f"latency.macs_per_cycle: 'mac-rate' needs a rate for {', '.join(missing)}")
-        return self
 
     def level(self, name: str) -> MemoryLevel:
         for m in self.memory:
