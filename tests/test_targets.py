@@ -252,7 +252,7 @@ def test_latency_is_differentiable_and_charges_l3():
     plain = sum(float(LATENCY_MODELS["gap8-analytic"](x_, small)) for x_ in v.values())
     assert float(on_small["cycles"].detach()) == pytest.approx(plain + extra)
     no_charge = duccio_fx.make_searchable(model, x).costs(board(l2_usable=10_000, charge_next_level=False))
-    assert float(no_charge["cycles"]) == pytest.approx(plain)
+    assert float(no_charge["cycles"].detach()) == pytest.approx(plain)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "dscnn", "mobilenet_v1"])
@@ -262,7 +262,8 @@ def test_target_costs_of_search_equal_those_of_the_export(name):
     g = torch.Generator().manual_seed(1)
     sm.set_masks({grp.id: torch.rand(grp.channels, generator=g) < 0.6 for grp in sm.channel_groups})
     for target in (GAP8, load_target("cortex_m7")):
-        searched = sm.costs(target)
+        with torch.no_grad():
+            searched = sm.costs(target)
         exported = target_costs(evaluate(layer_terms(duccio_fx.analyze(sm.export(), x), {}), ()), target)
         assert float(searched["size_bytes"]) == exported["size_bytes"]
         assert float(searched["cycles"]) == pytest.approx(exported["cycles"], rel=1e-12)
