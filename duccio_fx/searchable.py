@@ -108,6 +108,13 @@ class SearchableModel(nn.Module):
             out.update({k: _tensors(x) for k, x in tc.items()})
         return out
 
+    def cost_values(self, target: Target | str | None = None) -> dict[str, Any]:
+        """`costs()` as plain floats (no graph), for logs and reports."""
+        from duccio_fx.cost_model import as_float
+
+        with torch.no_grad():
+            return as_float(self.costs(target))
+
     def layer_values(self) -> list[LayerValues]:
         """Kept channels and counts of every conv/linear layer (tensors; for custom cost terms)."""
         return evaluate(self.terms, tuple(m.double() for m in self._bank_masks()))

@@ -292,7 +292,7 @@ def test_layerwise_search_brings_critical_layers_under_the_level():
     y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
     t = board(l2_usable=14_000)
     sm = duccio_fx.make_searchable(ThreeConv(), x[:1])
-    before = {k: float(b) for k, b in sm.costs(t)["layer_bytes"].items()}
+    before = sm.cost_values(t)["layer_bytes"]
     # b (16->32 at 16x16): 17 152 B, critical at C = 0.3; c (32->32 at 8x8): 13 696 B fits
     critical = critical_layers(sm.layer_values(), t, 0.3)
     assert critical == {"b": "L2"} and before["c"] <= 14_000
@@ -312,7 +312,7 @@ def test_layerwise_search_brings_critical_layers_under_the_level():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = {k: float(b) for k, b in sm.costs(t)["layer_bytes"].items()}
+    after = sm.cost_values(t)["layer_bytes"]
     assert after["b"] <= 14_000 < before["b"]
     masks = sm.masks()
     group_of_c_out = next(g.id for g in sm.channel_groups if "c" in g.producers)
