@@ -28,6 +28,7 @@ def test_wheel_contains_passes_and_targets_under_duccio_fx(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("duccio_fx/__init__.py", "duccio_fx/passes/channel_analysis.py",
                      "duccio_fx/passes/shape_propagation.py", "duccio_fx/targets/__init__.py",
+                     "duccio_fx/targets/gap8.toml", "duccio_fx/targets/gap9.toml", "duccio_fx/targets/cortex_m7.toml",
                      "duccio_fx/zoo/resnet8.py"):
         assert required in names
     assert not any(n.startswith(("passes/", "targets/", "tests/")) for n in names)
