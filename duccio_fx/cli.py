@@ -95,6 +95,64 @@ def _slacks(text: str) -> tuple[float, ...]:
     return values
 
 
+def _epochs(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or parts[1] < 1:
+        raise DuccioError(f"--epochs {text!r} must be three whole numbers W,S,F (warmup, minimum search, "
+                          "fine-tune), S >= 1", where="--epochs", fix="e.g. --epochs 5,10,5")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+def optimize(
+    model: str = typer.Argument(..., help="model file with train_loader()/val_loader() (see README)"),
+    target: str = typer.Option("gap8", "--target", help="target name or TOML path"),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="bytes at the target's bit widths: 64kB, 50%"),
+    max_params: Optional[str] = typer.Option(None, "--max-params", help="conv/linear parameters: 30k, 50%"),
+    max_ops: Optional[str] = typer.Option(None, "--max-ops", help="MACs per sample: 2M, 50%"),
+    max_latency: Optional[str] = typer.Option(None, "--max-latency", help="target latency model: 5ms, 80%"),
+    layerwise: Optional[float] = typer.Option(None, "--layerwise", help="slack C: critical layers must fit "
+                                              "their memory level (e.g. 0.3)"),
+    method: str = typer.Option("mask", "--method", help="search method (mask)"),
+    epochs: str = typer.Option("5,10,5", "--epochs", help="W,S,F: warmup, minimum search, fine-tune epochs"),
+    max_search_epochs: Optional[int] = typer.Option(None, "--max-search-epochs",
+                                                    help="stop searching here even if a constraint is violated "
+                                                         "(default 2 x S)"),
+    form: str = typer.Option("max", "--form", help="penalty: max (DUCCIO), abs, objective (classical DNAS)"),
+    constant_lambda: Optional[float] = typer.Option(None, "--constant-lambda",
+                                                    help="use this λ throughout instead of the ramp (ablations)"),
+    lr: float = typer.Option(1e-3, "--lr", help="weights learning rate (Adam)"),
+    arch_lr: Optional[float] = typer.Option(None, "--arch-lr", help="mask (α) learning rate (Adam, no weight "
+                                            "decay); default: auto from the number of search steps"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default runs/<model name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out"),
+    seed: int = typer.Option(0, "--seed", help="random seed (runs with the same seed repeat exactly)"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="warmup cache directory "
+                                         "(default $DUCCIO_FX_CACHE or ~/.cache/duccio-fx)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not reuse or store the warmup"),
+) -> None:
+    """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
+
+    Exit 0 when every constraint is met; 2 when the search ended with a violation (the report says by how
+    much); 1 on bad input.
+    """
+    from duccio_fx.optimize_cli import run_optimize
+
+    try:
+        code = run_optimize(model=model, target=target, bounds={"size": max_size, "params": max_params,
+                                                               "macs": max_ops, "latency": max_latency},
+                            layerwise=layerwise, method=method, epochs=_epochs(epochs),
+                            max_search_epochs=max_search_epochs, form=form, constant_lambda=constant_lambda,
+                            lr=lr, arch_lr=arch_lr, out=out, resume=resume, seed=seed,
+                            cache=None if no_cache else cache, use_cache=not no_cache)
+    except DuccioError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)
+
+
 targets_app = typer.Typer(no_args_is_help=True, help="List, show and validate hardware target descriptions.")
 app.add_typer(targets_app, name="targets")
 

@@ -115,6 +115,10 @@ class SearchableModel(nn.Module):
         with torch.no_grad():
             return as_float(self.costs(target))
 
+    def minimum_masks(self) -> tuple[torch.Tensor, ...]:
+        """One channel per searchable group: the smallest architecture the search space holds."""
+        return tuple(torch.nn.functional.one_hot(torch.tensor(0), g.channels).double() for g in self.channel_groups)
+
     def layer_values(self) -> list[LayerValues]:
         """Kept channels and counts of every conv/linear layer (tensors; for custom cost terms)."""
         return evaluate(self.terms, tuple(m.double() for m in self._bank_masks()))

@@ -1,0 +1,97 @@
+"""The DUCCIO objective: task loss + Σ_j λ_j · penalty(R_j, T_j), with the λ ramp of the paper.
+
+Forms (`form=`):
+  "max"        λ · max(0, R − T)   DUCCIO: no pressure once a constraint is met (default)
+  "abs"        λ · |R − T|         pulls the cost *to* the target from both sides
+  "objective"  λ · R               classical DNAS cost regularizer (no target; for comparisons)
+
+λ schedule (`schedule="ramp"`): after warmup, `calibrate(L̂, costs)` sets
+λ_j,target = L̂ / |R̂_j − T_j| ("objective": L̂ / R̂_j), and `lambdas(e)` = λ_target · min(1, max(e / E_ramp,
+start)) for search epoch e (fractional), start = 1 % as in the authors' code. Guards: the denominator is
+at least 1 % of the bound, so a constraint already met after warmup (or R̂ = T) still gets a finite, non-zero λ
+and bites if the cost later rises above the bound. `schedule="constant"` uses `constant_lambda` for every
+constraint from the first step (for ablations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from duccio_fx.constraints import Constraint
+
+FORMS = ("max", "abs", "objective")
+SCHEDULES = ("ramp", "constant")
+
+
+@dataclass
+class DuccioObjective:
+    constraints: Sequence[Constraint]
+    bounds: Sequence[float]  # absolute T_j, resolved against the seed
+    form: str = "max"
+    schedule: str = "ramp"
+    ramp_epochs: float = 1.0
+    start: float = 0.01
+    constant_lambda: float = 1.0
+    min_denominator: float = 0.01  # of the bound
+    lambda_targets: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if len(self.bounds) != len(self.constraints):
+            raise ValueError("one bound per constraint")
+
+    def calibrate(self, task_loss: float, costs: dict[str, Any]) -> list[float]:
+        """λ_target per constraint from the task loss and the costs at the end of warmup."""
+        targets = []
+        for c, bound in zip(self.constraints, self.bounds):
+            r = float(c.value(costs))
+            floor = max(self.min_denominator * abs(bound), 1e-12)
+            gap = abs(r) if self.form == "objective" else abs(r - bound)
+            targets.append(abs(task_loss) / max(gap, floor))
+        self.lambda_targets = targets
+        return targets
+
+    def lambdas(self, epoch: float) -> list[float]:
+        """λ_j at (fractional) search epoch `epoch`."""
+        if self.schedule == "constant":
+            return [self.constant_lambda] * len(self.constraints)
+        if not self.lambda_targets:
+            raise RuntimeError("call calibrate() after warmup before using a ramped λ")
+        scale = min(1.0, max(epoch / self.ramp_epochs if self.ramp_epochs > 0 else 1.0, self.start))
+        return [lt * scale for lt in self.lambda_targets]
+
+    def penalties(self, costs: dict[str, Any]) -> list[torch.Tensor]:
+        """penalty(R_j, T_j) per constraint, before λ (differentiable)."""
+        out = []
+        for c, bound in zip(self.constraints, self.bounds):
+            r = torch.as_tensor(c.value(costs), dtype=torch.float64)
+            if self.form == "max":
+                out.append(torch.relu(r - bound))
+            elif self.form == "abs":
+                out.append((r - bound).abs())
+            else:
+                out.append(r)
+        return out
+
+    def penalty(self, costs: dict[str, Any], epoch: float) -> torch.Tensor:
+        """Σ_j λ_j(epoch) · penalty_j: add it to the task loss."""
+        total = torch.zeros((), dtype=torch.float64)
+        for lam, p in zip(self.lambdas(epoch), self.penalties(costs)):
+            total = total + lam * p
+        return total
+
+    def violations(self, costs: dict[str, Any]) -> list[float]:
+        """R_j − T_j (> 0 means violated), as floats."""
+        return [float(c.value(costs)) - bound for c, bound in zip(self.constraints, self.bounds)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda_targets": list(self.lambda_targets)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lambda_targets = list(state["lambda_targets"])
