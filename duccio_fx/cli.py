@@ -15,7 +15,7 @@ from duccio_fx.pass_manager import DumpIR, Instrument, PrintIR, TimePasses
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Hardware-aware neural architecture search (DUCCIO) for tiny devices, on torch.fx.")
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line: easy to grep and copy
 
 
 @app.callback()

@@ -49,7 +49,7 @@ def check_feasible(sm: SearchableModel, constraints: Sequence[Constraint], bound
             frozen = sorted(((_contribution(c, v, target), v.term.name) for v in values if _is_frozen(v)),
                             reverse=True)
             frozen_total = sum(x for x, _ in frozen)
-            parts = ", ".join(f"{name} {x:,.4g}" for x, name in frozen[:4] if x > 0) or "none"
+            parts = ", ".join(f"'{name}' ({x:,.4g})" for x, name in frozen[:4] if x > 0) or "none"
             raise ConstraintError(
                 f"{c.describe(bound)} cannot be met: the smallest {c.label} this search space allows is "
                 f"{low:,.6g} (every searchable channel group down to one channel); layers the search cannot "

@@ -52,6 +52,10 @@ def _prepare_out(out: Path, resume: bool) -> Path:
     return checkpoint
 
 
+def _fmt(value: float, metric: str) -> str:
+    return f"{value * 1e3:.3f}ms" if metric == "latency" else f"{value:,.0f}"
+
+
 class _Live:
     """Rich progress: one bar per phase, one line per epoch with loss, metric and each constraint."""
 
@@ -80,7 +84,8 @@ class _Live:
                  f"val metric {rec.val_metric:.4f}"]
         for c, bound, (label, value) in zip(data["constraints"], data["bounds"], rec.costs.items()):
             ok = value <= bound * (1 + 1e-12)
-            parts.append(f"{label} {value:,.4g}/{bound:,.4g} {'[green]ok[/]' if ok else '[red]over[/]'}")
+            parts.append(f"{label} {_fmt(value, c.metric)}/{_fmt(bound, c.metric)} "
+                         f"{'[green]ok[/]' if ok else '[red]over[/]'}")
         self.progress.update(task, completed=min(rec.epoch + 1, self.totals[phase]), total=max(
             self.totals[phase], rec.epoch + 1))
         self.console.print(" | ".join(parts))
@@ -98,7 +103,7 @@ def run_optimize(*, model: str, target: str, bounds: dict[str, str | None], laye
     from duccio_fx.target_report import target_report
     from duccio_fx.targets import load_target
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 140))
     if method != "mask":
         raise DuccioError(f"unknown search method {method!r}", where="--method",
                           fix="use --method mask (the path-based supernet is not available yet)")

@@ -1,0 +1,305 @@
+"""DUCCIO objective, λ schedule, infeasibility, the recipe (cache, resume), and `duccio-fx optimize`."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import duccio_fx
+from duccio_fx.cli import app
+from duccio_fx.constraints import Constraint, ConstraintError
+from duccio_fx.feasibility import check_feasible
+from duccio_fx.objective import DuccioObjective
+from duccio_fx.search import Recipe, SearchSettings, exported_costs
+from duccio_fx.targets import load_target
+
+runner = CliRunner()
+GAP8 = load_target("gap8")
+
+MODEL_FILE = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+model = Net()
+example_input = torch.randn(1, 1, 8, 8)
+g = torch.Generator().manual_seed(0)
+X = torch.randn(256, 1, 8, 8, generator=g)
+Y = (X[:, 0, :4].mean((1, 2)) > 0).long() + 2 * (X[:, 0, :, :4].mean((1, 2)) > 0).long()
+
+def train_loader():
+    return DataLoader(TensorDataset(X[:192], Y[:192]), batch_size=32, shuffle=True)
+
+def val_loader():
+    return DataLoader(TensorDataset(X[192:], Y[192:]), batch_size=64)
+"""
+
+
+def model_file(tmp_path: Path, text: str = MODEL_FILE) -> str:
+    path = tmp_path / "tiny.py"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def namespace(tmp_path: Path) -> dict:
+    from duccio_fx.model_file import load_model_file
+
+    torch.manual_seed(0)
+    return load_model_file(model_file(tmp_path)).namespace
+
+
+def tiny_searchable():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 3))
+    return duccio_fx.make_searchable(model, torch.randn(1, 1, 8, 8))
+
+
+# -- constraints and bounds --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric, text, bound, relative", [
+    ("size", "64kB", 64_000, False), ("size", "50%", 0.5, True), ("params", "30k", 30_000, False),
+    ("macs", "2M", 2e6, False), ("latency", "5ms", 5e-3, False), ("latency", "250us", 250e-6, False),
+])
+def test_bounds_parse_with_units(metric, text, bound, relative):
+    c = Constraint.parse(metric, text)
+    assert c.bound == pytest.approx(bound) and c.relative is relative
+
+
+@pytest.mark.parametrize("metric, text, message", [
+    ("size", "64 kHz", "unknown unit 'kHz'"), ("latency", "5", "has no unit"), ("macs", "-3M", "must be > 0"),
+    ("speed", "1", "unknown metric"),
+])
+def test_bad_bounds_are_refused(metric, text, message):
+    with pytest.raises(ConstraintError, match=message):
+        Constraint.parse(metric, text, option="--max-x")
+
+
+# -- objective -----------------------------------------------------------------------------------------
+
+def test_penalty_forms_and_gradients():
+    sm = tiny_searchable()
+    params = float(sm.cost_values()["params"])
+    above = Constraint.parse("params", "50%")
+    below = Constraint.parse("params", "150%")
+    for form, grad_when_met in (("max", False), ("abs", True), ("objective", True)):
+        for c, met in ((above, False), (below, True)):
+            bound = c.resolve(sm.cost_values())
+            obj = DuccioObjective([c], [bound], form=form, schedule="constant", constant_lambda=2.0)
+            sm.zero_grad()
+            pen = obj.penalty(sm.costs(), epoch=0)
+            expected = {"max": max(0.0, params - bound), "abs": abs(params - bound), "objective": params}[form]
+            assert float(pen.detach()) == pytest.approx(2.0 * expected)
+            pen.backward()
+            grads = sum(float(p.grad.abs().sum()) for p in sm.arch_parameters() if p.grad is not None)
+            assert (grads > 0) == (not met or grad_when_met), (form, met)
+
+
+def test_lambda_schedule_matches_the_formula_and_guards():
+    c = Constraint.parse("params", "100")
+    obj = DuccioObjective([c], [100.0], ramp_epochs=4.0)
+    assert obj.calibrate(2.0, {"params": 300.0}) == [pytest.approx(2.0 / 200)]
+    lt = 2.0 / 200
+    for e, scale in ((0, 0.01), (0.02, 0.01), (1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
+        assert obj.lambdas(e)[0] == pytest.approx(lt * scale)
+    # already met after warmup: λ stays finite and non-zero, so the constraint bites if the cost rises
+    assert obj.calibrate(2.0, {"params": 60.0})[0] == pytest.approx(2.0 / 40)
+    # R̂ == T: no division by zero (denominator floored at 1 % of the bound)
+    assert obj.calibrate(2.0, {"params": 100.0})[0] == pytest.approx(2.0 / 1.0)
+    const = DuccioObjective([c], [100.0], schedule="constant", constant_lambda=0.3)
+    assert const.lambdas(0) == const.lambdas(50) == [0.3]
+    # "objective" form: λ_target = L̂ / R̂
+    assert DuccioObjective([c], [100.0], form="objective").calibrate(2.0, {"params": 400.0}) == [0.005]
+
+
+# -- infeasibility -------------------------------------------------------------------------------------
+
+def test_infeasible_targets_are_refused_with_the_minimum():
+    sm = tiny_searchable()
+    c = Constraint.parse("params", "1%")
+    bound = c.resolve(sm.cost_values())
+    with pytest.raises(ConstraintError) as info:
+        check_feasible(sm, [c], [bound])
+    # every searchable group at one channel: conv1 1*9+1, conv2 1*9+1, fc: 16 features (1 ch x 4x4) * 3 + 3
+    assert "smallest params this search space allows is 71" in info.value.what
+    assert "relax the bound to at least 71" in info.value.fix
+    assert check_feasible(sm, [Constraint.parse("params", "71")], [71.0]) == {"params": 71.0}
+
+
+def test_infeasible_message_names_frozen_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    sm = duccio_fx.make_searchable(model, torch.randn(1, 3, 8, 8))
+    c = Constraint.parse("macs", "10%")
+    with pytest.raises(ConstraintError, match=r"cost 12,640 of it \(largest: '0' \(7,776\), '2' \(4,608\)") as info:
+        check_feasible(sm, [c], [c.resolve(sm.cost_values())])
+    assert "cannot shrink" in info.value.what
+
+
+# -- the recipe ----------------------------------------------------------------------------------------
+
+def recipe(tmp_path: Path, checkpoint: Path | None = None, cache: Path | None = None, progress=None,
+           constraints=None, **settings) -> Recipe:
+    ns = namespace(tmp_path)
+    s = SearchSettings(**{"warmup_epochs": 1, "search_epochs": 2, "finetune_epochs": 1, "seed": 3, **settings})
+    return Recipe(ns["model"], (ns["example_input"],), ns["train_loader"](), ns["val_loader"](),
+                  constraints or [Constraint.parse("size", "40%")], GAP8, s, checkpoint=checkpoint,
+                  cache_dir=cache, progress=progress)
+
+
+def test_recipe_meets_the_constraint_and_costs_match_the_export(tmp_path):
+    result = recipe(tmp_path).run()
+    assert result.met
+    measured = exported_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    assert result.final_costs["size_bytes"] == measured["size_bytes"] <= result.bounds[0]
+    counted = sum(p.numel() for m in result.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                  for p in m.parameters(recurse=False))
+    assert result.final_costs["params"] == counted
+
+
+def test_resume_after_interruption_repeats_the_uninterrupted_run(tmp_path):
+    whole = recipe(tmp_path, checkpoint=tmp_path / "a.pt").run()
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(event, data):
+        if event == "epoch" and data["record"].phase == "search" and data["record"].epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        recipe(tmp_path, checkpoint=tmp_path / "b.pt", progress=interrupt).run()
+    resumed = recipe(tmp_path, checkpoint=tmp_path / "b.pt").run(resume=True)
+    assert [(r.phase, r.epoch) for r in resumed.history] == [(r.phase, r.epoch) for r in whole.history]
+    assert [r.val_loss for r in resumed.history] == [r.val_loss for r in whole.history]
+    assert resumed.final_costs == whole.final_costs
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_warmup_is_cached_and_reused_across_constraints(tmp_path):
+    first = recipe(tmp_path, cache=tmp_path / "cache").run()
+    second = recipe(tmp_path, cache=tmp_path / "cache", constraints=[Constraint.parse("macs", "50%")]).run()
+    assert not first.warmup_cached and second.warmup_cached
+    assert len(list((tmp_path / "cache" / "warmup").glob("*.pt"))) == 1
+    warm = [r.val_loss for r in first.history if r.phase == "warmup"]
+    assert warm == [r.val_loss for r in second.history if r.phase == "warmup"]
+    assert second.met
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def test_optimize_cli_writes_model_onnx_and_report(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--max-ops", "60%",
+                                 "--epochs", "1,2,1", "--out", str(out), "--no-cache", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "met" and all(c["met"] for c in report["constraints"])
+    assert {c["metric"] for c in report["constraints"]} == {"size", "macs"}
+    assert report["final"]["size_bytes"] <= 0.5 * report["seed"]["size_bytes"]
+    assert report["final"]["macs"] <= 0.6 * report["seed"]["macs"]
+    assert report["onnx_max_abs_diff"] < 1e-4
+    model = torch.load(out / "model.pt", weights_only=False)
+    assert exported_costs(model, (torch.randn(1, 1, 8, 8),), GAP8)["macs"] == report["final"]["macs"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    x = torch.randn(1, 1, 8, 8)
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert torch.allclose(torch.as_tensor(got), model(x).detach(), atol=1e-5)
+    assert "constraints" in (out / "summary.txt").read_text()
+    assert not (out / "checkpoint.pt").exists()
+    again = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--out", str(out)])
+    assert again.exit_code == 1 and "already holds a finished run" in again.output
+
+
+def test_violated_constraint_exits_non_zero_with_a_report(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "30%", "--epochs", "0,1,0",
+                                 "--max-search-epochs", "1", "--arch-lr", "1e-6", "--out", str(out), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "violated"
+    c = report["constraints"][0]
+    assert not c["met"] and c["excess"] == pytest.approx(c["final"] - c["bound"]) and c["excess"] > 0
+    assert "VIOLATED" in result.output and not (out / "model.pt").exists() and not (out / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-ops", "2 parsecs"], "--max-ops"),
+    (["--max-size", "1%"], "cannot be met"),
+    ([], "no constraint given"),
+    (["--max-size", "50%", "--epochs", "1,0,1"], "--epochs"),
+    (["--max-size", "50%", "--target", "gap7"], "unknown target"),
+    (["--max-size", "50%", "--resume"], "nothing to resume"),
+    (["--max-latency", "80%", "--form", "square"], "unknown penalty form"),
+])
+def test_optimize_bad_input_exits_1_with_a_clear_error(tmp_path, args, message):
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--out", str(tmp_path / "o"), "--no-cache", *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_optimize_needs_data_loaders(tmp_path):
+    text = "import torch\nfrom torch import nn\nmodel = nn.Conv2d(1, 2, 3)\nexample_input = torch.randn(1, 1, 5, 5)\n"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path, text), "--max-size", "50%",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "defines no train_loader()" in result.output
+
+
+def test_layerwise_option_adds_one_constraint_per_critical_layer(tmp_path):
+    board = tmp_path / "board.toml"
+    board.write_text(textwrap.dedent("""
+        name = "tiny"
+        [compute]
+        cores = 1
+        clock = "10MHz"
+        peak_macs_per_cycle = 1
+        [[memory]]
+        name = "L2"
+        size = 5000
+        layerwise = true
+        [[memory]]
+        name = "L3"
+        size = "8MB"
+        [latency]
+        model = "gap8-analytic"
+    """))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--target", str(board), "--layerwise", "0.5",
+                                 "--epochs", "1,2,1", "--out", str(out), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    # a: 64 in + 1024 out + 144 w + 128 k/l = 1 360 B fits; b: 1024 + 512 + 4608 + 256 = 6 400 B overflows
+    # 5 000 B by x1.28, so it is critical at C = 0.5; fc (head) fits
+    assert report["critical_layers"] == {"b.0": "L2"}
+    (c,) = report["constraints"]
+    assert c["constraint"] == "layer_memory[b.0]" and c["seed"] == 6400 and c["bound"] == 5000
+    assert c["met"] and c["final"] <= 5000
+    assert report["layers"]["final"]["b.0"]["level"] == "L2"
+
+
+def test_nan_free_progress_records(tmp_path):
+    result = recipe(tmp_path).run()
+    assert all(math.isfinite(r.val_loss) and math.isfinite(r.train_loss) for r in result.history)
+    assert {r.phase for r in result.history} == {"warmup", "search", "finetune"}
+    assert all(r.lambdas for r in result.history if r.phase == "search")
