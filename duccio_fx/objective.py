@@ -7,7 +7,8 @@ Forms (`form=`):
 
 λ schedule (`schedule="ramp"`): after warmup, `calibrate(L̂, costs)` sets
 λ_j,target = L̂ / |R̂_j − T_j| ("objective": L̂ / R̂_j), and `lambdas(e)` = λ_target · min(1, max(e / E_ramp,
-start)) for search epoch e (fractional), start = 1 % as in the authors' code. Guards: the denominator is
+start)) for search epoch e (fractional), start = 1 % as in the authors' code; once the ramp is complete, the λ_target of a constraint still violated
+at the end of an epoch doubles (`escalate`, a guard beyond the paper). Guards: the denominator is
 at least 1 % of the bound, so a constraint already met after warmup (or R̂ = T) still gets a finite, non-zero λ
 and bites if the cost later rises above the bound. `schedule="constant"` uses `constant_lambda` for every
 constraint from the first step (for ablations).
@@ -36,6 +37,7 @@ class DuccioObjective:
     start: float = 0.01
     constant_lambda: float = 1.0
     min_denominator: float = 0.01  # of the bound
+    escalation: float = 2.0  # after the ramp, λ of a still-violated constraint grows by this per epoch
     lambda_targets: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,6 +67,21 @@ class DuccioObjective:
             raise RuntimeError("call calibrate() after warmup before using a ramped λ")
         scale = min(1.0, max(epoch / self.ramp_epochs if self.ramp_epochs > 0 else 1.0, self.start))
         return [lt * scale for lt in self.lambda_targets]
+
+    def escalate(self, costs: dict[str, Any], epoch: float) -> list[float]:
+        """After the ramp, multiply λ_target of every still-violated constraint by `escalation`.
+
+        The paper's fixed λ_target balances the penalty against the task loss as it was after warmup; as
+        the task loss falls, or when a few important channels resist, that balance can settle above the bound.
+        Raising λ only while a constraint is violated keeps "search until every constraint is met" finite
+        without adding pressure to constraints that are met.
+        """
+        if self.schedule != "ramp" or epoch < self.ramp_epochs or self.escalation <= 1:
+            return list(self.lambda_targets)
+        for j, v in enumerate(self.violations(costs)):
+            if v > 0:
+                self.lambda_targets[j] *= self.escalation
+        return list(self.lambda_targets)
 
     def penalties(self, costs: dict[str, Any]) -> list[torch.Tensor]:
         """penalty(R_j, T_j) per constraint, before λ (differentiable)."""

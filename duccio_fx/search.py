@@ -291,11 +291,11 @@ class Recipe:
     def arch_lr(self) -> float:
         """The α learning rate. Adam moves each α by about lr per step, so the paper's 1e-3 (tuned for ~100
         GPU epochs) could not take a mask from 1 past 0.5 in a short CPU search; `auto` lets α travel about
-        2 over the minimum search, within [1e-3, 5e-2]."""
+        4 over the minimum search, within [1e-3, 5e-2]."""
         if self.settings.arch_lr is not None:
             return self.settings.arch_lr
         steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else 100
-        return min(5e-2, max(1e-3, 2.0 / max(1, steps * self.settings.search_epochs)))
+        return min(5e-2, max(1e-3, 4.0 / max(1, steps * self.settings.search_epochs)))
 
     def _search_optimizer(self) -> torch.optim.Optimizer:
         s = self.settings
@@ -345,6 +345,7 @@ class Recipe:
                 loss = self._train_epoch(self.sm, opt, "search", epoch)
                 costs = self.sm.cost_values(self.target)
                 rec = self._record("search", epoch, loss, self.sm, started, costs)
+                self.objective.escalate(costs, epoch + 1)
                 feasible = all(v <= 0 for v in rec.violations)
                 if feasible and rec.val_loss < best_loss:
                     best, best_loss, since_best = copy.deepcopy(self.sm.state_dict()), rec.val_loss, 0
