@@ -57,7 +57,7 @@ class DuccioObjective:
             gap = abs(r) if self.form == "objective" else abs(r - bound)
             targets.append(abs(task_loss) / max(gap, floor))
         self.lambda_targets = targets
-        return targets
+        return list(targets)
 
     def lambdas(self, epoch: float) -> list[float]:
         """λ_j at (fractional) search epoch `epoch`."""

