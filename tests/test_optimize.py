@@ -334,3 +334,11 @@ def test_mnist_example_reads_the_real_digits():
     x, _ = next(iter(train))
     assert x.shape[1:] == (1, 28, 28) and spec.model(x).shape == (len(x), 10)
     assert abs(float(x.mean())) < 0.5  # normalised pixels, not raw 0..255
+
+
+def test_latency_constraint_is_met_on_the_exported_model(tmp_path):
+    result = recipe(tmp_path, constraints=[Constraint.parse("latency", "60%")]).run()
+    assert result.met
+    measured = exported_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    assert measured["latency_s"] == result.final_costs["latency_s"] <= result.bounds[0]
+    assert result.bounds[0] == pytest.approx(0.6 * result.seed_costs["latency_s"])
