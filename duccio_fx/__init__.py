@@ -10,11 +10,16 @@ from duccio_fx.registry import REGISTRY, register_function, register_method, reg
 from duccio_fx.rules import RuleContext
 from duccio_fx.searchable import SearchableModel, make_searchable
 from duccio_fx.tracer import trace
+from duccio_fx.constraints import Constraint
+from duccio_fx.objective import DuccioObjective
+from duccio_fx.search import SearchResult, SearchSettings, optimize
+from duccio_fx.targets import Target, load_target
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "DuccioError", "DuccioTraceError", "DumpIR", "GroupMember", "Instrument", "ModelFileError",
+    "ChannelGroup", "Constraint", "DuccioError", "DuccioObjective", "SearchResult", "SearchSettings", "Target",
+    "load_target", "optimize", "DuccioTraceError", "DumpIR", "GroupMember", "Instrument", "ModelFileError",
     "Pass", "PassError", "PassManager", "PrintIR", "REGISTRY", "RuleContext", "ShapePropagationError",
     "SearchableModel", "TimePasses", "analyze", "make_searchable", "channel_groups", "format_ir", "register_function", "register_method",
     "register_module", "trace",
