@@ -7,7 +7,8 @@
   penalty. It runs at least `search_epochs`, then goes on while a constraint is violated or the validation
   loss of feasible epochs is still improving (patience), up to `max_search_epochs`. The best feasible epoch
   (lowest validation loss with every constraint met) is exported.
-* Fine-tune trains the exported, physically smaller model (weights only).
+* Fine-tune trains the exported, physically smaller model (weights only) and keeps the weights of its best
+  validation loss (the exported weights themselves count as a candidate).
 
 Every epoch ends with an atomic checkpoint; `resume=True` continues from it. Each epoch reseeds the RNG from
 (seed, phase, epoch), so a resumed run repeats an uninterrupted one exactly.
@@ -359,22 +360,28 @@ class Recipe:
             if best is not None:
                 self.sm.load_state_dict(best)
             exported = self.sm.export()
-            _, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn)
+            search_loss, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn)
             ft_start, ft_opt = 0, self._weight_optimizer(exported.parameters())
+            ft_best, ft_best_loss = copy.deepcopy(exported.state_dict()), search_loss
         else:
             exported, search_metric = state["exported"], state["search_metric"]
             ft_opt = self._weight_optimizer(exported.parameters())
             ft_opt.load_state_dict(state["optimizer"])
             ft_start = state["epoch"] + 1
+            ft_best, ft_best_loss = state["ft_best"], state["ft_best_loss"]
 
-        for epoch in range(ft_start, s.finetune_epochs):
+        for epoch in range(ft_start, s.finetune_epochs):  # keeps the weights of the best validation loss
             _seed_everything(s.seed, "finetune", epoch)
             started = time.perf_counter()
             loss = self._train_epoch(exported, ft_opt, "finetune", epoch)
-            self._record("finetune", epoch, loss, exported, started)
+            rec = self._record("finetune", epoch, loss, exported, started)
+            if rec.val_loss < ft_best_loss:
+                ft_best, ft_best_loss = copy.deepcopy(exported.state_dict()), rec.val_loss
             self._save({"phase": "finetune", "epoch": epoch, "exported": exported, "optimizer": ft_opt.state_dict(),
                         "searchable": self.sm.state_dict(), "objective": self.objective.state_dict(),
-                        "search_metric": search_metric, "seed_metric": seed_metric, "cached": cached})
+                        "search_metric": search_metric, "seed_metric": seed_metric, "cached": cached,
+                        "ft_best": ft_best, "ft_best_loss": ft_best_loss})
+        exported.load_state_dict(ft_best)
         _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn)
         exported.eval()
         final_costs = exported_costs(exported, self.example, self.target)
