@@ -156,11 +156,13 @@ def _fingerprint(model: nn.Module, loader: Iterable[Any], settings: SearchSettin
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     h.update(str(model).encode())
     n = 0
-    for batch in loader:
-        x, y = _move(batch)
-        for t in (x if isinstance(x, (tuple, list)) else [x]) + [y]:
-            h.update(torch.as_tensor(t).detach().contiguous().numpy().tobytes()[:65536])
-        n += 1
+    with torch.random.fork_rng():  # a shuffling loader: same order every time, global RNG untouched
+        torch.manual_seed(0)
+        for batch in loader:
+            x, y = _move(batch)
+            for t in list(x if isinstance(x, (tuple, list)) else [x]) + [y]:
+                h.update(torch.as_tensor(t).detach().contiguous().numpy().tobytes()[:65536])
+            n += 1
     h.update(f"{n}|{settings.warmup_epochs}|{settings.lr}|{settings.weight_decay}|{settings.seed}".encode())
     h.update(str([tuple(e.shape) for e in example]).encode())
     return h.hexdigest()[:24]

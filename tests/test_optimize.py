@@ -342,3 +342,20 @@ def test_latency_constraint_is_met_on_the_exported_model(tmp_path):
     measured = exported_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
     assert measured["latency_s"] == result.final_costs["latency_s"] <= result.bounds[0]
     assert result.bounds[0] == pytest.approx(0.6 * result.seed_costs["latency_s"])
+
+
+def test_warmup_cache_key_ignores_the_global_rng(tmp_path):
+    from duccio_fx.search import _fingerprint
+
+    ns = namespace(tmp_path)
+    loader, settings = ns["train_loader"](), SearchSettings()
+    torch.manual_seed(1)
+    a = _fingerprint(ns["model"], loader, settings, (ns["example_input"],))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    b = _fingerprint(ns["model"], loader, settings, (ns["example_input"],))
+    assert a == b
+    torch.manual_seed(1)
+    _fingerprint(ns["model"], loader, settings, (ns["example_input"],))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a != _fingerprint(ns["model"], loader, SearchSettings(warmup_epochs=6), (ns["example_input"],))
