@@ -12,6 +12,7 @@ from rich.console import Console
 
 from duccio_fx.errors import DuccioError
 from duccio_fx.pass_manager import DumpIR, Instrument, PrintIR, TimePasses
+from duccio_fx.targets import load_target
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Hardware-aware neural architecture search (DUCCIO) for tiny devices, on torch.fx.")
@@ -56,7 +57,7 @@ def inspect(
     if dump_ir is not None:
         instruments.append(DumpIR(dump_ir))
     try:
-        hw = _load_target(target) if target is not None else None
+        hw = load_target(target) if target is not None else None
         slacks = _slacks(layerwise)
         spec = load_model_file(model)
         gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, instruments)
@@ -76,12 +77,6 @@ def inspect(
             from duccio_fx.target_report import render_target_report
 
             render_target_report(report["target"], console)
-
-
-def _load_target(spec: str):  # -> Target; imported lazily to keep `--help` fast
-    from duccio_fx.targets import load_target
-
-    return load_target(spec)
 
 
 def _slacks(text: str) -> tuple[float, ...]:
@@ -181,7 +176,7 @@ def targets_show(
     from duccio_fx.target_view import render_target
 
     try:
-        hw = _load_target(name)
+        hw = load_target(name)
     except DuccioError as err:
         raise _fail(err) from None
     if as_json:

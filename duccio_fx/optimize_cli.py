@@ -109,6 +109,9 @@ def run_optimize(*, model: str, target: str, bounds: dict[str, str | None], laye
                           fix="use --method mask (the path-based supernet is not available yet)")
     if form not in FORMS:
         raise DuccioError(f"unknown penalty form {form!r}", where="--form", fix=f"use one of: {', '.join(FORMS)}")
+    if layerwise is not None and layerwise <= 0:
+        raise DuccioError(f"--layerwise {layerwise} must be a positive slack", where="--layerwise",
+                          fix="e.g. --layerwise 0.3 (layers that overflow a level by at most 30 %)")
     hw = load_target(target)
     constraints = [Constraint.parse(metric, text, option=OPTIONS[metric]) for metric, text in bounds.items() if text]
     w, s, f = epochs

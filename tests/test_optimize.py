@@ -252,6 +252,7 @@ def test_violated_constraint_exits_non_zero_with_a_report(tmp_path):
     (["--max-size", "50%", "--target", "gap7"], "unknown target"),
     (["--max-size", "50%", "--resume"], "nothing to resume"),
     (["--max-latency", "80%", "--form", "square"], "unknown penalty form"),
+    (["--layerwise", "-1"], "must be a positive slack"),
 ])
 def test_optimize_bad_input_exits_1_with_a_clear_error(tmp_path, args, message):
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--out", str(tmp_path / "o"), "--no-cache", *args])
