@@ -131,8 +131,8 @@ def optimize(
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
-    Exit 0 when every constraint is met; 2 when the search ended with a violation (the report says by how
-    much); 1 on bad input.
+    Exit 0 when every constraint is met; 3 when the search ended with a violation (the report says by how
+    much); 1 on bad input (2 on a malformed command line).
     """
     from duccio_fx.optimize_cli import run_optimize
 

@@ -45,12 +45,17 @@ class LayerTerm:
     out_spec: MaskSpec
     kernel: int  # kernel elements (1 for linear)
     out_hw: tuple[int, int]  # output rows, columns (conv1d: 1, L; linear: positions, 1)
-    positions: int  # output positions per sample (MACs scale with these)
+    positions: int  # positions per sample the MACs scale with (the input's, for a transposed conv)
     in_positions: int  # input positions per sample
     bias: bool
     groups: int
     fixed_weights: int  # weights of a frozen layer
     requant: bool  # followed by requantization (False for a head whose output is a model output)
+    out_positions: int = 0  # output positions per sample (activations); 0: same as `positions`
+
+    @property
+    def output_positions(self) -> int:
+        return self.out_positions or self.positions
 
 
 def count(spec: MaskSpec, masks: Sequence[torch.Tensor]) -> Number:
@@ -99,16 +104,19 @@ def layer_terms(gm: GraphModule, bank_index: dict[int, int]) -> list[LayerTerm]:
             positions = math.prod(out_info.shape[1:-1])
             in_positions = math.prod(in_info.shape[1:-1])
             out_hw = (positions, 1)
+            out_positions = positions
         else:
             kernel, groups = math.prod(module.kernel_size), module.groups
             spatial = out_info.shape[2:]
             positions, in_positions = math.prod(spatial), math.prod(in_info.shape[2:])
+            out_positions = positions
             out_hw = (1, spatial[0]) if len(spatial) == 1 else (math.prod(spatial[:-1]), spatial[-1])
             kind = {"defines": "conv", "depthwise": "depthwise"}.get(role, "grouped")
             if module.transposed:
                 positions = in_positions  # MACs of a transposed conv scale with its input
         terms.append(LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
-                               module.bias is not None, groups, module.weight.numel(), not _is_head(node)))
+                               module.bias is not None, groups, module.weight.numel(), not _is_head(node),
+                               out_positions))
     return terms
 
 
@@ -125,7 +133,7 @@ class LayerValues:
     @property
     def elements(self) -> Number:
         """Paper eq. 12 in elements: weights + input + output activations."""
-        return self.weights + self.cin * self.term.in_positions + self.cout * self.term.positions
+        return self.weights + self.cin * self.term.in_positions + self.cout * self.term.output_positions
 
     @property
     def params(self) -> Number:
@@ -161,7 +169,7 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
     bits = target.bits
     grouped = target.accounting.grouped_factor if accounting and v.term.kind in ("depthwise", "grouped") else 1
     total = _bytes(v.weights, bits.weights) * grouped
-    if v.term.requant:
+    if v.term.requant and bits.requant > 0:
         total = total + _bytes(2 * v.cout, bits.requant)
     elif v.term.bias:
         total = total + _bytes(v.cout, bits.bias) * grouped
@@ -171,7 +179,7 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
 def layer_activation_bytes(v: LayerValues, target: Target) -> Number:
     bits = target.bits
     out_bits = bits.activations if v.term.requant else bits.bias
-    return _bytes(v.cin * v.term.in_positions, bits.activations) + _bytes(v.cout * v.term.positions, out_bits)
+    return _bytes(v.cin * v.term.in_positions, bits.activations) + _bytes(v.cout * v.term.output_positions, out_bits)
 
 
 def layer_bytes(v: LayerValues, target: Target, level: MemoryLevel | None = None) -> Number:

@@ -6,7 +6,7 @@ A target names its model in `[latency] model = ...`; new models register with `r
 on the 8-core cluster, output pixels processed in blocks of 2 rows x 8 columns, with
   conv       ceil(Ho/2) * ceil(Wo/8) * (2*K*Cin + ceil(Cout/4) * (5 + 14*ceil(K*Cin/4) + 10))
   depthwise  4 * ceil(C/4) * Ho * Wo * K
-  linear     ceil(Cin/2) * ceil(Cout/4)
+  linear     ceil(Cin/2) * ceil(Cout/4)  (per position, for a linear over a sequence)
 (K = kernel elements, Cin per group). It assumes every operand is already in L1: DMA, tiling overheads and
 the first-layer/pooling/add kernels are not modelled. A layer that does not fit the target's last layer-wise
 level (GAP8: L2) additionally pays its bytes once through the next level at that level's `bytes_per_cycle`.

@@ -17,7 +17,7 @@ from duccio_fx.errors import DuccioError, ModelFileError
 from duccio_fx.search import EpochRecord, Recipe, SearchSettings, cross_entropy, default_cache_dir, top1
 
 OPTIONS = {"size": "--max-size", "params": "--max-params", "macs": "--max-ops", "latency": "--max-latency"}
-VIOLATED_EXIT = 2
+VIOLATED_EXIT = 3  # 1: bad input (ours), 2: usage errors (typer/click)
 
 
 def _loaders(ns: dict[str, Any], source: str) -> tuple[Any, Any]:
@@ -109,6 +109,12 @@ def run_optimize(*, model: str, target: str, bounds: dict[str, str | None], laye
                           fix="use --method mask (the path-based supernet is not available yet)")
     if form not in FORMS:
         raise DuccioError(f"unknown penalty form {form!r}", where="--form", fix=f"use one of: {', '.join(FORMS)}")
+    for name, value in (("--lr", lr), ("--arch-lr", arch_lr), ("--constant-lambda", constant_lambda)):
+        if value is not None and not value > 0:
+            raise DuccioError(f"{name} must be > 0, got {value}", where=name)
+    if max_search_epochs is not None and max_search_epochs < epochs[1]:
+        raise DuccioError(f"--max-search-epochs {max_search_epochs} is below the minimum search epochs "
+                          f"{epochs[1]}", where="--max-search-epochs", fix="raise it, or lower S in --epochs W,S,F")
     if layerwise is not None and layerwise <= 0:
         raise DuccioError(f"--layerwise {layerwise} must be a positive slack", where="--layerwise",
                           fix="e.g. --layerwise 0.3 (layers that overflow a level by at most 30 %)")
@@ -116,7 +122,7 @@ def run_optimize(*, model: str, target: str, bounds: dict[str, str | None], laye
     constraints = [Constraint.parse(metric, text, option=OPTIONS[metric]) for metric, text in bounds.items() if text]
     w, s, f = epochs
     settings = SearchSettings(warmup_epochs=w, search_epochs=s, finetune_epochs=f, max_search_epochs=max_search_epochs,
-                              lr=lr, arch_lr=arch_lr, form=form, schedule="constant" if constant_lambda else "ramp",
+                              lr=lr, arch_lr=arch_lr, form=form, schedule="ramp" if constant_lambda is None else "constant",
                               constant_lambda=constant_lambda or 1.0, seed=seed, layerwise=layerwise)
     torch.manual_seed(seed)  # the model file may build its weights and data from the global RNG
     spec = load_model_file(model)

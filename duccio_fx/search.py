@@ -70,7 +70,7 @@ class SearchSettings:
 
     @property
     def search_limit(self) -> int:
-        return self.max_search_epochs or 2 * self.search_epochs
+        return self.max_search_epochs if self.max_search_epochs is not None else 2 * self.search_epochs
 
 
 @dataclass
@@ -148,9 +148,12 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, met
     return loss_sum / total, metric_sum / total
 
 
-def _fingerprint(model: nn.Module, loader: Iterable[Any], settings: SearchSettings, example: Sequence[Any]) -> str:
-    """Key of the warmup cache: seed weights, graph, data, seed and warmup settings."""
+def _fingerprint(model: nn.Module, loader: Iterable[Any], settings: SearchSettings, example: Sequence[Any],
+                 graph_code: str = "", loss_name: str = "") -> str:
+    """Key of the warmup cache: seed weights, traced graph, loss, data, seed and warmup settings."""
     h = hashlib.sha256()
+    h.update(graph_code.encode())
+    h.update(loss_name.encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -259,7 +262,8 @@ class Recipe:
         s = self.settings
         cache = None
         if self.cache_dir is not None and s.warmup_epochs > 0 and state is None:
-            key = _fingerprint(self.model, self.train_loader, s, self.example)
+            key = _fingerprint(self.model, self.train_loader, s, self.example, self.sm.graph_module.code,
+                               getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)))
             cache = Path(self.cache_dir) / "warmup" / f"{key}.pt"
             if cache.exists():
                 state = torch.load(cache, weights_only=False)
@@ -315,8 +319,10 @@ class Recipe:
 
     def signature(self) -> str:
         """What a checkpoint must agree on to be resumed."""
+        model = hashlib.sha256((self.sm.graph_module.code + repr(
+            [(k, tuple(v.shape)) for k, v in self.sm.state_dict().items()])).encode()).hexdigest()
         return repr((asdict(self.settings), [(c.metric, c.bound, c.relative, c.scope) for c in self.constraints],
-                     self.target.name if self.target is not None else None))
+                     self.target.name if self.target is not None else None, model))
 
     def run(self, resume: bool = False) -> SearchResult:
         s = self.settings
@@ -396,7 +402,7 @@ class Recipe:
             return None
         state = torch.load(self.checkpoint, weights_only=False)
         if state.get("signature") != self.signature():
-            raise DuccioError("the checkpoint was written by a run with other settings or constraints",
+            raise DuccioError("the checkpoint was written by a run with another model, settings or constraints",
                               where=str(self.checkpoint),
                               fix="resume with the same options, or start a new run in another --out directory")
         self.history = [EpochRecord(**r) for r in state["history"]]

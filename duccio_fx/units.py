@@ -7,6 +7,7 @@ datasheets' numbers. Errors are `ValueError`s whose message says what was expect
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = re.compile(r"^\s*([+-]?(?:\d[\d_]*)?(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([A-Za-zµ%]*)\s*$")
@@ -30,11 +31,15 @@ def _scaled(value: object, units: dict[str, float], kind: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a {kind}, got a boolean")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a finite number")
         return float(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a {kind} (a number or a string such as "
                          f"'{_example(kind)}'), got {type(value).__name__}")
     number, unit = split_quantity(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
     if unit not in units:
         raise ValueError(f"unknown unit {unit!r} for a {kind} in {value!r}; use one of "
                          f"{', '.join(u for u in units if u)}")

@@ -195,6 +195,30 @@ def test_resume_after_interruption_repeats_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def interrupt(event, data):
+        if event == "epoch" and data["record"].phase == "search":
+            raise Stop
+
+    with pytest.raises(Stop):
+        recipe(tmp_path, checkpoint=tmp_path / "c.pt", progress=interrupt).run()
+    (tmp_path / "other").mkdir()
+    other = model_file(tmp_path / "other", MODEL_FILE.replace("nn.Conv2d(16, 32", "nn.Conv2d(16, 24").replace(
+        "nn.BatchNorm2d(32)", "nn.BatchNorm2d(24)").replace("nn.Linear(32", "nn.Linear(24"))
+    from duccio_fx.model_file import load_model_file
+
+    ns = load_model_file(other).namespace
+    r = Recipe(ns["model"], (ns["example_input"],), ns["train_loader"](), ns["val_loader"](),
+               [Constraint.parse("size", "40%")], GAP8, SearchSettings(warmup_epochs=1, search_epochs=2,
+                                                                      finetune_epochs=1, seed=3),
+               checkpoint=tmp_path / "c.pt")
+    with pytest.raises(duccio_fx.DuccioError, match="another model"):
+        r.run(resume=True)
+
+
 def test_warmup_is_cached_and_reused_across_constraints(tmp_path):
     first = recipe(tmp_path, cache=tmp_path / "cache").run()
     second = recipe(tmp_path, cache=tmp_path / "cache", constraints=[Constraint.parse("macs", "50%")]).run()
@@ -236,7 +260,7 @@ def test_violated_constraint_exits_non_zero_with_a_report(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "30%", "--epochs", "0,1,0",
                                  "--max-search-epochs", "1", "--arch-lr", "1e-6", "--out", str(out), "--no-cache"])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "violated"
     c = report["constraints"][0]
@@ -253,6 +277,10 @@ def test_violated_constraint_exits_non_zero_with_a_report(tmp_path):
     (["--max-size", "50%", "--resume"], "nothing to resume"),
     (["--max-latency", "80%", "--form", "square"], "unknown penalty form"),
     (["--layerwise", "-1"], "must be a positive slack"),
+    (["--max-size", "50%", "--lr", "-1"], "--lr must be > 0"),
+    (["--max-size", "50%", "--constant-lambda", "0"], "--constant-lambda must be > 0"),
+    (["--max-size", "50%", "--epochs", "1,3,1", "--max-search-epochs", "2"], "below the minimum search"),
+    (["--max-size", "1e400"], "not a finite number"),
 ])
 def test_optimize_bad_input_exits_1_with_a_clear_error(tmp_path, args, message):
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--out", str(tmp_path / "o"), "--no-cache", *args])
@@ -303,7 +331,8 @@ def test_nan_free_progress_records(tmp_path):
     result = recipe(tmp_path).run()
     assert all(math.isfinite(r.val_loss) and math.isfinite(r.train_loss) for r in result.history)
     assert {r.phase for r in result.history} == {"warmup", "search", "finetune"}
-    assert all(r.lambdas for r in result.history if r.phase == "search")
+    lambdas = [lam for r in result.history if r.phase == "search" for lam in r.lambdas]
+    assert lambdas and all(math.isfinite(lam) and lam > 0 for lam in lambdas)
 
 
 def test_escalation_raises_lambda_only_for_violated_constraints_after_the_ramp():

@@ -91,6 +91,7 @@ def test_user_file_by_path_with_units(tmp_path):
     (('clock = "64MHz"', 'clock = "64kB"'), "compute.clock", "unknown unit 'kB' for a frequency"),
     (('size = "256kB"', 'size = "256 furlongs"'), "memory[0] (SRAM).size", "unknown unit 'furlongs'"),
     (('size = "256kB"', 'size = "lots"'), "memory[0] (SRAM).size", "not a number"),
+    (('size = "256kB"', 'size = inf'), "memory[0] (SRAM).size", "not a finite number"),
     (('reserved = "16KiB"', 'reserved = "300kB"'), "memory[0] (SRAM)", "must be smaller than size"),
     (('model = "mac-rate"', 'model = "magic"'), "latency.model", "unknown latency model 'magic'"),
     (("depthwise = 0.5, ", ""), "latency", "needs macs_per_cycle for depthwise"),
@@ -175,6 +176,14 @@ def test_layer_memory_matches_hand_computed_dory_accounting():
     size = target_costs(list(d.values()), GAP8)["size_bytes"]
     weights = sum(x.weights for x in d.values())
     assert size == weights + sum(2 * 64 * 4 for n in d if n != "fc") + 12 * 4
+
+
+def test_transposed_conv_counts_output_activations_at_output_size():
+    v = values_of(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(4, 2, 1)),
+                  torch.randn(1, 3, 8, 8))
+    up = v["1"]
+    assert up.macs == 8 * 4 * 4 * 64  # MACs scale with the input positions
+    assert float(layer_bytes(up, GAP8)) == 8 * 64 + 4 * 256 + 8 * 4 * 4 + 2 * 4 * 4
 
 
 def test_placement_and_critical_layers_at_several_slacks():
