@@ -46,7 +46,8 @@ def check_feasible(sm: SearchableModel, constraints: Sequence[Constraint], bound
         low = float(c.value(costs))
         minima[c.label] = low
         if bound < low * (1 - 1e-9):
-            frozen = sorted(((_contribution(c, v, target), v.term.name) for v in values if _is_frozen(v)),
+            scoped = [v for v in values if c.scope is None or v.term.name == c.scope]
+            frozen = sorted(((_contribution(c, v, target), v.term.name) for v in scoped if _is_frozen(v)),
                             reverse=True)
             frozen_total = sum(x for x, _ in frozen)
             parts = ", ".join(f"'{name}' ({x:,.4g})" for x, name in frozen[:4] if x > 0) or "none"
