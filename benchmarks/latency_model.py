@@ -13,8 +13,10 @@ import argparse
 
 import duccio_fx
 from duccio_fx import zoo
-from duccio_fx.cost_model import evaluate, layer_terms, target_costs, value
-from duccio_fx.latency import LATENCY_MODELS
+from duccio_fx.costs.model import build_costs
+from duccio_fx.costs.terms import evaluate, value
+from duccio_fx.ir.meta import layer_terms
+from duccio_fx.costs.latency import LATENCY_MODELS
 from duccio_fx.targets import load_target
 
 MEASURED = {"mobilenet_v1": 8.76, "dscnn": 2.98, "mobilenet_v2": 3.86}
@@ -28,8 +30,8 @@ def main() -> None:
     print(f"{'model':14} {'MACs':>12} {'cycles':>12} {'kernel-only':>12} {'model MAC/c':>11} {'DORY MAC/c':>10} {'off by':>7}")
     for name, measured in MEASURED.items():
         model, x = zoo.build(name)
-        values = evaluate(layer_terms(duccio_fx.analyze(model, x), {}), ())
-        costs = target_costs(values, target)
+        values = evaluate(layer_terms(duccio_fx.analyze(model, x)))
+        costs = build_costs(values, target)
         macs = sum(value(v.macs) for v in values)
         kernel = sum(value(LATENCY_MODELS[target.latency.model](v, target)) for v in values)
         rate = macs / value(costs["cycles"])

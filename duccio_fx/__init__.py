@@ -1,26 +1,35 @@
-"""duccio-fx: hardware-aware neural architecture search (DUCCIO) for tiny devices, on torch.fx."""
+"""duccio-fx: hardware-aware neural architecture search (DUCCIO) for tiny devices, on torch.fx.
 
-from duccio_fx import rules as _rules  # noqa: F401  (registers the built-in channel rules)
-from duccio_fx.channels import ChannelGroup, GroupMember
-from duccio_fx.errors import DuccioError, DuccioTraceError, ModelFileError, PassError, ShapePropagationError
-from duccio_fx.pass_manager import DumpIR, Instrument, Pass, PassManager, PrintIR, TimePasses
-from duccio_fx.pipeline import analyze, channel_groups
-from duccio_fx.printer import format_ir
-from duccio_fx.registry import REGISTRY, register_function, register_method, register_module
-from duccio_fx.rules import RuleContext
-from duccio_fx.searchable import SearchableModel, make_searchable
-from duccio_fx.tracer import trace
-from duccio_fx.constraints import Constraint
-from duccio_fx.objective import DuccioObjective
-from duccio_fx.search import SearchResult, SearchSettings, optimize
+The package face: the names users need, from the layers below (see README "Architecture").
+"""
+
+from duccio_fx.common.errors import DuccioError, DuccioTraceError, ModelFileError, PassError, ShapePropagationError
+from duccio_fx.ir import builtin_rules as _builtin_rules  # noqa: F401  (fills the default op registry)
+from duccio_fx.ir.channels import ChannelGroup, GroupMember
+from duccio_fx.ir.pass_manager import DumpIR, Instrument, Pass, PassContext, PassManager, PrintIR, TimePasses
+from duccio_fx.ir.printer import format_ir, register_meta_formatter
+from duccio_fx.ir.registry import REGISTRY, add_hook, register_function, register_method, register_module
+from duccio_fx.ir.rule_api import RuleContext
+from duccio_fx.costs.latency import register_latency_model
+from duccio_fx.costs.metrics import Metric, register_metric
+from duccio_fx.costs.model import Costs
+from duccio_fx.pipeline import analyze, channel_groups, measure_costs, trace
+from duccio_fx.search.space import SearchSpace, make_searchable, register_search_method, search_methods
+from duccio_fx.search.mask_method import SearchableModel  # registers the "mask" method
+from duccio_fx.search.constraints import Constraint, ResolvedConstraint
+from duccio_fx.search.objective import DuccioObjective
+from duccio_fx.search.recipe import SearchResult, optimize
+from duccio_fx.search.settings import SearchSettings
 from duccio_fx.targets import Target, load_target
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "Constraint", "DuccioError", "DuccioObjective", "SearchResult", "SearchSettings", "Target",
-    "load_target", "optimize", "DuccioTraceError", "DumpIR", "GroupMember", "Instrument", "ModelFileError",
-    "Pass", "PassError", "PassManager", "PrintIR", "REGISTRY", "RuleContext", "ShapePropagationError",
-    "SearchableModel", "TimePasses", "analyze", "make_searchable", "channel_groups", "format_ir", "register_function", "register_method",
-    "register_module", "trace",
+    "ChannelGroup", "Constraint", "Costs", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
+    "GroupMember", "Instrument", "Metric", "ModelFileError", "Pass", "PassContext", "PassError", "PassManager",
+    "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchResult", "SearchSettings", "SearchSpace",
+    "SearchableModel", "ShapePropagationError", "Target", "TimePasses", "add_hook", "analyze", "channel_groups",
+    "format_ir", "load_target", "make_searchable", "measure_costs", "optimize", "register_function",
+    "register_latency_model", "register_meta_formatter", "register_method", "register_metric", "register_module",
+    "register_search_method", "search_methods", "trace",
 ]

@@ -1,4 +1,8 @@
-"""The default analysis pipeline, as one straight-line function."""
+"""The analysis pipeline, as straight-line functions: a model in, an annotated IR (or its costs) out.
+
+It stands above the IR and the cost model (its last pass writes the cost terms) and below the search and
+the lowering backends, which start from what it returns.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,44 @@ from typing import Any, Sequence
 from torch import nn
 from torch.fx import GraphModule
 
-from duccio_fx.errors import DuccioError
-from duccio_fx.meta import GROUPS_KEY, tensor_info
-from duccio_fx.channels import ChannelGroup
-from duccio_fx.pass_manager import Instrument, PassManager
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.costs.model import Costs, build_costs
+from duccio_fx.costs.terms import evaluate
+from duccio_fx.ir.channels import ChannelGroup
+from duccio_fx.ir.meta import GROUPS_KEY, layer_terms, tensor_info
+from duccio_fx.ir.pass_manager import Instrument, PassContext
+from duccio_fx.ir.tracer import LeafSpec, as_input_tuple, locate_errors, symbolic_trace
 from duccio_fx.passes import ChannelAnalysis, LayerCosts, ShapePropagation
-from duccio_fx.tracer import LeafSpec, as_input_tuple, locate_errors, symbolic_trace
+from duccio_fx.targets import Target
+
+
+def _context(instruments: Sequence[Instrument], context: PassContext | None) -> PassContext:
+    return context if context is not None else PassContext(instruments)
+
+
+def trace(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[LeafSpec] = (),
+          instruments: Sequence[Instrument] = (), *, context: PassContext | None = None) -> GraphModule:
+    """Trace `model` and record the shape and dtype of every node's value on `example_inputs`.
+
+    `example_inputs` is one tensor or a tuple of tensors (batch dim first). `leaf_modules` are module
+    classes or qualified names to keep opaque (give them a channel rule with `register_module`).
+    """
+    gm = symbolic_trace(model, leaf_modules)
+    with locate_errors(model, leaf_modules):
+        _context(instruments, context).run(gm, [ShapePropagation(as_input_tuple(example_inputs))])
+    return gm
 
 
 def analyze(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[LeafSpec] = (),
-            instruments: Sequence[Instrument] = ()) -> GraphModule:
+            instruments: Sequence[Instrument] = (), *, context: PassContext | None = None) -> GraphModule:
     """Trace `model` and run every analysis pass on it; the IR carries shapes, groups and costs."""
     gm = symbolic_trace(model, leaf_modules)
     with locate_errors(model, leaf_modules):
-        PassManager([
+        _context(instruments, context).run(gm, [
             ShapePropagation(as_input_tuple(example_inputs)),  # shapes and dtypes of every value
             ChannelAnalysis(),                                 # coupled channels → channel groups
-            LayerCosts(),                                      # per-layer params, MACs, activation bytes
-        ], instruments).run(gm)
+            LayerCosts(),                                      # per-layer terms: params, MACs, activation bytes
+        ])
     return gm
 
 
@@ -35,5 +59,17 @@ def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
             raise DuccioError("the graph has no shapes recorded, so its channels cannot be analysed",
                               where=f"GraphModule {gm._get_name()}",
                               fix="create it with duccio_fx.trace(model, example_inputs)")
-        PassManager([ChannelAnalysis()]).run(gm)
+        PassContext().run(gm, [ChannelAnalysis()])
     return list(gm.meta[GROUPS_KEY])
+
+
+def graph_costs(gm: GraphModule, target: Target | None = None) -> Costs:
+    """The costs of an analysed graph with every channel kept (numbers, not tensors)."""
+    terms = layer_terms(gm)
+    return build_costs(evaluate(terms), target).floats()
+
+
+def measure_costs(model: nn.Module, example_inputs: Sequence[Any], target: Target | None = None, *,
+                  context: PassContext | None = None) -> Costs:
+    """Costs of a plain (e.g. exported) model, measured on its own graph: what constraints are checked on."""
+    return graph_costs(analyze(model, tuple(x[:1] for x in example_inputs), context=context), target)

@@ -1,8 +1,11 @@
 """duccio-fx passes, one per file. The kebab-case pass name matches the file name (`shape-propagation`
-lives in `shape_propagation.py`)."""
+lives in `shape_propagation.py`). Analysis: shape-propagation, channel-analysis, layer-costs; transform:
+mask-insertion; export: shrink-export."""
 
+from duccio_fx.passes.shape_propagation import ShapePropagation
 from duccio_fx.passes.channel_analysis import ChannelAnalysis
 from duccio_fx.passes.layer_costs import LayerCosts
-from duccio_fx.passes.shape_propagation import ShapePropagation
+from duccio_fx.passes.mask_insertion import MaskInsertion
+from duccio_fx.passes.shrink_export import ShrinkExport
 
-__all__ = ["ChannelAnalysis", "LayerCosts", "ShapePropagation"]
+__all__ = ["ChannelAnalysis", "LayerCosts", "MaskInsertion", "ShapePropagation", "ShrinkExport"]

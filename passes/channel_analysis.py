@@ -1,6 +1,6 @@
 """channel-analysis: find which output channels are coupled and must be kept or removed together.
 
-Walks the graph in order, applies each node's registry rule (`duccio_fx.rules`), then resolves the
+Walks the graph in order, applies each node's registry rule (`duccio_fx.ir.rules`), then resolves the
 recorded constraints into `ChannelGroup`s. Writes `duccio_role` and `duccio_channels` on every node and
 the group list on `gm.meta`. An op the registry does not know freezes the groups it touches.
 """
@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
-from duccio_fx.channels import Atom, ChannelSolver, RawLayout
-from duccio_fx.meta import (GROUPS_KEY, ChannelLayout, GroupSlice, LayoutInfo, OpRole, TensorInfo, ValueInfo,
+from duccio_fx.ir.channels import Atom, ChannelSolver, RawLayout
+from duccio_fx.ir.meta import (GROUPS_KEY, ChannelLayout, GroupSlice, LayoutInfo, OpRole, TensorInfo, ValueInfo,
                             set_channel_layout, set_op_role, tensor_info)
-from duccio_fx.pass_manager import Pass
-from duccio_fx.registry import REGISTRY, OpRegistry, describe_target
-from duccio_fx.rules import RawValue, RuleContext, iter_nodes
+from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.ir import builtin_rules  # noqa: F401  (fills the default registry)
+from duccio_fx.ir.registry import REGISTRY, OpRegistry, describe_target
+from duccio_fx.ir.rule_api import RawValue, RuleContext, iter_nodes
 
 
 def _fits(value: RawValue, info: ValueInfo) -> bool:
@@ -38,6 +39,7 @@ class ChannelAnalysis(Pass):
 
     registry: OpRegistry = field(default_factory=lambda: REGISTRY)
     name = "channel-analysis"
+    requires = ("shape-propagation",)
 
     def run(self, gm: GraphModule) -> bool:
         solver = ChannelSolver()

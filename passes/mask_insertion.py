@@ -1,8 +1,9 @@
 """mask-insertion: turn an analysed graph into a searchable one (one α vector per searchable group).
 
 Adds a `duccio_masks` MaskBank, computes all masks once per forward, and gives every conv/linear that
-reads searchable channels the mask of its input channels (`MaskedConv2d(x, in_mask)`). Groups whose
-consumers cannot be masked (e.g. ConvTranspose, a user subclass) are left out of the search, with a reason.
+reads searchable channels the mask of its input channels (`MaskedConv2d(x, in_mask)`), marking that node
+with a `MaskUse`. Groups whose consumers cannot be masked (e.g. ConvTranspose, a user subclass) are left
+out of the search, with a reason.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from duccio_fx.channels import ChannelGroup
-from duccio_fx.masks import MASKED, MaskBank, MaskSelect, as_masked, mask_spec
-from duccio_fx.meta import GROUPS_KEY, ChannelLayout, channel_layout, op_role
-from duccio_fx.pass_manager import Pass
+from duccio_fx.ir.channels import ChannelGroup
+from duccio_fx.ir.meta import GROUPS_KEY, ChannelLayout, MaskUse, channel_layout, op_role, set_mask_use, spec_of
+from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.search.masks import MASKED, MaskBank, MaskSelect, as_masked, bank_spec
 
 BANK = "duccio_masks"
 SELECT = "duccio_mask_select"
@@ -37,6 +38,7 @@ class MaskInsertion(Pass):
     threshold: float = 0.5
     excluded: dict[int, str] = field(default_factory=dict)
     name = "mask-insertion"
+    requires = ("shape-propagation", "channel-analysis")
 
     def run(self, gm: GraphModule) -> bool:
         groups: tuple[ChannelGroup, ...] = gm.meta[GROUPS_KEY]
@@ -58,12 +60,14 @@ class MaskInsertion(Pass):
         with gm.graph.inserting_before(first):
             masks = gm.graph.call_module(BANK)
         for node, layout in consumers:
-            if not set(layout.groups) & set(bank_index):
+            used = tuple(g for g in layout.groups if g in bank_index)
+            if not used:
                 continue
             module: nn.Module = gm.get_submodule(str(node.target))
             as_masked(module)
-            gm.get_submodule(SELECT)[node.name] = MaskSelect(mask_spec(layout, bank_index))
+            gm.get_submodule(SELECT)[node.name] = MaskSelect(bank_spec(spec_of(layout, 0), bank_index))
             with gm.graph.inserting_before(node):
                 in_mask = gm.graph.call_module(f"{SELECT}.{node.name}", (masks,))
             node.args = (node.args[0], in_mask) + tuple(node.args[1:])
+            set_mask_use(node, MaskUse(used))
         return True

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from duccio_fx.errors import ShapePropagationError
-from duccio_fx.meta import TensorInfo, ValueInfo, set_tensor_info
-from duccio_fx.pass_manager import Pass
+from duccio_fx.common.errors import ShapePropagationError
+from duccio_fx.ir.meta import TensorInfo, ValueInfo, set_tensor_info
+from duccio_fx.ir.pass_manager import Pass
 
 
 def describe_value(value: Any) -> ValueInfo:

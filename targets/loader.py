@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from duccio_fx.errors import DuccioError
+from duccio_fx.common.errors import DuccioError
 from duccio_fx.targets.schema import Target
 
 if sys.version_info >= (3, 11):

@@ -11,12 +11,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from duccio_fx.units import parse_bytes, parse_frequency
+from duccio_fx.common.units import parse_bytes, parse_frequency
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 Hertz = Annotated[float, BeforeValidator(parse_frequency)]
 TensorKind = Literal["weights", "activations"]
 LayerKind = Literal["conv", "depthwise", "linear"]
+
+# Names of the latency models a target may name. The models themselves live above the targets (in
+# `duccio_fx.costs.latency`, which registers each name here), so loading a target checks a name, not code.
+LATENCY_MODEL_NAMES: set[str] = set()
+
+
+def register_latency_model_name(name: str) -> None:
+    LATENCY_MODEL_NAMES.add(name)
 
 
 class _Strict(BaseModel):
@@ -79,11 +87,9 @@ class Latency(_Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from duccio_fx.latency import LATENCY_MODELS
-
-        if v not in LATENCY_MODELS:
-            raise ValueError(f"unknown latency model {v!r}; known: {', '.join(sorted(LATENCY_MODELS))} "
-                             "(register more with duccio_fx.latency.register_latency_model)")
+        if v not in LATENCY_MODEL_NAMES:
+            raise ValueError(f"unknown latency model {v!r}; known: {', '.join(sorted(LATENCY_MODEL_NAMES))} "
+                             "(register more with duccio_fx.costs.latency.register_latency_model)")
         return v
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import duccio_fx
-from duccio_fx.meta import channel_layout
+from duccio_fx.ir.meta import channel_layout
 from tests.conftest import group_with, groups_of
 
 
@@ -412,7 +412,7 @@ def test_add_with_a_parameter_freezes_the_group():
 
 def test_layouts_match_recorded_shapes_everywhere():
     from duccio_fx import zoo
-    from duccio_fx.meta import ChannelLayout, TensorInfo, tensor_info
+    from duccio_fx.ir.meta import ChannelLayout, TensorInfo, tensor_info
 
     model, x = zoo.build("densenet")
     gm = duccio_fx.analyze(model, x)

@@ -30,7 +30,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 import duccio_fx
-from duccio_fx.masks import MaskBank
+from duccio_fx.search.masks import MaskBank
+from duccio_fx.ir.meta import ChannelLayout, channel_layout
 from tests.test_properties import EVERY_BLOCK, Plan, build, plans
 
 MAX_EXAMPLES = 300
@@ -103,10 +104,10 @@ def exact_int(value: Any, what: str) -> int:
     return int(v)
 
 
-def kept_width(spec: Any, masks: list[torch.Tensor]) -> int:
-    """Entries of a tensor's channel dim that survive (spec: (bank index or -1, start, stop, block)...)."""
-    return sum((stop - start) * block if index < 0 else int(masks[index][start:stop].sum()) * block
-               for index, start, stop, block in spec)
+def kept_width(layout: ChannelLayout, masks: dict[int, torch.Tensor]) -> int:
+    """Entries of a tensor's channel dim that survive (masks by group id; other groups stay whole)."""
+    return sum((s.stop - s.start) * s.block if s.group not in masks else int(masks[s.group][s.start:s.stop].sum())
+               * s.block for s in layout.slices)
 
 
 def _width(module: nn.Module) -> tuple[int, int]:
@@ -185,9 +186,9 @@ def check_export(model: nn.Module, x: torch.Tensor, draw_mask: Any) -> dict[str,
         after = exported.get_submodule(str(node.target))
         assert type(after) is type(before), f"{node.target}: {type(before)} exported as {type(after)}"
         (in0, out0), (in1, out1) = _width(before), _width(after)
-        lay_in, lay_out = sm.layouts[node.args[0].name], sm.layouts[node.name]
-        expect_in = kept_width(lay_in[1], masks) if lay_in else in0
-        expect_out = kept_width(lay_out[1], masks) if lay_out else out0
+        lay_in, lay_out = channel_layout(node.args[0]), channel_layout(node)
+        expect_in = kept_width(lay_in, got) if isinstance(lay_in, ChannelLayout) else in0
+        expect_out = kept_width(lay_out, got) if isinstance(lay_out, ChannelLayout) else out0
         assert in1 == expect_in, f"{node.target}: {in1} input channels, the masks keep {expect_in}"
         assert out1 == expect_out, f"{node.target}: {out1} output channels, the masks keep {expect_out}"
         if str(node.target) in removed:  # a producer: independent of the layouts, through the group members

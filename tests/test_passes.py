@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 import duccio_fx
 from duccio_fx.passes import ChannelAnalysis, LayerCosts, ShapePropagation
 from duccio_fx import zoo
-from duccio_fx.tracer import symbolic_trace
+from duccio_fx.ir.tracer import symbolic_trace
 
 
 def pipeline(x):

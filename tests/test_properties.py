@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 import duccio_fx
 from duccio_fx import ChannelGroup
-from duccio_fx.meta import ChannelLayout, TensorInfo, channel_layout, op_role, tensor_info
+from duccio_fx.ir.meta import ChannelLayout, TensorInfo, channel_layout, op_role, tensor_info
 
 MAX_C = 16  # the running channel count stays in [2, MAX_C]
 BATCH = 2

@@ -17,9 +17,12 @@ from typer.testing import CliRunner
 import duccio_fx
 from duccio_fx import zoo
 from duccio_fx.cli import app
-from duccio_fx.cost_model import evaluate, layer_bytes, layer_terms, placement, target_costs
-from duccio_fx.latency import LATENCY_MODELS
-from duccio_fx.target_report import critical_layers, target_report
+from duccio_fx.cli.target_report import target_report
+from duccio_fx.costs.memory import critical_layers, layer_bytes, placement
+from duccio_fx.costs.model import build_costs as target_costs
+from duccio_fx.costs.terms import evaluate
+from duccio_fx.ir.meta import layer_terms
+from duccio_fx.costs.latency import LATENCY_MODELS
 from duccio_fx.targets import Target, TargetError, list_targets, load_target, loader
 
 runner = CliRunner()
@@ -27,7 +30,7 @@ GAP8 = load_target("gap8")
 
 
 def values_of(model: nn.Module, x: torch.Tensor):
-    return {v.term.name: v for v in evaluate(layer_terms(duccio_fx.analyze(model, x), {}), ())}
+    return {v.term.name: v for v in evaluate(layer_terms(duccio_fx.analyze(model, x)))}
 
 
 def board(l2_usable: int = 15_000, **latency: object) -> Target:
@@ -273,7 +276,7 @@ def test_target_costs_of_search_equal_those_of_the_export(name):
     for target in (GAP8, load_target("cortex_m7")):
         with torch.no_grad():
             searched = sm.costs(target)
-        exported = target_costs(evaluate(layer_terms(duccio_fx.analyze(sm.export(), x), {}), ()), target)
+        exported = target_costs(evaluate(layer_terms(duccio_fx.analyze(sm.export(), x))), target)
         assert float(searched["size_bytes"]) == exported["size_bytes"]
         assert float(searched["cycles"]) == pytest.approx(exported["cycles"], rel=1e-12)
         assert {k: float(b) for k, b in searched["layer_bytes"].items()} == exported["layer_bytes"]

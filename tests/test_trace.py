@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import duccio_fx
-from duccio_fx.meta import TensorInfo, tensor_info
+from duccio_fx.ir.meta import TensorInfo, tensor_info
 
 
 class Branchy(nn.Module):

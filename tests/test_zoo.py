@@ -8,7 +8,7 @@ import torch
 
 import duccio_fx
 from duccio_fx import zoo
-from duccio_fx.meta import TensorInfo, tensor_info
+from duccio_fx.ir.meta import TensorInfo, tensor_info
 from tests.conftest import group_with
 
 ALL = zoo.names()
@@ -43,7 +43,7 @@ def test_every_zoo_model_traces_and_analyses(name):
 
 
 def totals(gm) -> tuple[int, int]:
-    from duccio_fx.meta import layer_cost
+    from duccio_fx.ir.meta import layer_cost
 
     costs = [layer_cost(n) for n in gm.graph.nodes]
     return sum(c.params for c in costs), sum(c.macs for c in costs)

@@ -1,0 +1,252 @@
+"""The `duccio-fx` command line: parses options, calls the layers below, renders their results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from duccio_fx import zoo as z
+from duccio_fx.cli.inspect_view import inspect_report, render_inspect
+from duccio_fx.cli.model_file import load_model_file
+from duccio_fx.cli.optimize_cmd import run_optimize
+from duccio_fx.cli.target_report import render_target_report, target_report
+from duccio_fx.cli.target_view import render_target
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.ir.pass_manager import DumpIR, Instrument, PrintIR, TimePasses
+from duccio_fx.pipeline import analyze
+from duccio_fx.search.constraints import Constraint
+from duccio_fx.search.objective import FORMS
+from duccio_fx.search.settings import SearchSettings
+from duccio_fx.search.space import search_methods
+from duccio_fx.targets import list_targets, load_target, load_target_file
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Hardware-aware neural architecture search (DUCCIO) for tiny devices, on torch.fx.")
+err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line: easy to grep and copy
+
+
+@app.callback()
+def _root() -> None:
+    """duccio-fx: inspect a model's graph, channels and costs; search it under hardware constraints."""
+
+
+def _fail(err: DuccioError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {err.what}", highlight=False)
+    if err.where:
+        err_console.print(f"  [bold]where:[/] {err.where}", highlight=False)
+    if err.fix:
+        err_console.print(f"  [bold]how to fix:[/] {err.fix}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="model file (see README: the model.py contract) or zoo:NAME"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON report on stdout instead of tables"),
+    print_between_passes: bool = typer.Option(False, "--print-between-passes",
+                                              help="print the IR before the first pass and after every pass"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass to DIR/NNN_<pass>.txt"),
+    target: Optional[str] = typer.Option(None, "--target", help="a target name (`duccio-fx targets list`) or "
+                                         "TOML path: adds per-layer memory, level, cycles, critical layers"),
+    layerwise: str = typer.Option("0.3,0.6,0.9", "--layerwise", help="slack values C for critical layers, "
+                                  "comma-separated (with --target)"),
+) -> None:
+    """Show every layer of MODEL with its shapes and costs, and its channel groups with frozen reasons."""
+    timer = TimePasses()
+    instruments = [timer, *_ir_instruments(print_between_passes, dump_ir, sys.stderr if as_json else sys.stdout)]
+    try:
+        hw = load_target(target) if target is not None else None
+        slacks = _slacks(layerwise)
+        spec = load_model_file(model)
+        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, instruments)
+        report = inspect_report(gm, spec.source, timer.seconds)
+        if hw is not None:
+            report["target"] = target_report(gm, hw, slacks)
+    except DuccioError as err:
+        raise _fail(err) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        console = Console(width=max(Console().width, 160))
+        render_inspect(report, console)
+        if hw is not None:
+            render_target_report(report["target"], console)
+
+
+def _ir_instruments(print_between_passes: bool, dump_ir: Path | None, stream: Any) -> list[Instrument]:
+    """The instruments of --print-between-passes and --dump-ir."""
+    instruments: list[Instrument] = []
+    if print_between_passes:
+        instruments.append(PrintIR(stream))
+    if dump_ir is not None:
+        instruments.append(DumpIR(dump_ir))
+    return instruments
+
+
+def _slacks(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise DuccioError(f"--layerwise {text!r} is not a list of positive numbers", where="--layerwise",
+                          fix="write slack values such as 0.3 or 0.3,0.6,0.9")
+    return values
+
+
+def _epochs(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or parts[1] < 1:
+        raise DuccioError(f"--epochs {text!r} must be three whole numbers W,S,F (warmup, minimum search, "
+                          "fine-tune), S >= 1", where="--epochs", fix="e.g. --epochs 5,10,5")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+def optimize(
+    model: str = typer.Argument(..., help="model file with train_loader()/val_loader() (see README)"),
+    target: str = typer.Option("gap8", "--target", help="target name or TOML path"),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="bytes at the target's bit widths: 64kB, 50%"),
+    max_params: Optional[str] = typer.Option(None, "--max-params", help="conv/linear parameters: 30k, 50%"),
+    max_ops: Optional[str] = typer.Option(None, "--max-ops", help="MACs per sample: 2M, 50%"),
+    max_latency: Optional[str] = typer.Option(None, "--max-latency", help="target latency model: 5ms, 80%"),
+    layerwise: Optional[float] = typer.Option(None, "--layerwise", help="slack C: critical layers must fit "
+                                              "their memory level (e.g. 0.3)"),
+    method: str = typer.Option("mask", "--method", help="search method (`duccio-fx methods` lists them)"),
+    epochs: str = typer.Option("5,10,5", "--epochs", help="W,S,F: warmup, minimum search, fine-tune epochs"),
+    max_search_epochs: Optional[int] = typer.Option(None, "--max-search-epochs",
+                                                    help="stop searching here even if a constraint is violated "
+                                                         "(default 2 x S)"),
+    form: str = typer.Option("max", "--form", help="penalty: max (DUCCIO), abs, objective (classical DNAS)"),
+    constant_lambda: Optional[float] = typer.Option(None, "--constant-lambda",
+                                                    help="use this λ throughout instead of the ramp (ablations)"),
+    lr: float = typer.Option(1e-3, "--lr", help="weights learning rate (Adam)"),
+    arch_lr: Optional[float] = typer.Option(None, "--arch-lr", help="mask (α) learning rate (Adam, no weight "
+                                            "decay); default: auto from the number of search steps"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default runs/<model name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out"),
+    seed: int = typer.Option(0, "--seed", help="random seed (runs with the same seed repeat exactly)"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="warmup cache directory "
+                                         "(default $DUCCIO_FX_CACHE or ~/.cache/duccio-fx)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not reuse or store the warmup"),
+    print_between_passes: bool = typer.Option(False, "--print-between-passes",
+                                              help="print the IR before the first pass and after every pass of the "
+                                                   "flow (analysis, mask insertion, export, analysis of the result)"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass of the flow to "
+                                           "DIR/NNN_<pass>.txt"),
+) -> None:
+    """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
+
+    Exit 0 when every constraint is met; 3 when the search ended with a violation (the report says by how
+    much); 1 on bad input (2 on a malformed command line).
+    """
+    try:
+        if method not in search_methods():
+            raise DuccioError(f"unknown search method {method!r}", where="--method",
+                              fix=f"use one of: {', '.join(search_methods())}")
+        if form not in FORMS:
+            raise DuccioError(f"unknown penalty form {form!r}", where="--form", fix=f"use one of: {', '.join(FORMS)}")
+        for name, value in (("--lr", lr), ("--arch-lr", arch_lr), ("--constant-lambda", constant_lambda)):
+            if value is not None and not value > 0:
+                raise DuccioError(f"{name} must be > 0, got {value}", where=name)
+        w, s, f = _epochs(epochs)
+        if max_search_epochs is not None and max_search_epochs < s:
+            raise DuccioError(f"--max-search-epochs {max_search_epochs} is below the minimum search epochs {s}",
+                              where="--max-search-epochs", fix="raise it, or lower S in --epochs W,S,F")
+        if layerwise is not None and layerwise <= 0:
+            raise DuccioError(f"--layerwise {layerwise} must be a positive slack", where="--layerwise",
+                              fix="e.g. --layerwise 0.3 (layers that overflow a level by at most 30 %)")
+        hw = load_target(target)
+        constraints = [Constraint.parse(metric, text, option=option) for metric, text, option in (
+            ("size", max_size, "--max-size"), ("params", max_params, "--max-params"), ("macs", max_ops, "--max-ops"),
+            ("latency", max_latency, "--max-latency")) if text]
+        settings = SearchSettings(warmup_epochs=w, search_epochs=s, finetune_epochs=f,
+                                  max_search_epochs=max_search_epochs, lr=lr, arch_lr=arch_lr, form=form,
+                                  schedule="ramp" if constant_lambda is None else "constant",
+                                  constant_lambda=constant_lambda or 1.0, seed=seed, layerwise=layerwise,
+                                  method=method)
+        code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
+                            resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
+                            instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout))
+    except DuccioError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)
+
+
+targets_app = typer.Typer(no_args_is_help=True, help="List, show and validate hardware target descriptions.")
+app.add_typer(targets_app, name="targets")
+
+
+@targets_app.command("list")
+def targets_list() -> None:
+    """The built-in targets and those other packages register (entry-point group duccio_fx.targets)."""
+    table = Table(title="hardware targets (use as --target NAME, or pass a TOML path)")
+    for col in ("name", "origin", "description"):
+        table.add_column(col)
+    for t in list_targets():
+        table.add_row(t.name, t.origin, t.description)
+    Console().print(table)
+
+
+@targets_app.command("show")
+def targets_show(
+    name: str = typer.Argument(..., help="target name or TOML path"),
+    as_json: bool = typer.Option(False, "--json", help="print the validated description as JSON"),
+) -> None:
+    """Print a target's memory levels, bit widths, compute and latency model."""
+    try:
+        hw = load_target(name)
+    except DuccioError as err:
+        raise _fail(err) from None
+    if as_json:
+        sys.stdout.write(hw.model_dump_json(indent=2) + "\n")
+    else:
+        render_target(hw, Console(width=max(Console().width, 120)))
+
+
+@targets_app.command("validate")
+def targets_validate(path: Path = typer.Argument(..., help="a target TOML file")) -> None:
+    """Check a target file against the schema; every problem names its field. Exit 1 when invalid."""
+    try:
+        hw = load_target_file(path)
+    except DuccioError as err:
+        raise _fail(err) from None
+    Console().print(f"[green]ok[/]: {path} describes target '{hw.name}' with memory levels "
+                    + ", ".join(f"{m.name} ({m.usable:,} B usable)" for m in hw.memory), highlight=False)
+
+
+@app.command()
+def zoo() -> None:
+    """List the built-in reference models (use them as zoo:NAME)."""
+    table = Table(title="reference model zoo")
+    table.add_column("name")
+    table.add_column("input")
+    table.add_column("description")
+    for name in z.names():
+        e = z.entry(name)
+        table.add_row(name, "×".join(map(str, e.input_shape)), e.description)
+    Console().print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the search methods (use them as optimize --method NAME)."""
+    for name in search_methods():
+        Console().print(name, highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`duccio-fx optimize`: load the model file, run the recipe with live progress, write the results atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+
+from duccio_fx.cli.model_file import load_model_file
+from duccio_fx.cli.optimize_view import LiveProgress, build_report, render_summary
+from duccio_fx.cli.target_report import target_report
+from duccio_fx.common.atomic import save_atomic, write_bytes_atomic, write_text_atomic
+from duccio_fx.common.errors import DuccioError, ModelFileError
+from duccio_fx.ir.pass_manager import Instrument, PassContext
+from duccio_fx.lower.onnx_float import to_onnx
+from duccio_fx.search.constraints import Constraint
+from duccio_fx.search.recipe import Recipe
+from duccio_fx.search.settings import SearchSettings
+from duccio_fx.search.training import cross_entropy, top1
+from duccio_fx.search.warmup_cache import default_cache_dir
+from duccio_fx.targets import Target
+
+VIOLATED_EXIT = 3  # 1: bad input (ours), 2: usage errors (typer/click)
+
+
+def _loaders(ns: dict[str, Any], source: str) -> tuple[Any, Any]:
+    out = []
+    for name in ("train_loader", "val_loader"):
+        fn = ns.get(name)
+        if not callable(fn):
+            raise ModelFileError(f"{source} defines no {name}()", where=source,
+                                 fix=f"define `def {name}():` returning an iterable of (inputs, targets) batches, "
+                                     "e.g. a torch DataLoader (see README: the model.py contract)")
+        try:
+            out.append(fn())
+        except Exception as err:
+            raise ModelFileError(f"{name}() raised {type(err).__name__}: {err}", where=source,
+                                 fix=f"fix {name}() in {source}") from err
+    return out[0], out[1]
+
+
+def _prepare_out(out: Path, resume: bool) -> Path:
+    checkpoint = out / "checkpoint.pt"
+    if resume:
+        if not checkpoint.exists():
+            raise DuccioError(f"nothing to resume: {checkpoint} does not exist", where="--resume",
+                              fix="start without --resume, or point --out at the interrupted run's directory")
+    elif (out / "report.json").exists():
+        raise DuccioError(f"{out} already holds a finished run", where="--out",
+                          fix="choose another --out directory (or delete this one)")
+    elif checkpoint.exists():
+        raise DuccioError(f"{out} holds an interrupted run", where="--out",
+                          fix="pass --resume to continue it, or choose another --out directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint], settings: SearchSettings,
+                 out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
+                 instruments: Sequence[Instrument] = (), console: Console | None = None) -> int:
+    """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
+    console = console or Console(width=max(Console().width, 140))
+    torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
+    spec = load_model_file(model)
+    out = out or Path("runs") / Path(spec.source.removeprefix("zoo:")).stem
+    checkpoint = _prepare_out(out, resume)
+    train, val = _loaders(spec.namespace, spec.source)
+    loss_fn = spec.namespace.get("loss_fn") or cross_entropy
+    metric_fn = spec.namespace.get("metric_fn") or top1
+    live = LiveProgress(console, settings)
+    recipe = Recipe(spec.model, spec.example_inputs, train, val, constraints, target, settings, loss_fn=loss_fn,
+                    metric_fn=metric_fn, leaf_modules=spec.leaf_modules, checkpoint=checkpoint,
+                    cache_dir=(cache or default_cache_dir()) if use_cache else None, progress=live,
+                    context=PassContext(instruments))
+    for c in recipe.constraints:
+        console.print(f"constraint: {c.describe()} (seed {float(c.value(recipe.seed_costs)):,.6g}, "
+                      f"smallest possible {recipe.minima[c.label]:,.6g})", highlight=False)
+    with live.progress:
+        result = recipe.run(resume=resume)
+
+    example = tuple(x[:1] for x in spec.example_inputs)
+    seed_rep = target_report(result.searchable.seed_terms, target)
+    final_rep = target_report(result.final_terms, target)
+    onnx_diff = None
+    if result.met:
+        onnx_bytes, onnx_diff = to_onnx(result.model, example)
+        files = {"model": str(out / "model.pt"), "onnx": str(out / "model.onnx"), "report": str(out / "report.json"),
+                 "summary": str(out / "summary.txt")}
+        save_atomic(result.model, out / "model.pt")
+        write_bytes_atomic(out / "model.onnx", onnx_bytes)
+    else:
+        files = {"violating_model": str(out / "model-violating.pt"), "report": str(out / "report.json"),
+                 "summary": str(out / "summary.txt")}
+        save_atomic(result.model, out / "model-violating.pt")
+    report = build_report(result, spec.source, target, seed_rep, final_rep, onnx_diff, files)
+    text_console = Console(record=True, width=120, file=io.StringIO())
+    render_summary(report, text_console)
+    write_text_atomic(out / "summary.txt", text_console.export_text())
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))  # last: marks the run finished
+    checkpoint.unlink(missing_ok=True)
+    render_summary(report, console)
+    if not result.met:
+        console.print(f"[bold red]error:[/] the search ended with a violated constraint; the model is in "
+                      f"{out / 'model-violating.pt'} and is NOT a valid result", highlight=False)
+        return VIOLATED_EXIT
+    return 0

@@ -1,0 +1,140 @@
+"""What `optimize` shows: live progress while it runs, then report.json (for scripts) and a readable summary,
+seed vs result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from duccio_fx.search.recipe import EpochRecord, SearchResult
+from duccio_fx.search.settings import SearchSettings
+from duccio_fx.targets import Target
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{value * 1e3:.3f}ms" if metric == "latency" else f"{value:,.0f}"
+
+
+class LiveProgress:
+    """Rich progress: one bar per phase, one line per epoch with loss, metric and each constraint."""
+
+    def __init__(self, console: Console, settings: SearchSettings) -> None:
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.totals = {"warmup": settings.warmup_epochs, "search": settings.search_epochs,
+                       "finetune": settings.finetune_epochs}
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "cached":
+            self.console.print(f"warmup: reused from the cache ({data['path']})", highlight=False)
+            return
+        phase = data.get("phase") or data["record"].phase
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=self.totals[phase], info="")
+        task = self.tasks[phase]
+        if event == "step":
+            self.progress.update(task, info=f"epoch {data['epoch'] + 1} step {data['step'] + 1}"
+                                            f"{'/' + str(data['steps']) if data['steps'] else ''} loss {data['loss']:.4f}")
+            return
+        rec: EpochRecord = data["record"]
+        parts = [f"{phase} {rec.epoch + 1}", f"loss {rec.train_loss:.4f}", f"val loss {rec.val_loss:.4f}",
+                 f"val metric {rec.val_metric:.4f}"]
+        for c, (label, value) in zip(data["constraints"], rec.costs.items()):
+            ok = value <= c.bound * (1 + 1e-12)
+            parts.append(f"{label} {_fmt(value, c.metric)}/{_fmt(c.bound, c.metric)} "
+                         f"{'[green]ok[/]' if ok else '[red]over[/]'}")
+        self.progress.update(task, completed=min(rec.epoch + 1, self.totals[phase]), total=max(
+            self.totals[phase], rec.epoch + 1))
+        self.console.print(" | ".join(parts))
+
+
+def _layers(costs: dict[str, Any], target_rep: dict[str, Any] | None) -> dict[str, Any]:
+    levels = {x["name"]: x for x in target_rep["layers"]} if target_rep else {}
+    names = costs.get("layer_bytes") or costs["layer_memory"]
+    return {n: {"bytes": costs.get("layer_bytes", {}).get(n), "elements": costs["layer_memory"].get(n),
+                "level": levels.get(n, {}).get("level"), "cycles": costs.get("layer_cycles", {}).get(n)}
+            for n in names}
+
+
+def _summary(costs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("params", "macs", "size_bytes", "cycles", "latency_s")
+    out = {k: costs[k] for k in keys if k in costs}
+    if "overflow_bytes" in costs:
+        out["overflow_bytes"] = costs["overflow_bytes"]
+    return out
+
+
+def build_report(result: SearchResult, source: str, target: Target | None, seed_target: dict[str, Any] | None,
+                 final_target: dict[str, Any] | None, onnx_diff: float | None, files: dict[str, str]) -> dict[str, Any]:
+    constraints = []
+    for c in result.constraints:
+        constraints.append({"constraint": c.label, "metric": c.metric, "scope": c.scope, "as_written": c.text,
+                            "bound": c.bound, "seed": float(c.value(result.seed_costs)),
+                            "final": float(c.value(result.final_costs)), "met": c.met(result.final_costs),
+                            "excess": max(0.0, c.violation(result.final_costs)), "description": c.describe()})
+    return {
+        "source": source,
+        "target": target.name if target is not None else None,
+        "method": result.searchable.method,
+        "status": "met" if result.met else "violated",
+        "constraints": constraints,
+        "critical_layers": result.critical,
+        "seed": _summary(result.seed_costs) | {"val_metric_after_warmup": result.seed_metric},
+        "final": _summary(result.final_costs) | {"val_metric_before_finetune": result.search_metric,
+                                                 "val_metric": result.final_metric},
+        "layers": {"seed": _layers(result.seed_costs, seed_target), "final": _layers(result.final_costs, final_target)},
+        "phase_seconds": result.phase_seconds,
+        "warmup_from_cache": result.warmup_cached,
+        "onnx_max_abs_diff": onnx_diff,
+        "files": files,
+        "history": [asdict(r) for r in result.history],
+    }
+
+
+def _num(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if unit == "s":
+        return f"{x * 1e3:.3f} ms"
+    return f"{x:,.0f}" + (f" {unit}" if unit else "")
+
+
+def render_summary(report: dict[str, Any], console: Console) -> None:
+    seed, final = report["seed"], report["final"]
+    table = Table(title=f"duccio-fx optimize: {report['source']}" + (f" on {report['target']}" if report["target"] else ""))
+    for col in ("", "seed", "result", "change"):
+        table.add_column(col, justify="right" if col else "left")
+    rows = [("params", "params", ""), ("MACs", "macs", ""), ("size", "size_bytes", "B"),
+            ("latency", "latency_s", "s"), ("cycles", "cycles", "")]
+    for label, key, unit in rows:
+        if key in seed:
+            change = f"{100 * (final[key] / seed[key] - 1):+.1f} %" if seed[key] else ""
+            table.add_row(label, _num(seed[key], unit), _num(final[key], unit), change)
+    for level, v in seed.get("overflow_bytes", {}).items():
+        table.add_row(f"{level}V (bytes over {level})", _num(v, "B"), _num(final["overflow_bytes"][level], "B"), "")
+    table.add_row("val metric", f"{seed['val_metric_after_warmup']:.4f} (warmup)",
+                  f"{final['val_metric']:.4f} (fine-tuned; {final['val_metric_before_finetune']:.4f} before)", "")
+    console.print(table)
+    cons = Table(title="constraints")
+    for col in ("constraint", "bound", "seed", "final", "status"):
+        cons.add_column(col)
+    for c in report["constraints"]:
+        unit = "s" if c["metric"] == "latency" else ""
+        status = "[green]met[/]" if c["met"] else f"[bold red]VIOLATED by {_num(c['excess'], unit)}[/]"
+        cons.add_row(c["description"], _num(c["bound"], unit), _num(c["seed"], unit), _num(c["final"], unit), status)
+    console.print(cons)
+    levels = report["layers"]["final"]
+    moved = [f"{n}: {report['layers']['seed'][n]['level']} -> {x['level']}" for n, x in levels.items()
+             if x["level"] and n in report["layers"]["seed"] and report["layers"]["seed"][n]["level"] != x["level"]]
+    if moved:
+        console.print("memory levels changed: " + ", ".join(moved))
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in report["phase_seconds"].items())
+    console.print(f"time: {times}" + (" (warmup from cache)" if report["warmup_from_cache"] else ""))
+    for kind, path in report["files"].items():
+        console.print(f"{kind}: {path}", highlight=False)

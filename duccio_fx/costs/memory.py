@@ -1,0 +1,101 @@
+"""Target-aware bytes of a layer: what it stores, what it needs at once, and where it fits.
+
+Memory per layer follows DORY's accounting (Layer_node / tiler_conv2d of pulp-platform/dory), so that
+"fits L2" means the same thing to both tools:
+  input activations + output activations (activation bits)
+  + weights (weight bits; grouped/depthwise weights and biases times the target's `grouped_factor`)
+  + requantization constants k and l per output channel (`requant` bits each) for layers that requantize
+  + bias (bias bits) only for layers that do not requantize (the head; otherwise the bias folds into l).
+A head layer (its output is a model output) is not requantized and writes 32-bit accumulators.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from duccio_fx.costs.terms import LayerValues, Number, value
+from duccio_fx.targets import MemoryLevel, Target
+
+
+def _bytes(elements: Number, bits: int) -> Number:
+    return elements * bits / 8
+
+
+def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = False) -> Number:
+    """Weights + bias or requantization constants at the target's bit widths: what the layer stores.
+
+    With `accounting`, grouped/depthwise weights and biases are scaled by the target's
+    `accounting.grouped_factor`, as the deployment tool counts them when it places layers.
+    """
+    bits = target.bits
+    grouped = target.accounting.grouped_factor if accounting and v.term.kind in ("depthwise", "grouped") else 1
+    total = _bytes(v.weights, bits.weights) * grouped
+    if v.term.requant and bits.requant > 0:
+        total = total + _bytes(2 * v.cout, bits.requant)
+    elif v.term.bias:
+        total = total + _bytes(v.cout, bits.bias) * grouped
+    return total
+
+
+def layer_activation_bytes(v: LayerValues, target: Target) -> Number:
+    bits = target.bits
+    out_bits = bits.activations if v.term.requant else bits.bias
+    return _bytes(v.cin * v.term.in_positions, bits.activations) + _bytes(v.cout * v.term.output_positions, out_bits)
+
+
+def layer_bytes(v: LayerValues, target: Target, level: MemoryLevel | None = None) -> Number:
+    """Bytes a layer needs at once (DORY's accounting), counting only what `level` holds if given."""
+    holds = level.holds if level is not None else ("weights", "activations")
+    total: Number = 0
+    if "weights" in holds:
+        total = total + layer_parameter_bytes(v, target, accounting=True)
+    if "activations" in holds:
+        total = total + layer_activation_bytes(v, target)
+    return total
+
+
+def constrained_layer_bytes(v: LayerValues, target: Target) -> Number:
+    """The bytes layer-wise constraints bound: as the first layer-wise level counts them (all, if none)."""
+    levels = target.layerwise_levels
+    return layer_bytes(v, target, levels[0]) if levels else layer_bytes(v, target)
+
+
+def placement(v: LayerValues, target: Target) -> str:
+    """The fastest memory level (among those holding activations) that holds the whole layer."""
+    for m in (m for m in target.memory if "activations" in m.holds):
+        if value(layer_bytes(v, target, m)) <= m.usable:
+            return m.name
+    return "none"
+
+
+def critical_level(v: LayerValues, target: Target, slack: float) -> str | None:
+    """The layer-wise level this layer *almost* fits: usable < bytes <= (1 + slack) * usable."""
+    for m in target.layerwise_levels:
+        need = value(layer_bytes(v, target, m))
+        if m.usable < need <= (1 + slack) * m.usable:
+            return m.name
+    return None
+
+
+def critical_layers(values: Sequence[LayerValues], target: Target, slack: float) -> dict[str, str]:
+    """Layers that overflow a layer-wise level by at most a factor `1 + slack`: {layer: level}."""
+    out = {}
+    for v in values:
+        level = critical_level(v, target, slack)
+        if level is not None:
+            out[v.term.name] = level
+    return out
+
+
+def overflow_bytes(values: Sequence[LayerValues], target: Target) -> dict[str, Number]:
+    """Per layer-wise level, the bytes by which layers exceed it, summed (L2V for GAP8's L2)."""
+    out: dict[str, Number] = {}
+    for m in target.layerwise_levels:
+        total: Number = 0
+        for v in values:
+            need = layer_bytes(v, target, m)
+            total = total + (torch.relu(need - m.usable) if isinstance(need, torch.Tensor) else max(0, need - m.usable))
+        out[m.name] = total
+    return out

@@ -1,0 +1,109 @@
+"""`Costs`: every cost of one architecture, built in one place from its layer values.
+
+The search method builds it from the sampled architecture (tensors, differentiable), the analysis from a
+plain model (numbers); constraints, the objective, the feasibility check and the reports read it through
+the metric registry (`duccio_fx.costs.metrics`). It is also a read-only mapping with the keys users of
+`SearchableModel.costs()` know (`costs["params"]`, `costs["size_bytes"]`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from duccio_fx.costs.latency import layer_cycles
+from duccio_fx.costs.memory import constrained_layer_bytes, layer_parameter_bytes, overflow_bytes
+from duccio_fx.costs.terms import LayerValues, Number, value
+from duccio_fx.targets import Target
+
+PerLayer = dict[str, Number]
+
+# the mapping keys: the whole-model figures and the per-layer tables users read by name
+_KEYS = ("params", "macs", "layer_memory", "size_bytes", "layer_bytes", "layer_cycles", "cycles", "latency_s",
+         "overflow_bytes")
+
+
+@dataclass(frozen=True, eq=True)
+class Costs(Mapping[str, Any]):
+    """Costs of one architecture: model totals, per-layer tables and, with a target, its target costs.
+
+    `layer_memory` is paper eq. 12 in elements (weights + input + output activations); `layer_bytes` is the
+    same layer as the deployment tool counts it at the target's bit widths (DORY's accounting);
+    `overflow_bytes` is, per layer-wise memory level, the bytes by which layers exceed it (L2V on GAP8).
+    Target fields are None without a target.
+    """
+
+    params: Number
+    macs: Number
+    layer_params: PerLayer
+    layer_macs: PerLayer
+    layer_memory: PerLayer
+    target: str | None = None
+    size_bytes: Number | None = None
+    layer_size_bytes: PerLayer | None = None
+    layer_bytes: PerLayer | None = None
+    layer_cycles: PerLayer | None = None
+    layer_latency_s: PerLayer | None = None
+    cycles: Number | None = None
+    latency_s: Number | None = None
+    overflow_bytes: PerLayer | None = None
+    kept_channels: PerLayer = field(default_factory=dict, compare=False)  # output channels per layer
+
+    # -- mapping view ----------------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        if key not in _KEYS or getattr(self, key) is None:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in _KEYS if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    # -- conversions -----------------------------------------------------------------------------------
+    def floats(self) -> Costs:
+        """The same costs as plain Python floats (detached), for decisions, logs and reports."""
+        def conv(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: value(v) for k, v in x.items()}
+            return x if x is None or isinstance(x, str) else value(x)
+
+        return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self)})
+
+    def tensors(self) -> Costs:
+        """The same costs as float64 tensors (ints of a plain model become constants)."""
+        def conv(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in x.items()}
+            return x if x is None or isinstance(x, str) else torch.as_tensor(x, dtype=torch.float64)
+
+        return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self) if f.name != "kept_channels"})
+
+
+def build_costs(values: Sequence[LayerValues], target: Target | None = None) -> Costs:
+    """The one place costs are built: totals and per-layer tables of `values`, plus the target's costs."""
+    layer_params = {v.term.name: v.params for v in values}
+    layer_macs = {v.term.name: v.macs for v in values}
+    costs = Costs(params=_sum(layer_params.values()), macs=_sum(layer_macs.values()), layer_params=layer_params,
+                  layer_macs=layer_macs, layer_memory={v.term.name: v.elements for v in values},
+                  kept_channels={v.term.name: v.cout for v in values})
+    if target is None:
+        return costs
+    size = {v.term.name: layer_parameter_bytes(v, target) for v in values}
+    cycles = {v.term.name: layer_cycles(v, target) for v in values}
+    total_cycles = _sum(cycles.values())
+    return replace(costs, target=target.name, size_bytes=_sum(size.values()), layer_size_bytes=size,
+                   layer_bytes={v.term.name: constrained_layer_bytes(v, target) for v in values},
+                   layer_cycles=cycles, layer_latency_s={k: c / target.compute.clock for k, c in cycles.items()},
+                   cycles=total_cycles, latency_s=total_cycles / target.compute.clock,
+                   overflow_bytes=overflow_bytes(values, target))
+
+
+def _sum(xs: Any) -> Number:
+    total: Number = 0
+    for x in xs:
+        total = total + x
+    return total

@@ -1,0 +1,137 @@
+"""Layer cost terms: params, MACs and memory elements of a conv/linear layer as functions of its kept channels.
+
+One formula per quantity serves every side. On an analysed model the kept-channel counts are Python ints
+(`inspect`, the exported model); on a searchable model they are tensors (sums of binarized masks), so every
+cost is differentiable with straight-through gradients. The static facts of a layer are a `LayerTerm`
+(written on the IR by the layer-costs pass); `evaluate` turns terms and kept channels into `LayerValues`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from duccio_fx.ir.meta import ChannelSpec, LayerTerm, TensorInfo, channel_layout, op_role, spec_of, tensor_info
+
+Number = Union[torch.Tensor, int, float]
+KeptChannels = Mapping[int, torch.Tensor]  # group id -> 0/1 vector of its kept channels (absent: all kept)
+
+# ops a head's output may pass through and still be "the model output" (no requantization after it)
+_TRANSPARENT = {"flatten", "view", "reshape", "squeeze", "getitem", "dropout", "identity", "contiguous"}
+
+
+def count(spec: ChannelSpec, kept: KeptChannels) -> Number:
+    """Kept entries of a channel layout: a tensor when it touches a kept-channel vector, else an int."""
+    total: Number = 0
+    for group, start, stop, block in spec:
+        vector = kept.get(group)
+        total = total + ((stop - start) * block if vector is None else vector[start:stop].sum() * block)
+    return total
+
+
+def width(spec: ChannelSpec) -> int:
+    """Entries of a channel layout with every channel kept."""
+    return sum((stop - start) * block for _, start, stop, block in spec)
+
+
+def _is_head(node: Node) -> bool:
+    """True when the node's value reaches the graph output only through reshapes (no requantization)."""
+    frontier = [node]
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user.op == "output":
+                return True
+            name = str(user.target).split(".")[-1].lower() if user.op != "call_module" else \
+                type(user.graph.owning_module.get_submodule(str(user.target))).__name__.lower()
+            if any(t in name for t in _TRANSPARENT):
+                frontier.append(user)
+    return False
+
+
+def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
+    """The cost term of a conv/linear module call of an analysed graph (shapes and channels), else None."""
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return None
+    src = node.args[0]
+    in_info, out_info = tensor_info(src), tensor_info(node)
+    if not isinstance(in_info, TensorInfo) or not isinstance(out_info, TensorInfo):
+        return None
+    channel_dim = -1 if isinstance(module, nn.Linear) else 1
+    in_spec = spec_of(channel_layout(src), in_info.shape[channel_dim])
+    out_spec = spec_of(channel_layout(node), out_info.shape[channel_dim])
+    role = op_role(node).role if op_role(node) else "defines"
+    if isinstance(module, nn.Linear):
+        kind, kernel, groups = "linear", 1, 1
+        positions = math.prod(out_info.shape[1:-1])
+        in_positions = math.prod(in_info.shape[1:-1])
+        out_hw = (positions, 1)
+        out_positions = positions
+    else:
+        kernel, groups = math.prod(module.kernel_size), module.groups
+        spatial = out_info.shape[2:]
+        positions, in_positions = math.prod(spatial), math.prod(in_info.shape[2:])
+        out_positions = positions
+        out_hw = (1, spatial[0]) if len(spatial) == 1 else (math.prod(spatial[:-1]), spatial[-1])
+        kind = {"defines": "conv", "depthwise": "depthwise"}.get(role, "grouped")
+        if module.transposed:
+            positions = in_positions  # MACs of a transposed conv scale with its input
+    return LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
+                     module.bias is not None, groups, module.weight.numel(), not _is_head(node), out_positions)
+
+
+@dataclass(frozen=True)
+class LayerValues:
+    """A layer's kept channels and the counts that follow (tensors on a searchable model)."""
+
+    term: LayerTerm
+    cin: Number
+    cout: Number
+    weights: Number
+    macs: Number
+
+    @property
+    def elements(self) -> Number:
+        """Paper eq. 12 in elements: weights + input + output activations."""
+        return self.weights + self.cin * self.term.in_positions + self.cout * self.term.output_positions
+
+    @property
+    def params(self) -> Number:
+        return self.weights + (self.cout if self.term.bias else 0)
+
+
+def evaluate_term(t: LayerTerm, kept: KeptChannels) -> LayerValues:
+    cin, cout = count(t.in_spec, kept), count(t.out_spec, kept)
+    if t.kind in ("conv", "linear"):
+        weights = cin * cout * t.kernel
+    elif t.kind == "depthwise":
+        weights = cout * t.kernel
+    else:
+        weights = t.fixed_weights
+    return LayerValues(t, cin, cout, weights, weights * t.positions)
+
+
+def evaluate(terms: Sequence[LayerTerm], kept: KeptChannels | None = None) -> list[LayerValues]:
+    """Values of every term for the kept channels (None or {}: every channel kept)."""
+    kept = kept or {}
+    return [evaluate_term(t, kept) for t in terms]
+
+
+def value(x: Number) -> float:
+    """A count as a plain float (detached), for decisions that are not differentiated."""
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def as_float(x: Any) -> Any:
+    """Tensors and nested dicts of them as Python floats (for reports)."""
+    if isinstance(x, dict):
+        return {k: as_float(v) for k, v in x.items()}
+    return value(x)

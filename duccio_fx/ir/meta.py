@@ -1,0 +1,258 @@
+"""The duccio annotations of IR nodes: one place owns every `node.meta` key and its typed accessor.
+
+Values are frozen dataclasses so passes cannot mutate each other's results by accident, and torch's own
+keys (`tensor_meta`, `val`, `nn_module_stack`, `stack_trace`) are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch.fx import GraphModule, Node
+
+TENSOR_KEY = "duccio_tensor"
+LAYOUT_KEY = "duccio_channels"
+COST_KEY = "duccio_cost"
+ROLE_KEY = "duccio_role"
+TERM_KEY = "duccio_layer_term"  # conv/linear nodes: the static facts the cost formulas evaluate
+MASK_KEY = "duccio_mask"  # consumers of masked channels, after mask-insertion
+GROUPS_KEY = "duccio_channel_groups"  # on GraphModule.meta: tuple[ChannelGroup, ...]
+PASSES_KEY = "duccio_passes"  # on GraphModule.meta: names of the passes run on this graph, in order
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a tensor value, recorded by shape propagation (batch dimension included)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"{dt}[{','.join(map(str, self.shape))}]"
+
+
+# A node's value: a tensor, a (nested) tuple of values, or something that is not a tensor (None).
+ValueInfo = Union[TensorInfo, tuple["ValueInfo", ...], None]
+
+
+@dataclass(frozen=True)
+class GroupSlice:
+    """Entries `[start, stop)` of channel group `group`, each repeated `block` times along the tensor dim.
+
+    `block > 1` appears after a flatten (each channel owns H*W features) or a depthwise conv with a
+    channel multiplier.
+    """
+
+    group: int
+    start: int
+    stop: int
+    block: int = 1
+
+    @property
+    def width(self) -> int:
+        return (self.stop - self.start) * self.block
+
+    def __str__(self) -> str:
+        full = f"g{self.group}[{self.start}:{self.stop}]"
+        return full if self.block == 1 else f"{full}x{self.block}"
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Which channel group every index of tensor dimension `dim` belongs to."""
+
+    dim: int
+    slices: tuple[GroupSlice, ...]
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(s.group for s in self.slices))
+
+    def __str__(self) -> str:
+        return f"d{self.dim}:" + "+".join(str(s) for s in self.slices)
+
+
+LayoutInfo = Union[ChannelLayout, tuple["LayoutInfo", ...], None]
+
+
+@dataclass(frozen=True)
+class OpRole:
+    """The channel role the registry gave a node (e.g. 'defines', 'follows', 'couples', 'blocks')."""
+
+    role: str
+    rule: str
+
+    def __str__(self) -> str:
+        return self.role
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Per-sample cost of one node: weights it owns, multiply-accumulates, activation sizes in bytes."""
+
+    params: int
+    macs: int
+    input_bytes: int
+    output_bytes: int
+
+
+# A channel layout as plain data: (group id, or -1 for channels no group tracks, start, stop, block) per slice.
+ChannelSpec = tuple[tuple[int, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class LayerTerm:
+    """Static facts of one conv/linear layer, which the cost formulas (`duccio_fx.costs.terms`) evaluate
+    for any set of kept channels: the same term serves `inspect`, the search and the exported model."""
+
+    name: str
+    kind: str  # "conv" | "depthwise" | "grouped" (frozen) | "linear"
+    in_spec: ChannelSpec
+    out_spec: ChannelSpec
+    kernel: int  # kernel elements (1 for linear)
+    out_hw: tuple[int, int]  # output rows, columns (conv1d: 1, L; linear: positions, 1)
+    positions: int  # positions per sample the MACs scale with (the input's, for a transposed conv)
+    in_positions: int  # input positions per sample
+    bias: bool
+    groups: int
+    fixed_weights: int  # weights of a frozen (grouped) layer
+    requant: bool  # followed by requantization (False for a head whose output is a model output)
+    out_positions: int = 0  # output positions per sample (activations); 0: same as `positions`
+
+    @property
+    def output_positions(self) -> int:
+        return self.out_positions or self.positions
+
+
+@dataclass(frozen=True)
+class MaskUse:
+    """A conv/linear whose input channels are multiplied by the masks of these channel groups."""
+
+    groups: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return "mask(" + ",".join(f"g{g}" for g in self.groups) + ")"
+
+
+def tensor_info(node: Node) -> ValueInfo:
+    """The value recorded by shape propagation (None if the pass has not run or the value is no tensor)."""
+    return node.meta.get(TENSOR_KEY)
+
+
+def set_tensor_info(node: Node, info: ValueInfo) -> None:
+    node.meta[TENSOR_KEY] = info
+
+
+def channel_layout(node: Node) -> LayoutInfo:
+    """The resolved channel layout of the node's output (None for values without channels)."""
+    return node.meta.get(LAYOUT_KEY)
+
+
+def set_channel_layout(node: Node, layout: LayoutInfo) -> None:
+    node.meta[LAYOUT_KEY] = layout
+
+
+def op_role(node: Node) -> OpRole | None:
+    return node.meta.get(ROLE_KEY)
+
+
+def set_op_role(node: Node, role: OpRole) -> None:
+    node.meta[ROLE_KEY] = role
+
+
+def layer_cost(node: Node) -> LayerCost | None:
+    return node.meta.get(COST_KEY)
+
+
+def set_layer_cost(node: Node, cost: LayerCost) -> None:
+    node.meta[COST_KEY] = cost
+
+
+def layer_term(node: Node) -> LayerTerm | None:
+    return node.meta.get(TERM_KEY)
+
+
+def set_layer_term(node: Node, term: LayerTerm) -> None:
+    node.meta[TERM_KEY] = term
+
+
+def layer_terms(gm: GraphModule) -> list[LayerTerm]:
+    """The cost terms of every conv/linear layer of an analysed graph, in graph order."""
+    return [t for n in gm.graph.nodes if (t := layer_term(n)) is not None]
+
+
+def mask_use(node: Node) -> MaskUse | None:
+    return node.meta.get(MASK_KEY)
+
+
+def set_mask_use(node: Node, use: MaskUse) -> None:
+    node.meta[MASK_KEY] = use
+
+
+def spec_of(layout: LayoutInfo, width: int) -> ChannelSpec:
+    """The plain-data spec of a tensor layout; an untracked tensor of `width` channels is one -1 slice."""
+    if isinstance(layout, ChannelLayout):
+        return tuple((s.group, s.start, s.stop, s.block) for s in layout.slices)
+    return ((-1, 0, width, 1),)
+
+
+def passes_run(gm: GraphModule) -> tuple[str, ...]:
+    """Names of the passes the pass manager has run on this graph, in order."""
+    return gm.meta.get(PASSES_KEY, ())
+
+
+def record_pass(gm: GraphModule, name: str) -> None:
+    gm.meta[PASSES_KEY] = passes_run(gm) + (name,)
+
+
+def duccio_meta(gm: GraphModule) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every duccio annotation of a graph (graph-level, per node name): pickling a GraphModule drops
+    `meta`, so a module that must survive `torch.save` keeps this and gives it back with `restore_meta`."""
+    graph = {k: v for k, v in gm.meta.items() if k.startswith("duccio_")}
+    nodes = {n.name: {k: v for k, v in n.meta.items() if k.startswith("duccio_")} for n in gm.graph.nodes}
+    return graph, nodes
+
+
+def restore_meta(gm: GraphModule, saved: tuple[dict[str, Any], dict[str, dict[str, Any]]]) -> None:
+    graph, nodes = saved
+    gm.meta.update(graph)
+    for n in gm.graph.nodes:
+        n.meta.update(nodes.get(n.name, {}))
+
+
+def channel_group_of(node: Node) -> tuple[int, ...]:
+    """Ids of the channel groups the node's output channels belong to (empty when it has none)."""
+    layout = channel_layout(node)
+    return layout.groups if isinstance(layout, ChannelLayout) else ()
+
+
+def source_line(node: Node) -> str:
+    """`file.py:12: x = self.conv(x)` for the user code that created the node, or '' if unknown.
+
+    Needs a trace with stack traces recorded; frames inside torch and duccio-fx are skipped.
+    """
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines() if ln.strip()]
+    found = ""
+    for i, line in enumerate(lines):
+        if not line.startswith("File "):
+            continue
+        parts = line.split(",")
+        file = parts[0].removeprefix("File ").strip().strip('"')
+        if os.path.abspath(file).startswith(skip):
+            continue
+        lineno = parts[1].strip().removeprefix("line ").strip() if len(parts) > 1 else "?"
+        code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+        found = f"{file}:{lineno}: {code}"
+    return found

@@ -1,0 +1,1 @@
+"""Lowering backends: from an exported (plain, shrunk) model to deployment files. Float ONNX today."""

@@ -1,0 +1,39 @@
+"""Infeasible targets are refused before training: the smallest cost the search space allows, and what the
+layers the search cannot shrink cost (those whose share of the metric is the same at the smallest
+architecture as in the seed: frozen groups, grouped convs, inputs/outputs). Reads only the search-space
+protocol, so it holds for every search method."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from duccio_fx.search.constraints import ConstraintError, ResolvedConstraint
+from duccio_fx.search.space import SearchSpace
+from duccio_fx.targets import Target
+
+
+def check_feasible(space: SearchSpace, constraints: Sequence[ResolvedConstraint],
+                   target: Target | None = None) -> dict[str, float]:
+    """The minimum of every constrained metric; raises ConstraintError naming the first bound below it."""
+    low_costs = space.minimum_costs(target)
+    seed_costs = space.cost_values(target)
+    minima = {}
+    for c in constraints:
+        low = float(c.value(low_costs))
+        minima[c.label] = low
+        if c.bound < low * (1 - 1e-9):
+            metric = c.constraint.measure
+            at_min, at_seed = metric.layers(low_costs), metric.layers(seed_costs)
+            fixed = sorted(((x, name) for name, x in at_min.items()
+                            if (c.scope is None or name == c.scope) and x >= at_seed.get(name, x) * (1 - 1e-12)),
+                           reverse=True)
+            fixed_total = sum(x for x, _ in fixed)
+            parts = ", ".join(f"'{name}' ({x:,.4g})" for x, name in fixed[:4] if x > 0) or "none"
+            raise ConstraintError(
+                f"{c.describe()} cannot be met: the smallest {c.label} this search space allows is "
+                f"{low:,.6g} (the smallest architecture of the search space); layers the search cannot "
+                f"shrink cost {fixed_total:,.6g} of it (largest: {parts})",
+                where=f"constraint {c.label}" + (f" ({c.text})" if c.text else ""),
+                fix=f"relax the bound to at least {low:,.6g}, or make the frozen layers searchable "
+                    "(see the frozen reasons in `duccio-fx inspect`)")
+    return minima

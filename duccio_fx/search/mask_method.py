@@ -1,0 +1,139 @@
+"""The mask-based search method (PIT-like DNAS): trainable channel masks, costs, the shrinking export.
+
+    sm = duccio_fx.make_searchable(model, example_input)       # method="mask"
+    loss = task_loss + lam * torch.relu(sm.costs()["params"] - target)
+    small = sm.export()                                          # plain nn.Module, fewer channels
+
+The IR keeps its typed annotations through mask insertion; they travel with the module through
+`torch.save` (pickling a GraphModule drops `meta`, so the module gives them back when it is loaded), and a
+`state_dict` loads into a fresh `make_searchable` of the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.costs.model import Costs, build_costs
+from duccio_fx.costs.terms import LayerValues, evaluate
+from duccio_fx.ir.channels import ChannelGroup
+from duccio_fx.ir.meta import GROUPS_KEY, LayerTerm, duccio_meta, layer_terms, restore_meta
+from duccio_fx.ir.pass_manager import PassContext
+from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
+from duccio_fx.passes.shrink_export import ShrinkExport
+from duccio_fx.pipeline import analyze
+from duccio_fx.search.space import SearchSpace, register_search_method
+from duccio_fx.targets import Target, load_target
+
+
+class SearchableModel(SearchSpace):
+    """A model whose searchable channel groups carry trainable masks (mask-based DNAS)."""
+
+    def __init__(self, graph_module: GraphModule, excluded: dict[int, str]) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.excluded = dict(excluded)
+        self.terms: list[LayerTerm] = layer_terms(graph_module)
+        groups: tuple[ChannelGroup, ...] = graph_module.meta[GROUPS_KEY]
+        ids = self.bank.group_ids if self.bank is not None else []
+        self.channel_groups: list[ChannelGroup] = [next(g for g in groups if g.id == i) for i in ids]
+        self.all_groups = list(groups)
+        self._meta = duccio_meta(graph_module)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        restore_meta(self.graph_module, self._meta)  # a loaded GraphModule has lost its annotations
+
+    # -- the model -----------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def bank(self) -> nn.Module | None:
+        return getattr(self.graph_module, BANK, None)
+
+    def arch_parameters(self) -> Iterator[nn.Parameter]:
+        """The α vectors (train them without weight decay)."""
+        return iter(self.bank.parameters()) if self.bank is not None else iter(())
+
+    # -- masks --------------------------------------------------------------------------------------
+    def _bank_masks(self) -> tuple[torch.Tensor, ...]:
+        return self.bank() if self.bank is not None else ()
+
+    def _kept(self) -> dict[int, torch.Tensor]:
+        """Binarized masks by group id, float64 (MAC counts exceed 2**24), straight-through gradients."""
+        return {g.id: m.double() for g, m in zip(self.channel_groups, self._bank_masks())}
+
+    def masks(self) -> dict[int, torch.Tensor]:
+        """Binarized mask of every searchable group, by group id (True = channel kept)."""
+        return {g.id: m.detach() > 0.5 for g, m in zip(self.channel_groups, self._bank_masks())}
+
+    def set_masks(self, masks: dict[int, torch.Tensor]) -> None:
+        """Set groups' masks (α = 1 where kept, 0 where removed; the largest-α channel always stays)."""
+        ids = {g.id: i for i, g in enumerate(self.channel_groups)}
+        for gid, mask in masks.items():
+            if gid not in ids:
+                raise DuccioError(f"channel group {gid} is not searchable", where="SearchableModel.set_masks",
+                                  fix=f"use one of the ids of .channel_groups: {sorted(ids)}")
+            alpha = self.bank.alphas[ids[gid]]
+            mask = torch.as_tensor(mask, dtype=torch.bool)
+            if mask.shape != alpha.shape:
+                raise DuccioError(f"mask for group {gid} has shape {tuple(mask.shape)}, expected "
+                                  f"{tuple(alpha.shape)}", where="SearchableModel.set_masks")
+            with torch.no_grad():
+                alpha.copy_(mask.to(alpha.dtype))
+
+    # -- costs --------------------------------------------------------------------------------------
+    def costs(self, target: Target | str | None = None) -> Costs:
+        """Costs of the binarized architecture, differentiable w.r.t. the α (straight-through).
+
+        `params`: conv/linear weights + biases; `macs`: per sample; `layer_memory`: per layer,
+        weights + input + output activation elements (= bytes at 8 bit). With a `target` (a Target, a
+        name or a path) also `size_bytes`, `layer_bytes` (DORY's accounting), `layer_cycles`, `cycles`,
+        `latency_s` and `overflow_bytes` (per layer-wise level; L2V on GAP8).
+        """
+        hw = load_target(target) if target is not None else None
+        return build_costs(evaluate(self.terms, self._kept()), hw).tensors()
+
+    def minimum_masks(self) -> dict[int, torch.Tensor]:
+        """One channel per searchable group: the smallest architecture the search space holds."""
+        return {g.id: torch.nn.functional.one_hot(torch.tensor(0), g.channels).double() for g in self.channel_groups}
+
+    def minimum_costs(self, target: Target | None = None) -> Costs:
+        return build_costs(evaluate(self.terms, self.minimum_masks()), target).floats()
+
+    def structure(self) -> str:
+        return self.graph_module.code + repr(self)
+
+    @property
+    def seed_terms(self) -> Sequence[LayerTerm]:
+        return self.terms
+
+    def layer_values(self) -> list[LayerValues]:
+        """Kept channels and counts of every conv/linear layer (tensors; for custom cost terms)."""
+        return evaluate(self.terms, self._kept())
+
+    # -- export -------------------------------------------------------------------------------------
+    def export(self, context: PassContext | None = None) -> GraphModule:
+        """A plain model of ordinary torch modules holding only the kept channels (eval-exact)."""
+        gm = copy.deepcopy(self.graph_module)
+        (context or PassContext()).run(gm, [ShrinkExport(self.masks())])
+        gm.train(self.training)
+        return gm
+
+
+@register_search_method("mask")
+def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
+                    context: PassContext | None = None, threshold: float = 0.5) -> SearchableModel:
+    """Analyse a copy of `model` and insert one trainable mask per searchable channel group."""
+    context = context or PassContext()
+    gm = analyze(copy.deepcopy(model), example_inputs, leaf_modules, context=context)
+    insertion = MaskInsertion(threshold=threshold)
+    context.run(gm, [insertion])
+    return SearchableModel(gm, insertion.excluded)

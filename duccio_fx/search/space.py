@@ -1,0 +1,113 @@
+"""The search-space protocol and the registry of search methods.
+
+A search method turns a seed model into a `SearchSpace`: an `nn.Module` that trains like the seed and
+also holds architecture parameters. The recipe, the feasibility check, the CLI and the reports talk only to
+this protocol, so a new method is one module with a `SearchSpace` subclass plus one registration:
+
+    @duccio_fx.register_search_method("mine")
+    def make_mine(model, example_inputs, *, leaf_modules=(), context=None, **options) -> SearchSpace: ...
+
+`duccio_fx.search_methods()` lists the registered names ("mask" is built in).
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.costs.model import Costs
+from duccio_fx.ir.meta import LayerTerm
+from duccio_fx.ir.pass_manager import PassContext
+from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.targets import Target
+
+
+class SearchSpace(nn.Module, metaclass=ABCMeta):
+    """A model under search: weights W, architecture parameters θ, costs of the sampled architecture."""
+
+    method: str = ""  # the registered name of the method that built it
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - every method defines it
+        raise NotImplementedError
+
+    @abstractmethod
+    def arch_parameters(self) -> Iterator[nn.Parameter]:
+        """θ: trained in the search phase only, without weight decay."""
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """W: every parameter that is not an architecture parameter."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return (p for p in self.parameters() if id(p) not in arch)
+
+    @abstractmethod
+    def costs(self, target: Target | str | None = None) -> Costs:
+        """Costs of the architecture the forward pass uses now, differentiable w.r.t. θ."""
+
+    def cost_values(self, target: Target | str | None = None) -> Costs:
+        """`costs(target)` as plain floats (no graph), for decisions, logs and reports."""
+        with torch.no_grad():
+            return self.costs(target).floats()
+
+    @abstractmethod
+    def minimum_costs(self, target: Target | None = None) -> Costs:
+        """Costs (floats) of the smallest architecture the space holds: what no bound can go below."""
+
+    @property
+    @abstractmethod
+    def seed_terms(self) -> Sequence[LayerTerm]:
+        """The cost terms of the seed's layers (critical layers are chosen on the seed)."""
+
+    @abstractmethod
+    def export(self, context: PassContext | None = None) -> nn.Module:
+        """The chosen architecture as a plain model of ordinary torch modules (eval-exact)."""
+
+    def structure(self) -> str:
+        """Text that changes whenever the architecture or its forward changes (keys caches and checkpoints)."""
+        return repr(self)
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called before each search epoch (schedules, e.g. a Gumbel temperature); nothing by default."""
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint must hold to resume the search exactly."""
+        return self.state_dict()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+
+
+class MethodFactory(Protocol):
+    def __call__(self, model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
+                 context: PassContext | None = None, **options: Any) -> SearchSpace: ...
+
+
+_METHODS: dict[str, MethodFactory] = {}
+
+
+def register_search_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: make `factory(model, example_inputs, *, leaf_modules, context, **options)` the method `name`."""
+    def add(factory: MethodFactory) -> MethodFactory:
+        _METHODS[name] = factory
+        return factory
+    return add
+
+
+def search_methods() -> list[str]:
+    """The names of the registered search methods."""
+    return sorted(_METHODS)
+
+
+def make_searchable(model: nn.Module, example_inputs: Any, method: str = "mask", *,
+                      leaf_modules: Sequence[LeafSpec] = (), context: PassContext | None = None,
+                      **options: Any) -> SearchSpace:
+    """Build the search space of `method` around a copy of `model` (the user's model is left untouched)."""
+    if method not in _METHODS:
+        raise DuccioError(f"unknown search method {method!r}", where="--method",
+                          fix=f"use one of: {', '.join(search_methods())}")
+    space = _METHODS[method](model, example_inputs, leaf_modules=leaf_modules, context=context, **options)
+    space.method = method
+    return space

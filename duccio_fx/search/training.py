@@ -1,0 +1,57 @@
+"""Training plumbing shared by the recipe's phases: batches, default loss and metric, evaluation, seeding."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from duccio_fx.common.errors import DuccioError
+
+PHASES = ("warmup", "search", "finetune")
+LossFn = Callable[[Any, Any], torch.Tensor]
+MetricFn = Callable[[Any, Any], float]
+
+
+def cross_entropy(output: Any, target: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, target)
+
+
+def top1(output: Any, target: Any) -> float:
+    return float((output.argmax(1) == target).float().mean())
+
+
+def seed_everything(seed: int, phase: str, epoch: int) -> None:
+    """Reseed from (seed, phase, epoch), so a resumed run repeats an uninterrupted one exactly."""
+    torch.manual_seed(seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise DuccioError("a data loader batch must be an (inputs, targets) pair", where="train_loader()/val_loader()",
+                          fix="yield (inputs, targets) tuples, e.g. from a torch DataLoader over a TensorDataset")
+    return batch[0], batch[1]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, metric_fn: MetricFn) -> tuple[float, float]:
+    """Sample-weighted mean loss and metric over a loader, in eval mode."""
+    was = model.training
+    model.eval()
+    total = loss_sum = metric_sum = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            x, y = split_batch(batch)
+            out = call_model(model, x)
+            n = len(y)
+            loss_sum += float(loss_fn(out, y)) * n
+            metric_sum += float(metric_fn(out, y)) * n
+            total += n
+    model.train(was)
+    if total == 0:
+        raise DuccioError("the validation loader yielded no batches", where="val_loader()")
+    return loss_sum / total, metric_sum / total
