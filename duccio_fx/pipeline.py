@@ -18,7 +18,9 @@ from duccio_fx.ir.channels import ChannelGroup
 from duccio_fx.ir.meta import GROUPS_KEY, layer_terms, tensor_info
 from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.ir.tracer import LeafSpec, as_input_tuple, locate_errors, symbolic_trace
-from duccio_fx.passes import ChannelAnalysis, LayerCosts, ShapePropagation
+from duccio_fx.passes.channel_analysis import ChannelAnalysis
+from duccio_fx.passes.layer_costs import LayerCosts
+from duccio_fx.passes.shape_propagation import ShapePropagation
 from duccio_fx.targets import Target
 
 

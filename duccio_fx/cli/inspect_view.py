@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from duccio_fx.ir.meta import TensorInfo, ValueInfo, channel_group_of, layer_cost, op_role, tensor_info
+from duccio_fx.ir.meta import TensorInfo, ValueInfo, channel_group_of, layer_cost, model_name, op_role, tensor_info
 from duccio_fx.ir.registry import describe_target
 from duccio_fx.ir.rule_api import iter_nodes
 from duccio_fx.pipeline import channel_groups
@@ -51,7 +51,7 @@ def inspect_report(gm: GraphModule, source: str, pass_seconds: dict[str, float] 
     groups = channel_groups(gm)
     searchable = [g for g in groups if not g.frozen]
     return {
-        "model": type(gm).__name__ if type(gm).__name__ != "GraphModule" else gm._get_name(),
+        "model": model_name(gm),
         "source": source,
         "layers": layers,
         "groups": [{"id": g.id, "channels": g.channels, "frozen": g.frozen, "reason": g.reason,

@@ -21,6 +21,7 @@ TERM_KEY = "duccio_layer_term"  # conv/linear nodes: the static facts the cost f
 MASK_KEY = "duccio_mask"  # consumers of masked channels, after mask-insertion
 GROUPS_KEY = "duccio_channel_groups"  # on GraphModule.meta: tuple[ChannelGroup, ...]
 PASSES_KEY = "duccio_passes"  # on GraphModule.meta: names of the passes run on this graph, in order
+MODEL_KEY = "duccio_model"  # on GraphModule.meta: the class name of the traced model (copies lose it)
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,12 @@ def spec_of(layout: LayoutInfo, width: int) -> ChannelSpec:
     if isinstance(layout, ChannelLayout):
         return tuple((s.group, s.start, s.stop, s.block) for s in layout.slices)
     return ((-1, 0, width, 1),)
+
+
+def model_name(gm: GraphModule) -> str:
+    """The class name of the model the graph was traced from."""
+    name = type(gm).__name__
+    return gm.meta.get(MODEL_KEY) or (name if name != "GraphModule" else gm._get_name())
 
 
 def passes_run(gm: GraphModule) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from torch.fx import GraphModule, Node
 
 from duccio_fx.ir.meta import (COST_KEY, LAYOUT_KEY, MASK_KEY, ROLE_KEY, TENSOR_KEY, TensorInfo, channel_layout,
-                               layer_cost, mask_use, op_role, tensor_info)
+                               layer_cost, mask_use, model_name, op_role, tensor_info)
 from duccio_fx.ir.registry import describe_target
 
 MetaFormatter = Callable[[Node], str]  # '' when the node has nothing to show for this key
@@ -87,7 +87,7 @@ def format_ir(gm: GraphModule) -> str:
     rows = [(f"%{node.name}", _call(gm, node), " | ".join(x for x in (f(node) for f in _FORMATTERS.values()) if x))
             for node in gm.graph.nodes]
     width = max((len(r[0]) for r in rows), default=0)
-    lines = [f"graph {type(gm).__name__ if type(gm).__name__ != 'GraphModule' else gm._get_name()}:"]
+    lines = [f"graph {model_name(gm)}:"]
     for name, call, tail in rows:
         head = f"  {name:<{width}} = {call}"
         lines.append(f"{head}  : {tail}" if tail else head)

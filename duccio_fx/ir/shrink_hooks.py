@@ -10,6 +10,7 @@ to the ops; the shrink-export pass calls them, so no pass holds an if-ladder on 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -103,13 +104,23 @@ def shrink_layer(ctx: ShrinkContext, node: Node) -> None:
                                                        ctx.kept(outs[1]) if outs else None))
 
 
-def _counter(ctx: ShrinkContext, spec: ChannelSpec) -> Any:
-    kept = ctx.kept(spec)
+@dataclass(frozen=True)
+class _Source:
+    """The shrinking input of a slicing op: its channel dim, spec, rank, and a counter of survivors."""
 
-    def count(stop: int) -> int:  # surviving entries before `stop`
-        return int(torch.searchsorted(kept, torch.tensor(stop)).item())
+    dim: int
+    spec: ChannelSpec
+    ndim: int
+    kept: torch.Tensor
 
-    return count
+    def count(self, stop: int) -> int:
+        """Surviving entries before `stop`."""
+        return int(torch.searchsorted(self.kept, torch.tensor(stop)).item())
+
+
+def _source(ctx: ShrinkContext, node: Node) -> _Source | None:
+    found = ctx.channels(node.args[0])
+    return None if found is None else _Source(*found, ctx.kept(found[1]))
 
 
 def _width(spec: ChannelSpec) -> int:
@@ -118,57 +129,45 @@ def _width(spec: ChannelSpec) -> int:
 
 def shrink_getitem(ctx: ShrinkContext, node: Node) -> None:
     """`x[..., a:b, ...]` on the channel dim → the bounds among the surviving entries."""
-    src = node.args[0]
-    found = ctx.channels(src)
-    if found is None:
+    src = _source(ctx, node)
+    if src is None:
         return
-    dim, spec, ndim = found
-    count = _counter(ctx, spec)
     idx = node.args[1]
     items = list(idx) if isinstance(idx, tuple) else [idx]
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
     pos, out = 0, []
     for item in items:
         if item is Ellipsis:
-            pos += ndim - consumed
+            pos += src.ndim - consumed
         elif item is not None:
-            if pos == dim and isinstance(item, slice):
-                start, stop, _ = item.indices(_width(spec))
-                item = slice(count(start), count(stop), None)
+            if pos == src.dim and isinstance(item, slice):
+                start, stop, _ = item.indices(_width(src.spec))
+                item = slice(src.count(start), src.count(stop), None)
             pos += 1
         out.append(item)
-    node.args = (src, tuple(out) if isinstance(idx, tuple) else out[0])
+    node.args = (node.args[0], tuple(out) if isinstance(idx, tuple) else out[0])
 
 
 def shrink_split(ctx: ShrinkContext, node: Node) -> None:
     """split / chunk / tensor_split on the channel dim → `split` with the surviving piece sizes."""
-    src = node.args[0]
-    found = ctx.channels(src)
-    if found is None:
-        return
-    dim, spec, ndim = found
-    count = _counter(ctx, spec)
+    src = _source(ctx, node)
     given = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     pieces = ctx.spec_of(node)
-    if given % ndim == dim and isinstance(pieces, tuple):
+    if src is not None and given % src.ndim == src.dim and isinstance(pieces, tuple):
         widths = [_width(p) for p in pieces]
         bounds = [sum(widths[:k]) for k in range(len(widths) + 1)]
-        sizes = [count(b) - count(a) for a, b in zip(bounds, bounds[1:])]
+        sizes = [src.count(b) - src.count(a) for a, b in zip(bounds, bounds[1:])]
         node.target = "split" if node.op == "call_method" else torch.split
-        node.args, node.kwargs = (src, sizes, dim), {}
+        node.args, node.kwargs = (node.args[0], sizes, src.dim), {}
 
 
 def shrink_narrow(ctx: ShrinkContext, node: Node) -> None:
-    src = node.args[0]
-    found = ctx.channels(src)
-    if found is None:
-        return
-    dim, spec, ndim = found
-    count = _counter(ctx, spec)
+    """narrow on the channel dim → start and length among the surviving entries."""
+    src = _source(ctx, node)
     given = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if given % ndim == dim:
+    if src is not None and given % src.ndim == src.dim:
         start, length = node.args[2], node.args[3]
-        node.args = (src, node.args[1], count(start), count(start + length) - count(start))
+        node.args = (node.args[0], node.args[1], src.count(start), src.count(start + length) - src.count(start))
 
 
 def shrink_shape(ctx: ShrinkContext, node: Node) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.fx import GraphModule, Tracer
 
 from duccio_fx.common.errors import DuccioError, DuccioTraceError
-from duccio_fx.ir.meta import source_line
+from duccio_fx.ir.meta import MODEL_KEY, model_name, source_line
 from duccio_fx.ir.registry import REGISTRY, OpRegistry
 
 LeafSpec = type | str  # a module class, or the qualified name of one submodule
@@ -94,7 +94,10 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     for node in graph.nodes:
         if isinstance(node.type, str):  # `from __future__ import annotations`: fx cannot pickle string types
             node.type = None
-    return GraphModule(tracer.root, graph, type(model).__name__)
+    name = model_name(model) if isinstance(model, GraphModule) else type(model).__name__
+    gm = GraphModule(tracer.root, graph, name)
+    gm.meta[MODEL_KEY] = name
+    return gm
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
