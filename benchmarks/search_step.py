@@ -5,7 +5,9 @@
 For ResNet-8 (32x32, batch 64) and DS-CNN (49x10, batch 100): the same batch, the same optimizer
 (Adam), forward + backward + step. The searchable step also computes the differentiable costs and adds a
 size penalty, as a real search step does. Timings interleave seed and searchable runs and report the
-median of --reps repetitions of --steps steps each; the figure that matters is the ratio.
+median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
+what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
+does not depend on the noise of the convolutions.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, se
     return (time.perf_counter() - start) / steps
 
 
+def cost_time(search: duccio_fx.SearchSpace, target: str | None, reps: int) -> float:
+    """Median seconds of costs(target) + backward of one cost, as a search step does it."""
+    hw = duccio_fx.load_target(target) if target else None
+    key = "size_bytes" if hw is not None else "params"
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(20):
+            search.zero_grad(set_to_none=True)
+            search.costs(hw)[key].backward()
+        times.append((time.perf_counter() - start) / 20)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
@@ -55,7 +71,8 @@ def main() -> None:
         p, m = statistics.median(plain), statistics.median(masked)
         ratios = [b / a for a, b in zip(plain, masked)]
         print(f"{name:8s} batch {batch:3d}: seed {p * 1000:6.1f} ms/step, searchable {m * 1000:6.1f} ms/step, "
-              f"ratio {m / p:.3f} (per-rep ratios {min(ratios):.2f}..{max(ratios):.2f})")
+              f"ratio {m / p:.3f} (per-rep ratios {min(ratios):.2f}..{max(ratios):.2f}); costs+backward "
+              f"{cost_time(search, None, args.reps) * 1000:.2f} ms, with gap8 {cost_time(search, 'gap8', args.reps) * 1000:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ class ShrinkExport(Pass):
     registry: OpRegistry = field(default_factory=lambda: REGISTRY)
     name = "shrink-export"
     requires = ("channel-analysis", "mask-insertion")
-    _idx_cache: dict[ChannelSpec, torch.Tensor] = field(default_factory=dict)
+    _idx_cache: dict[ChannelSpec, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    gm: GraphModule | None = field(default=None, init=False, repr=False)  # the graph being exported
 
-    # -- the ShrinkContext the hooks see ---------------------------------------------------------------
-    gm: Any = None
+    # -- the ShrinkContext the hooks see (duccio_fx.ir.shrink_hooks) ------------------------------------
 
     def kept(self, spec: ChannelSpec) -> torch.Tensor:
         if spec not in self._idx_cache:

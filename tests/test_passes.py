@@ -23,7 +23,9 @@ def pipeline(x):
 def test_pass_names_are_kebab_case_and_match_their_files():
     import duccio_fx.passes as passes
 
-    for cls in (ShapePropagation, ChannelAnalysis, LayerCosts):
+    every = [getattr(passes, name) for name in passes.__all__]
+    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 5
+    for cls in every:
         module = cls.__module__.rsplit(".", 1)[-1]
         assert cls.name == module.replace("_", "-")
     assert passes.__file__.replace("\\", "/").endswith("passes/__init__.py")

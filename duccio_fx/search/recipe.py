@@ -31,9 +31,9 @@ from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.memory import critical_layers
 from duccio_fx.costs.model import Costs
 from duccio_fx.costs.terms import evaluate
+from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
-from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.pipeline import analyze, graph_costs
 from duccio_fx.search.checkpoint import Checkpoint
 from duccio_fx.search.constraints import Constraint, ConstraintError, ResolvedConstraint, layerwise_constraints
@@ -161,7 +161,7 @@ class Recipe:
         return loss_sum / total
 
     def _record(self, phase: str, epoch: int, train_loss: float, model: nn.Module, started: float,
-                costs: dict[str, Any] | None = None) -> EpochRecord:
+                costs: Costs | None = None) -> EpochRecord:
         val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn)
         rec = EpochRecord(phase, epoch, train_loss, val_loss, val_metric, time.perf_counter() - started)
         if costs is not None:
