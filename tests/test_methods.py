@@ -148,3 +148,34 @@ def test_searchable_model_keeps_its_annotations_through_save_and_load(tmp_path):
 def test_optimize_help_names_the_flow_instruments():
     help_text = runner.invoke(app, ["optimize", "--help"]).output
     assert "--method" in help_text and "--dump-ir" in help_text and "--print-between-passes" in help_text
+
+
+def test_a_backend_is_one_registration_and_optimize_writes_its_files(tmp_path):
+    @duccio_fx.register_backend("param-count")
+    def lower_counts(model: nn.Module, example_inputs: Any, target: Any, context: Any) -> duccio_fx.Lowered:
+        count = sum(p.numel() for p in model.parameters())
+        return duccio_fx.Lowered({"params.txt": f"{count}\n".encode()}, {"params": float(count)})
+
+    try:
+        assert {"onnx", "param-count"} <= set(duccio_fx.backends())
+        out = tmp_path / "run"
+        result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--epochs", "1,2,1",
+                                     "--out", str(out), "--no-cache", "--backend", "onnx", "--backend", "param-count"])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        model = torch.load(out / "model.pt", weights_only=False)
+        assert int((out / "params.txt").read_text()) == sum(p.numel() for p in model.parameters())
+        assert report["checks"]["params"] == float((out / "params.txt").read_text())
+        assert report["files"]["param-count"].endswith("params.txt") and (out / "model.onnx").exists()
+        assert report["onnx_max_abs_diff"] < 1e-4
+    finally:
+        from duccio_fx.lower import backend as backend_module
+
+        backend_module._BACKENDS.pop("param-count")
+
+
+def test_unknown_backend_is_refused_before_training(tmp_path):
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--backend", "dory",
+                                 "--out", str(tmp_path / "o"), "--no-cache"])
+    assert result.exit_code == 1 and "unknown backend 'dory'" in result.output and "onnx" in result.output
+    assert not (tmp_path / "o").exists()

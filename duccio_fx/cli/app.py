@@ -19,6 +19,7 @@ from duccio_fx.cli.target_report import render_target_report, target_report
 from duccio_fx.cli.target_view import render_target
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.pass_manager import DumpIR, Instrument, PrintIR, TimePasses
+from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.objective import FORMS
@@ -143,6 +144,8 @@ def optimize(
                                                    "flow (analysis, mask insertion, export, analysis of the result)"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass of the flow to "
                                            "DIR/NNN_<pass>.txt"),
+    backend: list[str] = typer.Option(["onnx"], "--backend", help="deployment files to write (repeatable; "
+                                      "`duccio-fx methods` lists methods and backends)"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -153,6 +156,9 @@ def optimize(
         if method not in search_methods():
             raise DuccioError(f"unknown search method {method!r}", where="--method",
                               fix=f"use one of: {', '.join(search_methods())}")
+        for name in backend:
+            if name not in backends():
+                raise DuccioError(f"unknown backend {name!r}", where="--backend", fix=f"use one of: {', '.join(backends())}")
         if form not in FORMS:
             raise DuccioError(f"unknown penalty form {form!r}", where="--form", fix=f"use one of: {', '.join(FORMS)}")
         for name, value in (("--lr", lr), ("--arch-lr", arch_lr), ("--constant-lambda", constant_lambda)):
@@ -176,7 +182,7 @@ def optimize(
                                   method=method)
         code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
                             resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
-                            instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout))
+                            instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend)
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
@@ -239,9 +245,9 @@ def zoo() -> None:
 
 @app.command()
 def methods() -> None:
-    """List the search methods (use them as optimize --method NAME)."""
-    for name in search_methods():
-        Console().print(name, highlight=False)
+    """List the search methods (optimize --method NAME) and the lowering backends (optimize --backend NAME)."""
+    Console().print(f"search methods: {', '.join(search_methods())}\nbackends: {', '.join(backends())}",
+                    highlight=False)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from duccio_fx.cli.target_report import target_report
 from duccio_fx.common.atomic import save_atomic, write_bytes_atomic, write_text_atomic
 from duccio_fx.common.errors import DuccioError, ModelFileError
 from duccio_fx.ir.pass_manager import Instrument, PassContext
-from duccio_fx.lower.onnx_float import to_onnx
+from duccio_fx.lower.backend import lower
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.recipe import Recipe
 from duccio_fx.search.settings import SearchSettings
@@ -61,7 +61,8 @@ def _prepare_out(out: Path, resume: bool) -> Path:
 
 def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint], settings: SearchSettings,
                  out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
-                 instruments: Sequence[Instrument] = (), console: Console | None = None) -> int:
+                 instruments: Sequence[Instrument] = (), backends: Sequence[str] = ("onnx",),
+                 console: Console | None = None) -> int:
     """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
     console = console or Console(width=max(Console().width, 140))
     torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
@@ -72,31 +73,34 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     loss_fn = spec.namespace.get("loss_fn") or cross_entropy
     metric_fn = spec.namespace.get("metric_fn") or top1
     live = LiveProgress(console, settings)
+    context = PassContext(instruments)
     recipe = Recipe(spec.model, spec.example_inputs, train, val, constraints, target, settings, loss_fn=loss_fn,
                     metric_fn=metric_fn, leaf_modules=spec.leaf_modules, checkpoint=checkpoint,
                     cache_dir=(cache or default_cache_dir()) if use_cache else None, progress=live,
-                    context=PassContext(instruments))
+                    context=context)
     for c in recipe.constraints:
         console.print(f"constraint: {c.describe()} (seed {float(c.value(recipe.seed_costs)):,.6g}, "
                       f"smallest possible {recipe.minima[c.label]:,.6g})", highlight=False)
     with live.progress:
         result = recipe.run(resume=resume)
 
-    example = tuple(x[:1] for x in spec.example_inputs)
     seed_rep = target_report(result.searchable.seed_terms, target)
     final_rep = target_report(result.final_terms, target)
-    onnx_diff = None
-    if result.met:
-        onnx_bytes, onnx_diff = to_onnx(result.model, example)
-        files = {"model": str(out / "model.pt"), "onnx": str(out / "model.onnx"), "report": str(out / "report.json"),
-                 "summary": str(out / "summary.txt")}
+    checks: dict[str, float] = {}
+    if result.met:  # every backend runs and checks before any file is written
+        lowered = [lower(name, result.model, spec.example_inputs, target, context) for name in backends]
         save_atomic(result.model, out / "model.pt")
-        write_bytes_atomic(out / "model.onnx", onnx_bytes)
+        files = {"model": str(out / "model.pt")}
+        for name, low in zip(backends, lowered):
+            for file, data in low.files.items():
+                write_bytes_atomic(out / file, data)
+                files[name if len(low.files) == 1 else f"{name}:{file}"] = str(out / file)
+            checks.update(low.checks)
     else:
-        files = {"violating_model": str(out / "model-violating.pt"), "report": str(out / "report.json"),
-                 "summary": str(out / "summary.txt")}
+        files = {"violating_model": str(out / "model-violating.pt")}
         save_atomic(result.model, out / "model-violating.pt")
-    report = build_report(result, spec.source, target, seed_rep, final_rep, onnx_diff, files)
+    files.update(report=str(out / "report.json"), summary=str(out / "summary.txt"))
+    report = build_report(result, spec.source, target, seed_rep, final_rep, checks, files)
     text_console = Console(record=True, width=120, file=io.StringIO())
     render_summary(report, text_console)
     write_text_atomic(out / "summary.txt", text_console.export_text())

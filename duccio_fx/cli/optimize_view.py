@@ -71,7 +71,7 @@ def _summary(costs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_report(result: SearchResult, source: str, target: Target | None, seed_target: dict[str, Any] | None,
-                 final_target: dict[str, Any] | None, onnx_diff: float | None, files: dict[str, str]) -> dict[str, Any]:
+                 final_target: dict[str, Any] | None, checks: dict[str, float], files: dict[str, str]) -> dict[str, Any]:
     constraints = []
     for c in result.constraints:
         constraints.append({"constraint": c.label, "metric": c.metric, "scope": c.scope, "as_written": c.text,
@@ -91,7 +91,8 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
         "layers": {"seed": _layers(result.seed_costs, seed_target), "final": _layers(result.final_costs, final_target)},
         "phase_seconds": result.phase_seconds,
         "warmup_from_cache": result.warmup_cached,
-        "onnx_max_abs_diff": onnx_diff,
+        "onnx_max_abs_diff": checks.get("onnx_max_abs_diff"),
+        "checks": checks,
         "files": files,
         "history": [asdict(r) for r in result.history],
     }
