@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from duccio_fx.costs.model import Costs
 from duccio_fx.search.constraints import ResolvedConstraint
 
 FORMS = ("max", "abs", "objective")
@@ -44,8 +45,12 @@ class DuccioObjective:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        plain = [c for c in self.constraints if not isinstance(c, ResolvedConstraint)]
+        if plain:
+            raise TypeError(f"DuccioObjective needs constraints with absolute bounds, got {plain[0]!r}: resolve "
+                            "each against the seed first (c.resolve(seed_costs)) or give the bound (c.at(100.0))")
 
-    def calibrate(self, task_loss: float, costs: dict[str, Any]) -> list[float]:
+    def calibrate(self, task_loss: float, costs: Costs | dict[str, Any]) -> list[float]:
         """λ_target per constraint from the task loss and the costs at the end of warmup."""
         targets = []
         for c in self.constraints:
