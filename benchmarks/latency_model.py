@@ -2,7 +2,7 @@
 
     python benchmarks/latency_model.py [--target gap8]
 
-Measured figures (DESIGN §4, DORY regressions on GAP8, int8, 8 cores): MobileNetV1 8.76, DS-CNN 2.98,
+Measured figures (DORY's regression tests on GAP8, int8, 8 cores): MobileNetV1 8.76, DS-CNN 2.98,
 MobileNetV2 3.86 MAC/cycle. The model counts only PULP-NN kernel cycles (plus an L3 charge for layers
 that overflow L2): no DMA, tiling, pooling, residual adds or first-layer special cases.
 """

@@ -1,4 +1,4 @@
-"""layer-costs: per-sample weights, MACs and activation bytes of every node (DESIGN §4 cost model).
+"""layer-costs: per-sample weights, MACs and activation bytes of every node.
 
 Writes the `LayerTerm` of every conv/linear layer (the static facts the cost formulas evaluate, so the
 search and the exported model are costed by the same formula) and the `LayerCost` of every node: `params`

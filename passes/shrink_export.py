@@ -20,7 +20,6 @@ from torch.fx import GraphModule, Node
 from duccio_fx.ir.meta import GROUPS_KEY, ChannelLayout, ChannelSpec, TensorInfo, channel_layout, spec_of, tensor_info
 from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.registry import REGISTRY, OpRegistry
-from duccio_fx.ir.shrink_hooks import shrink_layer
 from duccio_fx.search.masks import PLAIN, kept_entries
 
 BANK = "duccio_masks"
@@ -76,8 +75,6 @@ class ShrinkExport(Pass):
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
             hook = self.registry.hook(gm, node, "shrink")
-            if hook is None and node.op == "call_module":
-                hook = shrink_layer  # a module without a hook: slice its per-channel parameters, if any
             if hook is not None:
                 hook(self, node)
         for node in gm.graph.nodes:

@@ -179,3 +179,30 @@ def test_unknown_backend_is_refused_before_training(tmp_path):
                                  "--out", str(tmp_path / "o"), "--no-cache"])
     assert result.exit_code == 1 and "unknown backend 'dory'" in result.output and "onnx" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_backend_is_named_and_writes_nothing(tmp_path):
+    @duccio_fx.register_backend("broken")
+    def lower_broken(model: nn.Module, example_inputs: Any, target: Any, context: Any) -> duccio_fx.Lowered:
+        raise RuntimeError("unsupported op: aten::boom")
+
+    try:
+        out = tmp_path / "run"
+        result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--epochs", "1,2,1",
+                                     "--out", str(out), "--no-cache", "--backend", "onnx", "--backend", "broken"])
+        assert result.exit_code == 1 and "backend 'broken' failed: RuntimeError: unsupported op" in result.output
+        assert "Traceback" not in result.output
+        assert not any((out / name).exists() for name in ("model.pt", "model.onnx", "report.json"))
+    finally:
+        from duccio_fx.lower import backend as backend_module
+
+        backend_module._BACKENDS.pop("broken")
+
+
+def test_an_export_that_cannot_be_saved_is_a_clear_error(tmp_path, keep_seed, monkeypatch):
+    monkeypatch.setattr(KeepSeed, "export", lambda self, context=None: copy.deepcopy(self.model))  # the file's class
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", keep_seed, "--max-ops", "100%",
+                                 "--epochs", "0,1,0", "--out", str(out), "--no-cache"])
+    assert result.exit_code == 1 and "the exported model cannot be saved" in result.output
+    assert "Traceback" not in result.output and not (out / "model.pt").exists()

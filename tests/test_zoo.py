@@ -67,7 +67,7 @@ def test_resnet8_weight_counts():
     model, gm = analysed("resnet8")
     conv_fc_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d,
                                                                                          torch.nn.Linear)))
-    assert conv_fc_weights == 77_360  # DESIGN §7's "77 360 conv weights" counts the FC's 640 too
+    assert conv_fc_weights == 77_360  # MLPerf Tiny's "77 360 conv weights" for ResNet-8 counts the FC's 640 too
     assert 77_000 < totals(gm)[0] < 79_000
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,6 +60,15 @@ def _prepare_out(out: Path, resume: bool) -> Path:
     return checkpoint
 
 
+def _save_model(model: torch.nn.Module, path: Path) -> None:
+    try:
+        save_atomic(model, path)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:  # e.g. a class only the model file defines
+        raise DuccioError(f"the exported model cannot be saved: {type(err).__name__}: {err}", where=str(path),
+                          fix="export a torch.fx GraphModule or modules from an importable package (a search "
+                              "method's export())") from err
+
+
 def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint], settings: SearchSettings,
                  out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
                  instruments: Sequence[Instrument] = (), backends: Sequence[str] = ("onnx",),
@@ -89,7 +99,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     checks: dict[str, float] = {}
     if result.met:  # every backend runs and checks before any file is written
         lowered = [lower(name, result.model, spec.example_inputs, target, context) for name in backends]
-        save_atomic(result.model, out / "model.pt")
+        _save_model(result.model, out / "model.pt")
         files = {"model": str(out / "model.pt")}
         for name, low in zip(backends, lowered):
             for file, data in low.files.items():
@@ -98,7 +108,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
             checks.update(low.checks)
     else:
         files = {"violating_model": str(out / "model-violating.pt")}
-        save_atomic(result.model, out / "model-violating.pt")
+        _save_model(result.model, out / "model-violating.pt")
     files.update(report=str(out / "report.json"), summary=str(out / "summary.txt"))
     report = build_report(result, spec.source, target, seed_rep, final_rep, checks, files)
     text_console = Console(record=True, width=120, file=io.StringIO())

@@ -2,7 +2,7 @@
 
 A target names its model in `[latency] model = ...`; new models register with `register_latency_model`.
 
-`gap8-analytic` is the analytic PULP-NN cycle model of the DUCCIO authors' code (DESIGN §4): int8 kernels
+`gap8-analytic` is the analytic PULP-NN cycle model of the DUCCIO authors' code (Burrello et al., TETC 2023): int8 kernels
 on the 8-core cluster, output pixels processed in blocks of 2 rows x 8 columns, with
   conv       ceil(Ho/2) * ceil(Wo/8) * (2*K*Cin + ceil(Cout/4) * (5 + 14*ceil(K*Cin/4) + 10))
   depthwise  4 * ceil(C/4) * Ho * Wo * K

@@ -8,7 +8,7 @@ the metric registry (`duccio_fx.costs.metrics`). It is also a read-only mapping 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -49,7 +49,6 @@ class Costs(Mapping[str, Any]):
     cycles: Number | None = None
     latency_s: Number | None = None
     overflow_bytes: PerLayer | None = None
-    kept_channels: PerLayer = field(default_factory=dict, compare=False)  # output channels per layer
 
     # -- mapping view ----------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -80,7 +79,7 @@ class Costs(Mapping[str, Any]):
                 return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in x.items()}
             return x if x is None or isinstance(x, str) else torch.as_tensor(x, dtype=torch.float64)
 
-        return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self) if f.name != "kept_channels"})
+        return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self)})
 
 
 def build_costs(values: Sequence[LayerValues], target: Target | None = None) -> Costs:
@@ -88,8 +87,7 @@ def build_costs(values: Sequence[LayerValues], target: Target | None = None) -> 
     layer_params = {v.term.name: v.params for v in values}
     layer_macs = {v.term.name: v.macs for v in values}
     costs = Costs(params=_sum(layer_params.values()), macs=_sum(layer_macs.values()), layer_params=layer_params,
-                  layer_macs=layer_macs, layer_memory={v.term.name: v.elements for v in values},
-                  kept_channels={v.term.name: v.cout for v in values})
+                  layer_macs=layer_macs, layer_memory={v.term.name: v.elements for v in values})
     if target is None:
         return costs
     size = {v.term.name: layer_parameter_bytes(v, target) for v in values}

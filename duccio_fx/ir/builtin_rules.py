@@ -52,6 +52,8 @@ def register_builtins(registry: OpRegistry) -> None:
     pads = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
             nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
             nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+    # any other module whose channels shrink (e.g. a user's per-channel leaf) has its per-channel tensors sliced
+    registry.module_hooks["shrink"] = shrink_layer
     mod(activations + pools, rule_follows, "follows")
     mod(pads, rule_keeps_channels, "follows")
     mod((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU),

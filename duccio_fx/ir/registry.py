@@ -45,6 +45,7 @@ class OpRegistry:
     functions: dict[Any, ChannelRule] = field(default_factory=dict)
     methods: dict[str, ChannelRule] = field(default_factory=dict)
     leaf_modules: set[type] = field(default_factory=set)
+    module_hooks: dict[str, Hook] = field(default_factory=dict)  # by kind: for modules whose entry has none
 
     def lookup(self, gm: GraphModule, node: Node) -> ChannelRule | None:
         if node.op == "call_module":
@@ -60,9 +61,13 @@ class OpRegistry:
         return None
 
     def hook(self, gm: GraphModule, node: Node, kind: str) -> Hook | None:
-        """The `kind` hook of the node's op (e.g. "shrink"), or None when its entry has none."""
+        """The `kind` hook of the node's op (e.g. "shrink"); a module call whose entry has none (or that has no
+        entry) gets the registry's default module hook of that kind, if any."""
         rule = self.lookup(gm, node)
-        return rule.hooks.get(kind) if rule is not None else None
+        hook = rule.hooks.get(kind) if rule is not None else None
+        if hook is None and node.op == "call_module":
+            hook = self.module_hooks.get(kind)
+        return hook
 
     def is_leaf(self, module: nn.Module) -> bool:
         return any(isinstance(module, cls) for cls in self.leaf_modules)

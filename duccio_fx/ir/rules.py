@@ -1,4 +1,4 @@
-"""The library of channel rules: one function per channel role (DESIGN §3, "Channel roles").
+"""The library of channel rules: one function per channel role (README, "What `inspect` shows").
 
 Rules decide from recorded shapes, not from guesses: after a rule runs, the analysis checks that every
 returned layout is as wide as the tensor it describes. The roles users may name when they register their

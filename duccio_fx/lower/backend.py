@@ -55,4 +55,11 @@ def lower(name: str, model: nn.Module, example_inputs: Sequence[torch.Tensor], t
     """Run backend `name` on an exported model (batch-1 example inputs are taken from `example_inputs`)."""
     if name not in _BACKENDS:
         raise DuccioError(f"unknown backend {name!r}", where="--backend", fix=f"use one of: {', '.join(backends())}")
-    return _BACKENDS[name](model, tuple(x[:1] for x in example_inputs), target, context or PassContext())
+    try:
+        return _BACKENDS[name](model, tuple(x[:1] for x in example_inputs), target, context or PassContext())
+    except DuccioError as err:
+        raise err.locate(f"backend '{name}'")
+    except Exception as err:  # e.g. an op the exporter does not support: say which backend, keep the cause
+        raise DuccioError(f"backend '{name}' failed: {type(err).__name__}: {err}", where=f"backend '{name}'",
+                          fix="the search result is fine; report this model with the backend, or choose another "
+                              "--backend") from err
