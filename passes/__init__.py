@@ -1,11 +1,16 @@
 """duccio-fx passes, one per file. The kebab-case pass name matches the file name (`shape-propagation`
 lives in `shape_propagation.py`). Analysis: shape-propagation, channel-analysis, layer-costs; transform:
-mask-insertion; export: shrink-export."""
+mask-insertion; export: shrink-export; lowering to DORY: fold-batchnorm, dory-layers, calibrate, integerize."""
 
 from duccio_fx.passes.shape_propagation import ShapePropagation
 from duccio_fx.passes.channel_analysis import ChannelAnalysis
 from duccio_fx.passes.layer_costs import LayerCosts
 from duccio_fx.passes.mask_insertion import MaskInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport
+from duccio_fx.passes.fold_batchnorm import FoldBatchNorm
+from duccio_fx.passes.dory_layers import DoryLayers
+from duccio_fx.passes.calibrate import Calibrate
+from duccio_fx.passes.integerize import Integerize
 
-__all__ = ["ChannelAnalysis", "LayerCosts", "MaskInsertion", "ShapePropagation", "ShrinkExport"]
+__all__ = ["Calibrate", "ChannelAnalysis", "DoryLayers", "FoldBatchNorm", "Integerize", "LayerCosts", "MaskInsertion",
+           "ShapePropagation", "ShrinkExport"]

@@ -120,6 +120,8 @@ class Accounting(_Strict):
 class Deployment(_Strict):
     toolchain: str = ""
     platform: str = ""
+    double_buffering: int = Field(2, ge=1, le=2, description="tile copies the L2->L1 tiler keeps of each buffer")
+    l1_tile_overhead: int = Field(0, ge=0, description="bytes the L1 tiler reserves beside a layer's tiles")
 
 
 class Target(_Strict):

@@ -57,6 +57,10 @@ LAYERS: tuple[Rule, ...] = (
     Rule("duccio_fx.passes.mask_insertion", 5, "search"),
     Rule("duccio_fx.passes.shrink_export", 5, "search"),
     Rule("duccio_fx.lower.*", 5, "lower"),
+    Rule("duccio_fx.passes.fold_batchnorm", 5, "lower"),
+    Rule("duccio_fx.passes.dory_layers", 5, "lower"),
+    Rule("duccio_fx.passes.calibrate", 5, "lower"),
+    Rule("duccio_fx.passes.integerize", 5, "lower"),
     Rule("duccio_fx.cli.*", 6),
 )
 

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from duccio_fx import zoo as z
 from duccio_fx.cli.inspect_view import inspect_report, render_inspect
+from duccio_fx.cli.lower_cmd import run_lower
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_cmd import run_optimize
 from duccio_fx.cli.target_report import render_target_report, target_report
@@ -146,6 +147,9 @@ def optimize(
                                            "DIR/NNN_<pass>.txt"),
     backend: list[str] = typer.Option(["onnx"], "--backend", help="deployment files to write (repeatable; "
                                       "`duccio-fx methods` lists methods and backends)"),
+    dory: bool = typer.Option(False, "--dory", help="also lower the result to DORY's 8-bit inputs in OUT/dory/ "
+                              "(see `duccio-fx lower`)"),
+    calib_batches: int = typer.Option(8, "--calib-batches", help="with --dory: training batches for calibration"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -182,7 +186,32 @@ def optimize(
                                   method=method)
         code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
                             resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
-                            instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend)
+                            instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend,
+                            dory=dory, calib_batches=calib_batches)
+    except DuccioError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)
+
+
+@app.command("lower")
+def lower_cmd(
+    source: str = typer.Argument(..., help="a finished `optimize` run directory, a model file or zoo:NAME"),
+    target: str = typer.Option("gap8", "--target", help="a DORY target: gap8, gap9 or a TOML path"),
+    out: Path = typer.Option(..., "--out", help="directory for DORY's inputs (network.onnx, config.json, goldens)"),
+    calib_batches: int = typer.Option(8, "--calib-batches", help="training batches used to calibrate the scales"),
+    percentile: float = typer.Option(99.99, "--percentile", help="percentile of the activations taken as range"),
+    as_json: bool = typer.Option(False, "--json", help="print lowering.json on stdout instead of tables"),
+    print_between_passes: bool = typer.Option(False, "--print-between-passes", help="print the IR after each pass"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass to DIR/NNN_<pass>.txt"),
+) -> None:
+    """Lower a model to an 8-bit integer network that DORY turns into GAP8 C code (Quantlab ONNX, config.json,
+    input.txt, out_layer{i}.txt golden activations, lowering.json), calibrated post-training on the model
+    file's train_loader(). Exit 1, with nothing written, on a layer DORY cannot run."""
+    try:
+        code = run_lower(source=source, target=load_target(target), out=out, calib_batches=calib_batches,
+                         percentile=percentile, as_json=as_json,
+                         instruments=_ir_instruments(print_between_passes, dump_ir,
+                                                     sys.stderr if as_json else sys.stdout))
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)

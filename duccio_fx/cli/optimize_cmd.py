@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 from rich.console import Console
 
+from duccio_fx.cli.lower_cmd import lower_model, render_lowering
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_view import LiveProgress, build_report, render_summary
 from duccio_fx.cli.target_report import target_report
@@ -72,7 +73,7 @@ def _save_model(model: torch.nn.Module, path: Path) -> None:
 def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint], settings: SearchSettings,
                  out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
                  instruments: Sequence[Instrument] = (), backends: Sequence[str] = ("onnx",),
-                 console: Console | None = None) -> int:
+                 dory: bool = False, calib_batches: int = 8, console: Console | None = None) -> int:
     """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
     console = console or Console(width=max(Console().width, 140))
     torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
@@ -97,8 +98,12 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     seed_rep = target_report(result.searchable.seed_terms, target)
     final_rep = target_report(result.final_terms, target)
     checks: dict[str, float] = {}
+    bundle = None
     if result.met:  # every backend runs and checks before any file is written
         lowered = [lower(name, result.model, spec.example_inputs, target, context) for name in backends]
+        if dory:
+            bundle, _ = lower_model(result.model, spec, target, calib_batches=calib_batches, percentile=99.99,
+                                    context=context, console=console)
         _save_model(result.model, out / "model.pt")
         files = {"model": str(out / "model.pt")}
         for name, low in zip(backends, lowered):
@@ -106,17 +111,30 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                 write_bytes_atomic(out / file, data)
                 files[name if len(low.files) == 1 else f"{name}:{file}"] = str(out / file)
             checks.update(low.checks)
+        if bundle is not None:
+            bundle.report["source"] = f"{out} (the result of {spec.source})"
+            bundle.save(out / "dory")
+            files["dory"] = str(out / "dory")
+            checks["dory_twin_max_abs_diff"] = bundle.report["checks"]["twin_max_abs_diff"]
     else:
         files = {"violating_model": str(out / "model-violating.pt")}
         _save_model(result.model, out / "model-violating.pt")
     files.update(report=str(out / "report.json"), summary=str(out / "summary.txt"))
     report = build_report(result, spec.source, target, seed_rep, final_rep, checks, files)
+    if bundle is not None:
+        report["dory"] = {"dir": str(out / "dory"), "accuracy": bundle.report.get("accuracy"),
+                          "layers": len(bundle.net.layers), "bnrelu_bits": bundle.report["bnrelu_bits"]}
     text_console = Console(record=True, width=120, file=io.StringIO())
     render_summary(report, text_console)
     write_text_atomic(out / "summary.txt", text_console.export_text())
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))  # last: marks the run finished
     checkpoint.unlink(missing_ok=True)
     render_summary(report, console)
+    if bundle is not None:
+        render_lowering(bundle, out / "dory", console)
+    elif dory:
+        console.print("[yellow]note:[/] --dory: nothing lowered, the search did not meet its constraints",
+                      highlight=False)
     if not result.met:
         console.print(f"[bold red]error:[/] the search ended with a violated constraint; the model is in "
                       f"{out / 'model-violating.pt'} and is NOT a valid result", highlight=False)

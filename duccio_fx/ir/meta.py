@@ -22,6 +22,9 @@ MASK_KEY = "duccio_mask"  # consumers of masked channels, after mask-insertion
 GROUPS_KEY = "duccio_channel_groups"  # on GraphModule.meta: tuple[ChannelGroup, ...]
 PASSES_KEY = "duccio_passes"  # on GraphModule.meta: names of the passes run on this graph, in order
 MODEL_KEY = "duccio_model"  # on GraphModule.meta: the class name of the traced model (copies lose it)
+DORY_KEY = "duccio_dory"  # after dory-layers: the DORY layer a node belongs to, and its part in it
+QUANT_KEY = "duccio_quant"  # after calibrate: integer type and scale of a DORY layer's output (and the input)
+INTNET_KEY = "duccio_intnet"  # on GraphModule.meta after integerize: the integer network (lower.intnet.IntNet)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,52 @@ class MaskUse:
 
     def __str__(self) -> str:
         return "mask(" + ",".join(f"g{g}" for g in self.groups) + ")"
+
+
+@dataclass(frozen=True)
+class DoryPart:
+    """A node's part in a DORY layer: `layer` is the layer's index (its golden file's number), or -1 for
+    nodes that vanish in the integer network (flatten, dropout, identity, size queries). The layer's main
+    node carries the fused activation range `clamp` and the name of the node that ends the layer."""
+
+    layer: int
+    kind: str  # "conv" | "linear" | "add" | "maxpool" | "avgpool" (main nodes), "act", "flatten", "none"
+    clamp: tuple[float, float] | None = None
+    output: str = ""
+
+    def __str__(self) -> str:
+        if self.layer < 0:
+            return self.kind
+        act = "" if self.clamp is None else f"+clip({self.clamp[0]:g},{self.clamp[1]:g})"
+        return f"L{self.layer}:{self.kind}{act}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An 8-bit (or `bits`) integer activation: real value = `scale` * integer, signed or not."""
+
+    scale: float
+    bits: int
+    signed: bool
+
+    def __str__(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}*{self.scale:.4g}"
+
+
+def dory_part(node: Node) -> DoryPart | None:
+    return node.meta.get(DORY_KEY)
+
+
+def set_dory_part(node: Node, part: DoryPart) -> None:
+    node.meta[DORY_KEY] = part
+
+
+def quant_spec(node: Node) -> QuantSpec | None:
+    return node.meta.get(QUANT_KEY)
+
+
+def set_quant_spec(node: Node, spec: QuantSpec) -> None:
+    node.meta[QUANT_KEY] = spec
 
 
 def tensor_info(node: Node) -> ValueInfo:

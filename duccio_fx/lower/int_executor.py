@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from duccio_fx.lower.intnet import NETWORK_INPUT, Add, Branch, Conv, IntNet, IntType, Linear, Pool, Requant
+from duccio_fx.lower.intnet import (NETWORK_INPUT, Add, Branch, Conv, IntNet, IntType, Linear, Pool, Requant,
+                                    pool_multiplier)
 
 
 def _const(array: np.ndarray, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,9 +72,11 @@ def _pool(layer: Pool, x: torch.Tensor) -> torch.Tensor:
         return _exact_int(F.max_pool2d(padded, kernel, stride))
     padded = F.pad(x.to(torch.float64), (left, right, top, bottom))
     total = _exact_int(F.avg_pool2d(padded, kernel, stride, divisor_override=1))
-    if layer.requant is not None:
-        return requantize(total, layer.requant)
-    return torch.div(total, kernel[0] * kernel[1], rounding_mode="floor")
+    window = kernel[0] * kernel[1]
+    if layer.requant is not None:  # the kernel divides the multiplier by the window first (C integer division)
+        rq = layer.requant
+        return requantize(total, Requant(pool_multiplier(rq.mul, window), rq.add, rq.shift, rq.out))
+    return torch.div(total, window, rounding_mode="floor")
 
 
 def run(net: IntNet, x: torch.Tensor) -> list[torch.Tensor]:

@@ -10,10 +10,17 @@ Arithmetic (the kernels' integer arithmetic, `>>` is an arithmetic shift, i.e. f
 
 * requant of an accumulator `acc`: `clip((acc * mul + add) >> shift, out.lo, out.hi)`; mul/add per
   output channel after a conv or linear layer, scalars after a pooling layer;
-* conv/linear: `acc = Σ w·x + bias` exactly (int64), then the requant (or none: a raw int32 head);
-* residual add: each branch `b_i = clip((x_i * mul_i + add_i) >> shift_i)` into the branch range, then
-  `clip(((b_1 + b_2) * out_mul + out_add) >> out_shift)` into the output range;
-* average pooling: the window's sum, then the scalar requant; max pooling: the window's maximum.
+* conv/linear: `acc = Σ w·x + bias` exactly (the executor sums in float64, exact below 2^53), then the requant (or none: a raw int32 head);
+* every clip is to the full range of the output type (u8 [0, 255], i8 [-128, 127]): the kernels ignore the
+  ONNX Clip's min/max and only read its sign;
+* residual add: each branch `b_i = clip((x_i * mul_i + add_i) >> shift_i)` into the 8-bit range of that
+  input's signedness, then `clip(((b_1 + b_2) * out_mul + out_add) >> out_shift)` into the output range;
+* average pooling: the window's sum `s`, then `clip((s * (mul // K) + add) >> shift)` with K the window size
+  (the kernel divides the multiplier by K first, in C integer division, so a lowering picks mul divisible by K); without requant
+  `floor(s / K)`; max pooling: the window's maximum, padding skipped.
+
+Sources: pulp-nn-mixed (XpulpV2) `pulp_nn_utils.h` (bn_quant, clip8/clips8), `Add/pulp_nn_add_*.c`,
+`AvgPool/pulp_nn_avgpool_*.c`, `LinearNoQuant/pulp_nn_linear_*_i32_*.c`, at the commit DORY be3d6dd pins.
 """
 
 from __future__ import annotations
@@ -98,7 +105,8 @@ class Linear:
 
 @dataclass(frozen=True)
 class Branch:
-    """One input of a residual add, moved to the output scale: `clip((x * mul + add) >> shift, into)`."""
+    """One input of a residual add, moved to the output scale: `clip((x * mul + add) >> shift, into)`, where
+    `into` is the 8-bit type of that input's signedness (the kernel's clip8 / clips8)."""
 
     mul: int
     add: int
@@ -133,6 +141,13 @@ class Pool:
     pads: tuple[int, int, int, int]
     requant: Requant | None = None
     global_: bool = False
+
+
+def pool_multiplier(mul: np.ndarray, window: int) -> np.ndarray:
+    """The multiplier an average-pool kernel applies to the window sum: `mul / K` in C integer division
+    (rounds toward zero, unlike numpy's `//` for negative values)."""
+    mul = np.asarray(mul, dtype=np.int64)
+    return np.sign(mul) * (np.abs(mul) // window)
 
 
 IntLayer = Union[Conv, Linear, Add, Pool]

@@ -294,8 +294,8 @@ def read_quantlab(source: bytes | str | Path, *, input_bits: int = 8, input_sign
             in_types = [net.input_type if s == NETWORK_INPUT else net.out_type(s) for s in (first, second)]
             signed = bool(a.get("out_signed", any(t.signed for t in in_types)))
             out_type = IntType(int(math.log2(a["out_n_levels"])), signed)
-            branches = [Branch(int(a[f"{k}_mul"]), int(a[f"{k}_add"]), int(a[f"{k}_shift"]), out_type)
-                        for k in ("in1", "in2")]
+            branches = [Branch(int(a[f"{k}_mul"]), int(a[f"{k}_add"]), int(a[f"{k}_shift"]), IntType(8, t.signed))
+                        for k, t in zip(("in1", "in2"), in_types)]
             net.layers.append(Add(f"add{out}", (first, second), branches[0], branches[1], int(a["out_mul"]),
                                   int(a["out_add"]), int(a["out_shift"]), out_type))
             where[out] = len(net.layers) - 1

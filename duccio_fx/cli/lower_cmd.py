@@ -1,0 +1,116 @@
+"""`duccio-fx lower` and `optimize --dory`: lower a model (a finished run's result or any model file) to the
+directory DORY generates GAP8 code from, with the integer accuracy the executor measures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from duccio_fx.cli.model_file import ModelSpec, load_model_file
+from duccio_fx.common.errors import DuccioError, ModelFileError
+from duccio_fx.ir.pass_manager import Instrument, PassContext
+from duccio_fx.lower.dory import DoryBundle, lower_to_dory
+from duccio_fx.targets import Target
+
+RANDOM_CALIBRATION_BATCHES = 4
+
+
+def _loader(spec: ModelSpec, name: str) -> Iterable[Any] | None:
+    fn = spec.namespace.get(name)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except Exception as err:
+        raise ModelFileError(f"{name}() raised {type(err).__name__}: {err}", where=spec.source,
+                             fix=f"fix {name}() in {spec.source}") from err
+
+
+def load_source(source: str) -> tuple[torch.nn.Module, ModelSpec, str]:
+    """The model to lower and its model file: a finished optimize run directory, a model file or zoo:NAME."""
+    path = Path(source)
+    if path.is_dir():
+        report_file, model_file = path / "report.json", path / "model.pt"
+        if not report_file.exists() or not model_file.exists():
+            raise DuccioError(f"{path} is not a finished optimize run (no report.json and model.pt)", where=str(path),
+                              fix="give a run directory whose search met its constraints, or a model file")
+        model_source = json.loads(report_file.read_text()).get("source", "")
+        spec = load_model_file(model_source)
+        model = torch.load(model_file, weights_only=False)
+        return model, spec, f"{path} (the result of {model_source})"
+    spec = load_model_file(source)
+    return spec.model, spec, spec.source
+
+
+def lower_model(model: torch.nn.Module, spec: ModelSpec, target: Target, *, calib_batches: int, percentile: float,
+                context: PassContext, console: Console) -> tuple[DoryBundle, str]:
+    """Calibrate on the model file's train_loader() (random inputs when it has none), lower, and measure the
+    float and integer accuracy on val_loader() when there is one."""
+    train = _loader(spec, "train_loader")
+    calibration = "train_loader()"
+    if train is None:
+        generator = torch.Generator().manual_seed(0)
+        example = spec.example_inputs[0]
+        train = [torch.randn((8, *example.shape[1:]), generator=generator) for _ in range(RANDOM_CALIBRATION_BATCHES)]
+        calibration = "random normal inputs (the model file has no train_loader())"
+        console.print(f"[yellow]note:[/] calibrating on {calibration}; the scales are only as good as that",
+                      highlight=False)
+    bundle = lower_to_dory(model, train, target, calib_batches=calib_batches, percentile=percentile, context=context,
+                           leaf_modules=spec.leaf_modules)
+    bundle.report["calibration"]["data"] = calibration
+    val = _loader(spec, "val_loader")
+    if val is not None:
+        bundle.evaluate(val)
+    return bundle, calibration
+
+
+def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> None:
+    report = bundle.report
+    table = Table(title=f"DORY layers for {report['platform'] or report['target']} (BNRelu_bits "
+                        f"{report['bnrelu_bits']})")
+    for col, justify in (("#", "right"), ("layer", "left"), ("from", "left"), ("out (C,H,W)", "left"),
+                         ("type", "left"), ("shift", "right"), ("bytes", "right"), ("level", "left"),
+                         ("cycles", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in report["layers"]:
+        table.add_row(str(row["index"]), row["kind"], row["source"], "x".join(map(str, row["out_shape_chw"])),
+                      row["out_type"], "" if row["requant_shift"] is None else str(row["requant_shift"]),
+                      f"{row['bytes']:,.0f}", row["level"], "" if row["cycles"] is None else f"{row['cycles']:,.0f}")
+    console.print(table)
+    acc = report.get("accuracy")
+    if acc:
+        console.print(f"accuracy on {acc['samples']} validation samples: float {acc['float_accuracy']:.2%}, "
+                      f"integer {acc['integer_accuracy']:.2%} (drop {acc['drop'] * 100:+.2f} points; the integer "
+                      f"network picks the float model's class on {acc['argmax_agreement']:.2%})", highlight=False)
+    checks = report["checks"]
+    console.print(f"checks: onnxruntime on the standard-ops twin == integer executor on every value of every layer "
+                  f"(max diff {checks['twin_max_abs_diff']:.0f}); the Quantlab ONNX reads back to the same network",
+                  highlight=False)
+    if out is not None:
+        console.print(f"wrote {out}/: network.onnx, config.json, input.txt, out_layer0..{len(report['layers']) - 1}"
+                      ".txt, network_twin.onnx, lowering.json", highlight=False)
+
+
+def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, percentile: float,
+              instruments: Sequence[Instrument] = (), as_json: bool = False, console: Console | None = None) -> int:
+    console = console or Console(width=max(Console().width, 140), stderr=as_json)
+    if calib_batches < 1:
+        raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
+    if not 0 < percentile <= 100:
+        raise DuccioError(f"--percentile {percentile} must be in (0, 100]", where="--percentile",
+                          fix="e.g. 99.99 (100 is the plain maximum)")
+    model, spec, described = load_source(source)
+    bundle, _ = lower_model(model, spec, target, calib_batches=calib_batches, percentile=percentile,
+                            context=PassContext(instruments), console=console)
+    bundle.report["source"] = described
+    bundle.save(out)
+    if as_json:
+        print(json.dumps(bundle.report, indent=2))
+    else:
+        render_lowering(bundle, out, console)
+    return 0

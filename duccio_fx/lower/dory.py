@@ -1,0 +1,245 @@
+"""The DORY lowering: a float model + calibration data → the directory DORY generates GAP8 C code from.
+
+Flow (each step a pass, visible in `--dump-ir`): trace with shapes → `fold-batchnorm` → `dory-layers`
+(grouping, activation fusion, refusal of what DORY cannot run) → `calibrate` (8-bit types and scales) →
+`integerize` (the `IntNet`). Then the integer executor computes the golden activations, and the emitters
+write the Quantlab ONNX, its standard-ops twin, DORY's config, `input.txt`, `out_layer{i}.txt` and
+`lowering.json`. Before anything is returned, onnxruntime runs the twin and must equal the executor on every
+value of every layer, and the Quantlab file must read back to the same network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from duccio_fx.common.atomic import write_bytes_atomic
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.costs.latency import layer_cycles
+from duccio_fx.costs.memory import layer_bytes
+from duccio_fx.costs.terms import evaluate, value
+from duccio_fx.ir.meta import INTNET_KEY, layer_terms
+from duccio_fx.ir.pass_manager import PassContext
+from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.lower.dory_files import config_json, golden_text
+from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
+from duccio_fx.lower.intnet import Add, Conv, IntNet, Linear, Pool
+from duccio_fx.lower.quantlab_onnx import read_quantlab, write_quantlab
+from duccio_fx.lower.twin_onnx import run_twin, write_twin
+from duccio_fx.passes.calibrate import Calibrate
+from duccio_fx.passes.dory_layers import DoryLayers
+from duccio_fx.passes.fold_batchnorm import FoldBatchNorm
+from duccio_fx.passes.integerize import Integerize, LayerNote
+from duccio_fx.pipeline import analyze, trace
+from duccio_fx.targets import Target, load_target
+
+ONNX_FILE = "network.onnx"
+TWIN_FILE = "network_twin.onnx"
+
+
+def _inputs_of(item: Any) -> torch.Tensor:
+    """The input tensor of one loader item: `x`, `(x, y)` or `[x, y]`."""
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return item[0]
+    raise DuccioError(f"a calibration batch is a {type(item).__name__}, not a tensor or an (inputs, labels) pair",
+                      where="calibration data", fix="give a loader that yields (inputs, labels) batches")
+
+
+def take_batches(data: Iterable[Any], n: int) -> list[torch.Tensor]:
+    """The first `n` input batches of a loader (or one tensor)."""
+    if isinstance(data, torch.Tensor):
+        return [data]
+    batches: list[torch.Tensor] = []
+    for item in data:
+        batches.append(_inputs_of(item))
+        if len(batches) >= n:
+            break
+    return batches
+
+
+def _layer_kind(layer: Any) -> str:
+    if isinstance(layer, Conv):
+        return "depthwise" if layer.groups > 1 else "conv"
+    if isinstance(layer, Linear):
+        return "linear" if layer.requant is not None else "linear (int32 head)"
+    if isinstance(layer, Add):
+        return "add"
+    assert isinstance(layer, Pool)
+    return ("global " if layer.global_ else "") + ("max" if layer.mode == "max" else "average") + " pool"
+
+
+@dataclass
+class DoryBundle:
+    """A lowered network: the integer network, the files of the DORY directory and the report."""
+
+    net: IntNet
+    files: dict[str, bytes]
+    report: dict[str, Any]
+    float_model: nn.Module = field(repr=False)
+
+    def all_files(self) -> dict[str, bytes]:
+        """Every file of the DORY directory, `lowering.json` written from the current report."""
+        return {**self.files, "lowering.json": (json.dumps(self.report, indent=2) + "\n").encode()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write every file atomically into `directory` (created if needed)."""
+        out = Path(directory)
+        for name, data in self.all_files().items():
+            write_bytes_atomic(out / name, data)
+        return out
+
+    def predict_int(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer network's final output for a float input batch (int64)."""
+        return run(self.net, quantize_input(self.net, x))[-1]
+
+    def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Top-1 accuracy of the float model and of the integer network (the executor) on `loader`."""
+        float_hits = int_hits = agree = total = 0
+        model = self.float_model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            for item in loader:
+                x, y = item[0], item[1]
+                f = model(x.to(device)).argmax(dim=1).cpu()
+                i = self.predict_int(x).reshape(len(x), -1).argmax(dim=1).cpu()
+                float_hits += int((f == y).sum())
+                int_hits += int((i == y).sum())
+                agree += int((f == i).sum())
+                total += len(y)
+        total = max(total, 1)
+        result = {"float_accuracy": float_hits / total, "integer_accuracy": int_hits / total,
+                  "drop": (float_hits - int_hits) / total, "argmax_agreement": agree / total, "samples": total}
+        self.report["accuracy"] = result
+        return result
+
+
+def _memory_rows(model: nn.Module, example: torch.Tensor, net: IntNet, shapes: list[tuple[int, ...]],
+                 target: Target) -> list[dict[str, Any]]:
+    """Per layer: our bytes (DORY's accounting), the level DORY's tiler should pick (L2 when the whole layer fits
+    L2's budget, else L3 tiling) and cycles from the target's latency model (conv/linear layers)."""
+    values = {v.term.name: v for v in evaluate(layer_terms(analyze(model, example)))}
+    l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
+    rows = []
+    for i, layer in enumerate(net.layers):
+        source = net.sources[i] if i < len(net.sources) else ""
+        row: dict[str, Any] = {}
+        v = values.get(source)
+        if isinstance(layer, (Conv, Linear)) and v is not None:
+            row["bytes"] = value(layer_bytes(v, target, l2))
+            row["level"] = "L2" if l2 is not None and row["bytes"] <= l2.usable else "L3"
+            row["cycles"] = value(layer_cycles(v, target))
+        else:
+            in_elems = sum(int(np.prod(net.input_shape if s < 0 else shapes[s])) for s in net.inputs_of(i))
+            total = in_elems + int(np.prod(shapes[i]))
+            row["bytes"] = total * target.bits.activations // 8
+            row["level"] = "L2" if l2 is not None and row["bytes"] <= l2.usable else "L3"
+            row["cycles"] = None
+        rows.append(row)
+    return rows
+
+
+def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target: str | Path | Target = "gap8", *,
+                  calib_batches: int = 8, percentile: float = 99.99, context: PassContext | None = None,
+                  leaf_modules: Sequence[LeafSpec] = (), golden_input: torch.Tensor | None = None) -> DoryBundle:
+    """Lower a float model to DORY's inputs for `target`, calibrated on the first `calib_batches` batches of
+    `calib` (a loader of `(inputs, labels)` or a tensor). The model given is not modified."""
+    target = load_target(target)
+    if target.deployment.toolchain != "dory":
+        raise DuccioError(f"target '{target.name}' has no DORY backend (its toolchain is "
+                          f"'{target.deployment.toolchain or 'unset'}')", where=f"target '{target.name}'",
+                          fix="lower for a DORY target (gap8, gap9), or set [deployment] toolchain = \"dory\"")
+    batches = take_batches(calib, max(1, calib_batches))
+    if not batches:
+        raise DuccioError("the calibration data is empty", where="calibration data",
+                          fix="give a loader with at least one batch")
+    model = copy.deepcopy(model).eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [b.to(device) for b in batches]
+    example = batches[0][:1]
+    context = context or PassContext()
+    bnrelu_bits = target.bits.requant
+    gm = trace(model, example, leaf_modules, context=context)
+    integerize = Integerize(bnrelu_bits=bnrelu_bits, weight_bits=target.bits.weights)
+    context.run(gm, [FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile), integerize])
+    net: IntNet = gm.meta[INTNET_KEY]
+    net.sources = [note.source.split(" ")[0] for note in integerize.notes]
+    shapes = output_shapes(net)
+
+    x_float = (golden_input if golden_input is not None else batches[0][:1]).to(device)
+    x_int = quantize_input(net, x_float.cpu())
+    outputs = run(net, x_int)
+
+    quantlab = write_quantlab(net, shapes)
+    twin = write_twin(net, shapes)
+    checks = _check(net, quantlab, twin, x_int, outputs)
+    files: dict[str, bytes] = {ONNX_FILE: quantlab, TWIN_FILE: twin}
+    files["config.json"] = config_json(ONNX_FILE, code_reserved_bytes=_reserved_l2(target), bnrelu_bits=bnrelu_bits,
+                                       input_bits=net.input_type.bits, input_signed=net.input_type.signed).encode()
+    files["input.txt"] = golden_text("input", x_int[0].numpy()).encode()
+    for i, out in enumerate(outputs):
+        files[f"out_layer{i}.txt"] = golden_text(f"layer{i}", out[0].numpy()).encode()
+
+    with torch.no_grad():
+        float_out = gm(batches[0]).float().cpu()
+    int_out = run(net, quantize_input(net, batches[0].cpu()))[-1].double()
+    head_scale = net.scales[-1] if net.scales and net.scales[-1] else 1.0
+    agreement = float((float_out.reshape(len(float_out), -1).argmax(1)
+                       == int_out.reshape(len(int_out), -1).argmax(1)).double().mean())
+    report = _report(net, shapes, integerize.notes, _memory_rows(model, example, net, shapes, target),
+                     target, bnrelu_bits, percentile, len(batches), checks)
+    report["calibration_argmax_agreement"] = agreement
+    if isinstance(net.layers[-1], Linear) and net.layers[-1].requant is None:  # int32 head: logits comparable
+        report["calibration_max_abs_logit_error"] = float((float_out.double() - int_out * head_scale).abs().max())
+    return DoryBundle(net, files, report, gm)
+
+
+def _reserved_l2(target: Target) -> int:
+    l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
+    return int(l2.reserved) if l2 is not None else 0
+
+
+def _check(net: IntNet, quantlab: bytes, twin: bytes, x_int: torch.Tensor,
+           outputs: list[torch.Tensor]) -> dict[str, float]:
+    """The Quantlab file reads back to the same network, and onnxruntime on the twin equals the executor."""
+    again = run(read_quantlab(quantlab, input_bits=net.input_type.bits, input_signed=net.input_type.signed), x_int)
+    for i, (a, b) in enumerate(zip(again, outputs)):
+        if not torch.equal(a, b):
+            raise DuccioError(f"the Quantlab ONNX does not read back to the integer network (layer {i})",
+                              where=f"integer layer {i}", fix="report this model")
+    ort_outputs = run_twin(twin, x_int.numpy())
+    worst = 0
+    for i, (theirs, ours) in enumerate(zip(ort_outputs, outputs)):
+        diff = int(np.abs(theirs.astype(np.int64) - ours.numpy()).max(initial=0))
+        worst = max(worst, diff)
+        if diff:
+            raise DuccioError(f"onnxruntime on the standard-ops twin differs from the integer executor at layer {i} "
+                              f"(by up to {diff})", where=f"integer layer {i}", fix="report this model")
+    return {"twin_max_abs_diff": float(worst), "quantlab_round_trip": 1.0}
+
+
+def _report(net: IntNet, shapes: list[tuple[int, ...]], notes: list[LayerNote], memory: list[dict[str, Any]],
+            target: Target, bnrelu_bits: int, percentile: float, n_batches: int,
+            checks: dict[str, float]) -> dict[str, Any]:
+    layers = []
+    for i, layer in enumerate(net.layers):
+        note = notes[i]
+        row: dict[str, Any] = {"index": i, "name": layer.name, "kind": _layer_kind(layer), "source": note.source,
+                               "inputs": list(net.inputs_of(i)), "out_shape_chw": list(shapes[i]),
+                               "out_type": net.out_type(i).name, "scale": note.scale,
+                               "requant_shift": note.requant_shift, "rounding_bound_lsb": note.error_bound_lsb}
+        row.update(memory[i])
+        layers.append(row)
+    return {"target": target.name, "platform": target.deployment.platform, "bnrelu_bits": bnrelu_bits,
+            "input": {"shape_chw": list(net.input_shape), "type": net.input_type.name, "scale": net.input_scale},
+            "calibration": {"batches": n_batches, "percentile": percentile},
+            "layers": layers, "checks": checks}
+
