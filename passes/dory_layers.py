@@ -247,7 +247,7 @@ class DoryLayers(Pass):
         if conv.groups != 1 and not (conv.groups == conv.in_channels == conv.out_channels):
             raise _err(node, f"a grouped conv ({conv.groups} groups, {conv.in_channels} -> {conv.out_channels} "
                              "channels): DORY runs only ungrouped and depthwise convs",
-                       "make the conv depthwise (groups = in = out channels) or ungrouped")
+                       "make the conv depthwise or ungrouped (groups = in = out channels, or groups = 1)")
         if conv.padding_mode != "zeros":
             raise _err(node, f"a conv with padding_mode '{conv.padding_mode}'", "use zero padding")
         if self.target is not None and conv.groups == 1:

@@ -2,7 +2,8 @@
 
 DORY has no BatchNorm layer: a conv's requantization carries the per-channel scale and shift. Folding is
 exact in real arithmetic, `w' = w·γ/σ`, `b' = (b − μ)·γ/σ + β` with `σ = sqrt(var + eps)`, and within float
-rounding in practice (tested ≤ 1e-5). The folded layer is a new module; the model given is not modified.
+rounding in practice (tested ≤ 1e-5). The folded layer is a new module under the layer's name in the graph
+module's own module tree (tracing copies that tree), so the traced model keeps its BatchNorm.
 A BatchNorm whose input is not a conv/linear used only by it stays, and `dory-layers` reports it.
 """
 
@@ -63,9 +64,7 @@ class FoldBatchNorm(Pass):
                 continue
             if isinstance(layer, nn.Linear) != isinstance(bn, nn.BatchNorm1d):
                 continue
-            name = f"{producer.target}_folded".replace(".", "_")
-            gm.add_submodule(name, fold(layer, bn))
-            producer.target = name
+            gm.add_submodule(str(producer.target), fold(layer, bn))
             node.replace_all_uses_with(producer)
             gm.graph.erase_node(node)
             changed = True

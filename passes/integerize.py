@@ -52,10 +52,15 @@ def _pair(v: Any) -> tuple[int, int]:
 class LayerNote:
     """What the report says about one integer layer: where it came from and its rounding bound."""
 
-    source: str
+    node: str
+    module: str  # the module's qualified name ('' for functions): what the cost terms are named after
     scale: float | None
     requant_shift: int | None
     error_bound_lsb: float
+
+    @property
+    def source(self) -> str:
+        return f"{self.node} ({self.module})" if self.module and self.module != self.node else self.node
 
 
 def choose_requant(m: np.ndarray, b: np.ndarray, acc_max: np.ndarray, out: IntType, bnrelu_bits: int,
@@ -139,8 +144,8 @@ class Integerize(Pass):
         return source, spec
 
     def _note(self, node: Node, scale: float | None, shift: int | None, bound: float) -> None:
-        self.notes.append(LayerNote(f"{node.name} ({node.target if node.op == 'call_module' else node.op})",
-                                    scale, shift, bound))
+        module = str(node.target) if node.op == "call_module" else ""
+        self.notes.append(LayerNote(node.name, module, scale, shift, bound))
 
     def _layer(self, index: int, node: Node, kind: str, spec: QuantSpec | None) -> tuple[IntLayer, float | None]:
         name = f"layer{index}"

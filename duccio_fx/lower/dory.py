@@ -27,7 +27,7 @@ from duccio_fx.costs.memory import layer_bytes
 from duccio_fx.costs.terms import evaluate, value
 from duccio_fx.ir.meta import INTNET_KEY, layer_terms
 from duccio_fx.ir.pass_manager import PassContext
-from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.ir.tracer import LeafSpec, locate_errors
 from duccio_fx.lower.dory_files import config_json, golden_text
 from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
 from duccio_fx.lower.intnet import Add, Conv, IntNet, Linear, Pool
@@ -169,9 +169,10 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     bnrelu_bits = target.bits.requant
     gm = trace(model, example, leaf_modules, context=context)
     integerize = Integerize(bnrelu_bits=bnrelu_bits, weight_bits=target.bits.weights)
-    context.run(gm, [FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile), integerize])
+    with locate_errors(model, leaf_modules):  # errors about a node name the user's source line
+        context.run(gm, [FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile), integerize])
     net: IntNet = gm.meta[INTNET_KEY]
-    net.sources = [note.source.split(" ")[0] for note in integerize.notes]
+    net.sources = [note.module or note.node for note in integerize.notes]
     shapes = output_shapes(net)
 
     x_float = (golden_input if golden_input is not None else batches[0][:1]).to(device)

@@ -61,7 +61,10 @@ def _flat(value: Any) -> list[torch.Tensor]:
 def _check(data: bytes, model: nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str]) -> float:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()  # no spinning workers: they would slow the torch work that follows
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     got = session.run(None, {n: x.detach().numpy() for n, x in zip(names, inputs)})
     with torch.no_grad():
         want = _flat(model(*inputs))

@@ -297,6 +297,9 @@ def run_twin(data: bytes, x: np.ndarray) -> list[np.ndarray]:
     array = array.astype(np.int64)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # onnxruntime's worker threads spin after a run and slow torch down in the same process by 30x: no spinning
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
