@@ -283,3 +283,27 @@ def test_quantlab_file_follows_dorys_naming(tmp_path):
     adds = [n for n in proto.graph.node if n.op_type == "Add" and len(n.attribute) > 2]
     assert len(adds) == 3 and all(int(n.input[0]) > int(n.input[1]) for n in adds)  # later branch first
     assert Path(tmp_path).exists()
+
+
+# -- integer accuracy on real data ------------------------------------------------------------------------
+
+def test_integer_accuracy_on_mnist_is_within_one_point_of_float():
+    """PTQ on the README's example: 3 training epochs of the seed, calibration on 8 batches, then the integer
+    executor on all 1 000 validation digits must be within 1 percentage point of the float model."""
+    from duccio_fx.cli.model_file import load_model_file
+
+    torch.manual_seed(0)  # the model file builds its weights, and its loader shuffles, from the global RNG
+    spec = load_model_file(Path(__file__).parents[1] / "examples" / "mnist.py")
+    model = spec.model
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for x, y in (batch for _ in range(3) for batch in spec.namespace["train_loader"]()):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    bundle = lower_to_dory(model.eval(), spec.namespace["train_loader"](), "gap8", calib_batches=8)
+    acc = bundle.evaluate(spec.namespace["val_loader"]())
+    assert acc["samples"] == 1000
+    assert acc["float_accuracy"] > 0.85
+    assert abs(acc["drop"]) <= 0.01, acc
+    assert json.loads(bundle.all_files()["lowering.json"])["accuracy"] == acc

@@ -1,0 +1,253 @@
+"""Our L2/L3 prediction (`lowering.json` `level` and `bytes`) against the real DORY tiler, without DORY in CI.
+
+Each case is a small network built around GAP8's L2 budget (512 000 - 132 000 = 380 000 B): just below, just
+above, and the spots where DORY's decision differs from ours for a known reason. `DORY` holds, per DORY layer,
+the level DORY's tiler decided ("L3" when it L3-tiles weights, input or output) and the bytes its Layer_node
+accounts (weights + bias + k/l constants + input + output), measured with the real DORY (commit be3d6dd,
+`check_dory.py DIR --target gap8 --full`). The tests assert that our prediction equals DORY's except exactly
+where `EXPLAINED` says why (DORY source lines, paths under dory/):
+
+* depthwise-16x: Parsers/Layer_node.py:127-128 counts depthwise weights 16x, so the L3 tiler runs
+  (Hardware_targets/PULP/Common/Tiler/tiler_conv2d.py:69-70), but its solver counts them 1x
+  (tiler_conv2d.py:132) and keeps the whole layer: nothing is L3-tiled. We keep the 16x, so we say L3.
+* add-one-input: an Addition accounts one input (Layer_node.py:132) and tiler_add.py:65-67 compares
+  input + output with the budget; our add row counts both inputs + output.
+* input-from-L3: the layer after one whose output went to L3 reads its input from L3
+  (tiler_conv2d.py:63-65) even when it fits L2 by itself; we price each layer alone.
+
+With `DORY_CHECK` (path of check_dory.py) and `DORY_VENV` set, the last tests run the real checker: on the
+lowered zoo ResNet-8 (must be accepted, exit 0, every level agreeing) and on these cases (DORY must still
+decide what `DORY` records). They skip cleanly otherwise. `benchmarks/dory_agreement.py` does the same on
+whole networks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from duccio_fx import zoo
+from duccio_fx.lower.dory import lower_to_dory
+from duccio_fx.targets import load_target
+
+BUDGET = 380_000  # GAP8 L2 512 000 B - DORY "code reserved space" 132 000 B (targets/gap8.toml)
+
+
+class Pointwise(nn.Module):
+    """1x1 conv as the first layer (its input is the network input), then the GAP + int32 FC head."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(cin, cout, 1)
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cout, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.gap(self.relu(self.pw(x))), 1))
+
+
+class Depthwise(nn.Module):
+    """3x3 depthwise conv over `c` channels, then the GAP + int32 FC head."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, 1, 1, groups=c)
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.gap(self.relu(self.dw(x))), 1))
+
+
+class Head(nn.Module):
+    """An int32 FC head as the only layer (on a [cin, 1, 1] input): input + 4 B outputs + weights + 4 B biases."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cin, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(x, 1))
+
+
+class HiddenFC(nn.Module):
+    """A requantized FC (k and l per output, no bias) before a small head."""
+
+    def __init__(self, cin: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cin, hidden)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class Residual(nn.Module):
+    """a = conv1x1(x) 16->32, b = conv1x1(a) 32->32, add(a, b) at 64x64: each tensor 131 072 B."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(16, 32, 1)
+        self.relu_a = nn.ReLU()
+        self.b = nn.Conv2d(32, 32, 1)
+        self.relu_b = nn.ReLU()
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu_a(self.a(x))
+        y = self.relu(a + self.relu_b(self.b(a)))
+        return self.fc(torch.flatten(self.gap(y), 1))
+
+
+class Chain(nn.Module):
+    """conv 3->39 at 96x96 (388 kB, its output goes to L3), then a 1x1/2 conv 39->4 (369 kB, fits alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 39, 3, 1, 1)
+        self.relu0 = nn.ReLU()
+        self.conv1 = nn.Conv2d(39, 4, 1, 2)
+        self.relu1 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(self.relu0(self.conv0(x))))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    dory: tuple[tuple[str, int], ...]  # per DORY layer: (level, Layer_node bytes) measured with the real DORY
+    explained: dict[int, str]  # layer index -> why our level differs from DORY's
+
+
+CASES: dict[str, Case] = {
+    # 1x1 conv 32->88 at 56x56: 100 352 + 275 968 + 2 816 weights + 704 k/l = 379 840 B, 160 B below
+    "pointwise_below": Case(lambda: Pointwise(32, 88), (32, 56, 56), (), {}),
+    # 1x1 conv 40->80 at 56x56: 125 440 + 250 880 + 3 200 + 640 = 380 160 B, 160 B above (weights L3-tiled)
+    "pointwise_above": Case(lambda: Pointwise(40, 80), (40, 56, 56), (), {}),
+    # int32 head 1024->367: 1 024 + 1 468 + 375 808 + 1 468 bias = 379 768 B; 1024->368: 380 800 B
+    "head_below": Case(lambda: Head(1024, 367), (1024, 1, 1), (), {}),
+    "head_above": Case(lambda: Head(1024, 368), (1024, 1, 1), (), {}),
+    # requantized FC 1024->360: 1 024 + 360 + 368 640 + 2 880 = 372 904 B; 1024->368: 381 168 B
+    "hidden_fc_below": Case(lambda: HiddenFC(1024, 360), (1024, 1, 1), (), {}),
+    "hidden_fc_above": Case(lambda: HiddenFC(1024, 368), (1024, 1, 1), (), {}),
+    # depthwise 64 ch: 2 x 64·H·W activations + 16 x 576 weights + 512 k/l (DORY and us);
+    # the L3 solver counts the weights once: whole layer 2 x 64·H·W + 2 x (576 + 512)
+    "depthwise_52": Case(lambda: Depthwise(64), (64, 52, 52), (), {}),  # 355 840 B: fits either way
+    "depthwise_54": Case(lambda: Depthwise(64), (64, 54, 54), (), {0: "depthwise-16x"}),  # 382 976 B vs 375 424
+    "depthwise_56": Case(lambda: Depthwise(64), (64, 56, 56), (), {}),  # 411 136 B: L3 either way
+    # the add: ours 3 x 131 072 = 393 216 B, DORY's 2 x 131 072 = 262 144 B
+    "residual_add": Case(Residual, (16, 64, 64), (), {2: "add-one-input"}),
+    "chain_from_l3": Case(Chain, (3, 96, 96), (), {1: "input-from-L3"}),
+}
+
+
+def _lower(case: Case):
+    torch.manual_seed(0)
+    model = case.build()
+    calib = torch.randn((2, *case.input_shape), generator=torch.Generator().manual_seed(0))
+    return lower_to_dory(model, calib, "gap8", calib_batches=1)
+
+
+@pytest.fixture(scope="module")
+def lowered() -> dict[str, dict]:
+    torch.set_num_threads(1)  # the executor's float64 grouped convs crawl under OpenMP on a busy 2-core machine
+    return {name: _lower(case).report for name, case in CASES.items()}
+
+
+def test_budget_is_gap8_l2() -> None:
+    l2 = next(m for m in load_target("gap8").memory if m.name == "L2")
+    assert l2.usable == BUDGET
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_level_agrees_with_dory_or_differs_where_explained(name: str, lowered: dict[str, dict]) -> None:
+    case, layers = CASES[name], lowered[name]["layers"]
+    assert len(layers) == len(case.dory)
+    for i, (row, (dory_level, _)) in enumerate(zip(layers, case.dory)):
+        if i in case.explained:
+            assert row["level"] != dory_level, f"{name} layer {i}: explained difference ({case.explained[i]}) is gone"
+        else:
+            assert row["level"] == dory_level, f"{name} layer {i} ({row['kind']}): ours {row['level']}, DORY {dory_level}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bytes_equal_dory_accounting(name: str, lowered: dict[str, dict]) -> None:
+    """Our bytes are DORY's Layer_node bytes, except an add, where we also count the second input."""
+    case, layers = CASES[name], lowered[name]["layers"]
+    for i, (row, (_, dory_bytes)) in enumerate(zip(layers, case.dory)):
+        if row["kind"] == "add":
+            second = sum(torch.Size(layers[j]["out_shape_chw"]).numel() for j in row["inputs"][1:])
+            assert row["bytes"] == dory_bytes + second
+        else:
+            assert row["bytes"] == dory_bytes, f"{name} layer {i} ({row['kind']})"
+
+
+def test_boundary_cases_straddle_the_budget(lowered: dict[str, dict]) -> None:
+    """The pairs are a few hundred bytes either side of the budget, so an off-by-one term would show."""
+    for below, above in (("pointwise_below", "pointwise_above"), ("head_below", "head_above"),
+                         ("hidden_fc_below", "hidden_fc_above")):
+        b, a = lowered[below]["layers"][0]["bytes"], lowered[above]["layers"][0]["bytes"]
+        assert BUDGET - 10_000 < b <= BUDGET < a < BUDGET + 10_000, (below, b, above, a)
+
+
+# -- with the real DORY -------------------------------------------------------------------------------------
+
+DORY_CHECK = os.environ.get("DORY_CHECK")
+needs_dory = pytest.mark.skipif(not (DORY_CHECK and os.environ.get("DORY_VENV")),
+                                reason="set DORY_CHECK (path of check_dory.py) and DORY_VENV to run the real DORY")
+
+
+def _check(directory: Path, json_out: Path) -> tuple[int, dict, str]:
+    proc = subprocess.run([sys.executable, str(DORY_CHECK), str(directory), "--target", "gap8", "--full",
+                           "--json-out", str(json_out)], capture_output=True, text=True, timeout=600)
+    result = json.loads(json_out.read_text()) if json_out.exists() else {}
+    return proc.returncode, result, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _dory_level(layer: dict) -> str:
+    return "L3" if layer["weights_L3_tiled"] or layer["input_L3_tiled"] or layer["output_L3_tiled"] else "L2"
+
+
+@needs_dory
+def test_real_dory_accepts_zoo_resnet8(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    model, _ = zoo.build("resnet8")
+    calib = torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    bundle = lower_to_dory(model, calib, "gap8", calib_batches=1)
+    bundle.save(tmp_path / "resnet8")
+    rc, result, log = _check(tmp_path / "resnet8", tmp_path / "resnet8.json")
+    assert rc == 0, log
+    assert result["accepted"] is True
+    assert len(result["layers"]) == len(bundle.report["layers"])
+    for ours, dory in zip(bundle.report["layers"], result["layers"]):
+        assert ours["level"] == _dory_level(dory) == "L2"
+
+
+@needs_dory
+@pytest.mark.parametrize("name", list(CASES))
+def test_real_dory_still_decides_what_we_recorded(name: str, tmp_path: Path) -> None:
+    bundle = _lower(CASES[name])
+    bundle.save(tmp_path / name)
+    rc, result, log = _check(tmp_path / name, tmp_path / f"{name}.json")
+    assert rc == 0, log
+    measured = tuple((_dory_level(L), int(sum(v or 0 for v in L["memory_bytes"].values()))) for L in result["layers"])
+    assert measured == CASES[name].dory
