@@ -22,16 +22,17 @@ from duccio_fx.search.recipe import SearchResult, optimize
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.lower.backend import Lowered, backends, lower, register_backend
 from duccio_fx.lower import onnx_float as _onnx_float  # noqa: F401  (registers the "onnx" backend)
+from duccio_fx.lower.dory import DoryBundle, lower_to_dory
 from duccio_fx.targets import Target, load_target
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "Constraint", "Costs", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
+    "ChannelGroup", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
     "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "Pass", "PassContext", "PassError",
     "PassManager", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
     "SearchSettings", "SearchSpace", "ShapePropagationError", "Target", "TimePasses", "add_hook", "analyze",
-    "backends", "channel_groups", "format_ir", "load_target", "lower", "make_searchable", "measure_costs",
+    "backends", "channel_groups", "format_ir", "load_target", "lower", "lower_to_dory", "make_searchable", "measure_costs",
     "optimize", "register_backend", "register_function", "register_latency_model", "register_meta_formatter",
     "register_method", "register_metric", "register_module", "register_search_method", "search_methods", "trace",
 ]
