@@ -399,3 +399,25 @@ def test_warmup_cache_key_ignores_the_global_rng(tmp_path):
     _fingerprint(ns["model"], loader, settings, (ns["example_input"],))
     assert torch.equal(torch.random.get_rng_state(), state)
     assert a != _fingerprint(ns["model"], loader, SearchSettings(warmup_epochs=6), (ns["example_input"],))
+
+
+def test_optimize_dory_writes_the_integer_network_and_lower_reads_the_run(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--epochs", "1,2,1",
+                                 "--out", str(out), "--no-cache", "--dory", "--calib-batches", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    dory = report["dory"]
+    assert dory["layers"] == 4 and dory["accuracy"]["samples"] == 64  # conv, conv, global pool, head
+    lowering = json.loads((out / "dory" / "lowering.json").read_text())
+    assert lowering["accuracy"] == dory["accuracy"] and lowering["checks"]["twin_max_abs_diff"] == 0
+    assert (out / "dory" / "out_layer3.txt").exists() and "DORY layers" in (out / "summary.txt").read_text()
+    # the kept channels of the exported model are what DORY gets
+    model = torch.load(out / "model.pt", weights_only=False)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert lowering["layers"][1]["out_shape_chw"][0] == convs[1].out_channels
+    again = runner.invoke(app, ["lower", str(out), "--out", str(tmp_path / "again"), "--calib-batches", "2"])
+    assert again.exit_code == 0, again.output
+    relowered = json.loads((tmp_path / "again" / "lowering.json").read_text())  # calibrated on other batches
+    assert [r["out_shape_chw"] for r in relowered["layers"]] == [r["out_shape_chw"] for r in lowering["layers"]]
+    assert relowered["source"].startswith(str(out))

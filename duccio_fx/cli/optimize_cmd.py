@@ -76,6 +76,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                  dory: bool = False, calib_batches: int = 8, console: Console | None = None) -> int:
     """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
     console = console or Console(width=max(Console().width, 140))
+    if dory and calib_batches < 1:
+        raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
     torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
     spec = load_model_file(model)
     out = out or Path("runs") / Path(spec.source.removeprefix("zoo:")).stem
@@ -126,6 +128,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                           "layers": len(bundle.net.layers), "bnrelu_bits": bundle.report["bnrelu_bits"]}
     text_console = Console(record=True, width=120, file=io.StringIO())
     render_summary(report, text_console)
+    if bundle is not None:
+        render_lowering(bundle, out / "dory", text_console)
     write_text_atomic(out / "summary.txt", text_console.export_text())
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))  # last: marks the run finished
     checkpoint.unlink(missing_ok=True)
