@@ -307,3 +307,18 @@ def test_integer_accuracy_on_mnist_is_within_one_point_of_float():
     assert acc["float_accuracy"] > 0.85
     assert abs(acc["drop"]) <= 0.01, acc
     assert json.loads(bundle.all_files()["lowering.json"])["accuracy"] == acc
+
+
+def test_a_residual_add_too_big_for_l2_is_refused():
+    """DORY cannot tile an add through L3: 3 x 64x48x48 = 442 kB > 380 kB of L2 budget on gap8."""
+    class Big(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 64, 1), nn.Conv2d(3, 64, 1)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+    with pytest.raises(DuccioError, match="DORY cannot tile adds through L3") as info:
+        lower_to_dory(Big().eval(), torch.randn(1, 3, 48, 48), "gap8")
+    assert "DORY layer 2" in info.value.where

@@ -23,7 +23,7 @@ from torch import nn
 from duccio_fx.common.atomic import write_bytes_atomic
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.latency import layer_cycles
-from duccio_fx.costs.memory import layer_bytes
+from duccio_fx.costs.memory import layer_activation_bytes, layer_bytes, layer_parameter_bytes
 from duccio_fx.costs.terms import evaluate, value
 from duccio_fx.ir.meta import INTNET_KEY, layer_terms
 from duccio_fx.ir.pass_manager import PassContext
@@ -137,6 +137,8 @@ def _memory_rows(model: nn.Module, example: torch.Tensor, net: IntNet, shapes: l
             row["bytes"] = value(layer_bytes(v, target, l2))
             row["level"] = "L2" if l2 is not None and row["bytes"] <= l2.usable else "L3"
             row["cycles"] = value(layer_cycles(v, target))
+            row["weight_bytes"] = value(layer_parameter_bytes(v, target, accounting=True))
+            row["activation_bytes"] = value(layer_activation_bytes(v, target))
         else:
             in_elems = sum(int(np.prod(net.input_shape if s < 0 else shapes[s])) for s in net.inputs_of(i))
             total = in_elems + int(np.prod(shapes[i]))
@@ -145,6 +147,26 @@ def _memory_rows(model: nn.Module, example: torch.Tensor, net: IntNet, shapes: l
             row["cycles"] = None
         rows.append(row)
     return rows
+
+
+def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, target: Target) -> None:
+    """Layers DORY's L3 tilers cannot split (they stop without generating code): a residual add that does not
+    fit L2, a conv or linear whose weights and activations both exceed the L2 budget."""
+    l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
+    if l2 is None:
+        return
+    for i, (row, layer) in enumerate(zip(rows, net.layers)):
+        where = f"DORY layer {i} (from '{net.sources[i]}')"
+        if isinstance(layer, Add) and row["bytes"] > l2.usable:
+            raise DuccioError(f"a residual add of {row['bytes']:,.0f} B does not fit the {l2.usable:,} B L2 budget, "
+                              f"and DORY cannot tile adds through L3", where=where,
+                              fix="make the add's tensors smaller (fewer channels or a stride earlier), or give L2 "
+                                  "more room (a smaller 'reserved' in the target file)")
+        if row.get("weight_bytes", 0) > l2.usable and row.get("activation_bytes", 0) > l2.usable:
+            raise DuccioError(f"a layer whose weights ({row['weight_bytes']:,.0f} B) and activations "
+                              f"({row['activation_bytes']:,.0f} B) both exceed the {l2.usable:,} B L2 budget: "
+                              "DORY's L3 tiler splits only one of them", where=where,
+                              fix="shrink the layer (a size or layer-wise constraint) until one of them fits L2")
 
 
 def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target: str | Path | Target = "gap8", *,
@@ -174,6 +196,8 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     net: IntNet = gm.meta[INTNET_KEY]
     net.sources = [note.module or note.node for note in integerize.notes]
     shapes = output_shapes(net)
+    memory = _memory_rows(model, example, net, shapes, target)
+    _refuse_untileable(memory, net, target)
 
     x_float = (golden_input if golden_input is not None else batches[0][:1]).to(device)
     x_int = quantize_input(net, x_float.cpu())
@@ -195,7 +219,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     head_scale = net.scales[-1] if net.scales and net.scales[-1] else 1.0
     agreement = float((float_out.reshape(len(float_out), -1).argmax(1)
                        == int_out.reshape(len(int_out), -1).argmax(1)).double().mean())
-    report = _report(net, shapes, integerize.notes, _memory_rows(model, example, net, shapes, target),
+    report = _report(net, shapes, integerize.notes, memory,
                      target, bnrelu_bits, percentile, len(batches), checks)
     report["calibration_argmax_agreement"] = agreement
     if isinstance(net.layers[-1], Linear) and net.layers[-1].requant is None:  # int32 head: logits comparable
