@@ -170,8 +170,9 @@ class Integerize(Pass):
             w_q = torch.round(weight / s_w).clamp(-qmax, qmax).to(torch.int64).numpy()
             b_q = np.round(bias.numpy() / (in_spec.scale * s_w)).astype(np.int64)
             if np.abs(b_q).max(initial=0) >= 1 << 31:
-                raise DuccioError("the head's bias does not fit int32 at its scale", where=f"node '{node.name}'",
-                                  fix="report this model")
+                raise DuccioError(f"the head's bias does not fit int32 at its input scale {in_spec.scale:.3g} (the "
+                                  "calibrated activations before the head are almost zero)", where=f"node '{node.name}'",
+                                  fix="calibrate a trained model on real inputs (the model file's train_loader())")
             self._note(node, in_spec.scale * s_w, None, 0.5)
             return Linear(name, source, w_q, None, b_q, self.weight_bits), in_spec.scale * s_w
         assert spec is not None
