@@ -121,44 +121,50 @@ def test_relu6_and_the_unsigned_input_are_typed_as_dory_reads_them():
 # -- generated networks -----------------------------------------------------------------------------------
 
 class _Block(nn.Module):
+    """plain / depthwise conv; residual (identity skip, ReLU after the add); strided (1x1 strided conv skip);
+    linear_add (identity skip, no activation after the add: a signed add output)."""
+
     def __init__(self, channels: int, kind: str, act: str) -> None:
         super().__init__()
         self.kind = kind
         groups = channels if kind == "depthwise" else 1
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+        stride = 2 if kind == "strided" else 1
+        self.conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=groups)
         self.bn = nn.BatchNorm2d(channels)
         self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "none": nn.Identity()}[act]
-        self.post = nn.ReLU() if kind == "residual" else nn.Identity()
+        self.skip = nn.Conv2d(channels, channels, 1, stride=2) if kind == "strided" else nn.Identity()
+        self.post = nn.ReLU() if kind in ("residual", "strided") else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn(self.conv(x)))
-        return self.post(y + x) if self.kind == "residual" else y
+        return self.post(y + self.skip(x)) if self.kind in ("residual", "strided", "linear_add") else y
 
 
 class _Net(nn.Module):
-    def __init__(self, channels: int, blocks: list[tuple[str, str]], pool: str) -> None:
+    def __init__(self, channels: int, blocks: list[tuple[str, str]], pool: str, hidden: bool) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(2, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
         self.blocks = nn.Sequential(*[_Block(channels, k, a) for k, a in blocks])
         self.pool = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "none": nn.Identity()}[pool]
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, 5)
+        self.hidden = nn.Sequential(nn.Linear(channels, 16), nn.ReLU()) if hidden else nn.Identity()
+        self.fc = nn.Linear(16 if hidden else channels, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.gap(self.pool(self.blocks(self.stem(x)))), 1))
+        return self.fc(self.hidden(torch.flatten(self.gap(self.pool(self.blocks(self.stem(x)))), 1)))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(channels=st.sampled_from([4, 8, 12]),
-       blocks=st.lists(st.tuples(st.sampled_from(["plain", "depthwise", "residual"]),
+       blocks=st.lists(st.tuples(st.sampled_from(["plain", "depthwise", "residual", "strided", "linear_add"]),
                                  st.sampled_from(["relu", "relu6", "none"])), min_size=1, max_size=3),
-       pool=st.sampled_from(["max", "avg", "none"]), size=st.sampled_from([8, 12]), seed=st.integers(0, 1000),
-       signed_input=st.booleans())
+       pool=st.sampled_from(["max", "avg", "none"]), size=st.sampled_from([16, 24]), seed=st.integers(0, 1000),
+       signed_input=st.booleans(), hidden=st.booleans())
 def test_generated_networks_lower_and_onnxruntime_equals_the_executor(channels, blocks, pool, size, seed,
-                                                                       signed_input):
+                                                                       signed_input, hidden):
     torch.manual_seed(seed)
     calib = torch.randn(6, 2, size, size) if signed_input else torch.rand(6, 2, size, size)
-    model = _warm(_Net(channels, blocks, pool), calib)
+    model = _warm(_Net(channels, blocks, pool, hidden), calib)
     bundle = lower_to_dory(model, calib, "gap8")
     net = bundle.net
     assert net.input_type.signed == signed_input
