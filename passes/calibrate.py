@@ -6,7 +6,9 @@ outlier does not waste the 256 levels on a range nothing else uses. A fused acti
 (ReLU6 never exceeds 6).
 
 Types follow DORY's rules: a layer whose fused activation has a lower bound ≥ 0 outputs unsigned integers
-(uint8), any other signed (int8, symmetric); a residual add of two unsigned inputs stays unsigned; max
+(uint8), any other signed (int8, symmetric); a residual add of two unsigned inputs stays unsigned, and its
+scale is at least each input's (DORY's add kernel clips each input, moved to the output scale, to that input's
+8-bit range before summing: a finer output scale would saturate the branches); max
 pooling keeps its input's type and scale (it has no requantization); average pooling keeps its input's type.
 The last linear layer, when it is the model's output without an activation, is the int32 head and gets no
 type here. The result is a `QuantSpec` (real value = scale × integer) on each layer's output node.
@@ -104,6 +106,8 @@ class Calibrate(Pass):
                 unsigned = (part.clamp is not None and part.clamp[0] >= 0) or (
                     part.kind == "add" and part.clamp is None and not any(s.signed for s in inputs))
                 spec = self._spec(values, signed=not unsigned, clamp=part.clamp)
+                if part.kind == "add":  # each branch is clipped to its input's 8-bit range at the output scale
+                    spec = QuantSpec(max([spec.scale] + [s.scale for s in inputs]), spec.bits, spec.signed)
             specs[part.layer] = spec
             set_quant_spec(nodes[part.output], spec)
         return False

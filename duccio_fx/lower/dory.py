@@ -146,16 +146,76 @@ def _memory_rows(model: nn.Module, example: torch.Tensor, net: IntNet, shapes: l
             row["level"] = "L2" if l2 is not None and row["bytes"] <= l2.usable else "L3"
             row["cycles"] = None
         rows.append(row)
+    for row, (level, _) in zip(rows, _dory_l3_flow(rows, net, shapes, target)):
+        row["level"] = level
     return rows
 
 
-def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, target: Target) -> None:
+def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[int, ...]],
+                  target: Target) -> list[tuple[str, str | None]]:
+    """Per layer, along node order: the level DORY's L3 tiler gives it, and why it gives up on it (or None).
+
+    DORY decides on the rows' bytes (its Layer_node accounting), with two twists. A depthwise layer over the
+    budget only because of the 16x weight count stays whole: the L3 solver counts the parameters once,
+    double-buffered (Common/Tiler/tiler_conv2d.py:69-70,132). And a layer reads its input from L3 when the
+    previous layer *in node order* wrote its output there (tiler_conv2d.py:63-65, tiler_pool2d.py:61-64; never
+    for an add, tiler_add.py:61), even if it fits L2 by itself. The tiler gives up on a conv/linear that fits
+    neither with weight tiles nor with output rows (tiler_conv2d.py:41-45), and on a global pool reading from L3
+    (its kernel is the whole input, tiler_pool2d.py:83,111,142)."""
+    l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
+    if l2 is None:
+        return [(row["level"], None) for row in rows]
+    budget, act, bits = l2.usable, target.bits.activations / 8, target.bits
+    out_l3, flow = False, []
+    for i, (row, layer) in enumerate(zip(rows, net.layers)):
+        src = net.inputs_of(i)[0]
+        c_in, *hw_in = net.input_shape if src < 0 else shapes[src]
+        in_b = c_in * int(np.prod(hw_in)) * act
+        in_l3 = out_l3 and not isinstance(layer, Add)
+        problem = None
+        if isinstance(layer, (Conv, Linear)):
+            cout = layer.weight.shape[0]
+            params = (layer.weight.size * layer.weight_bits / 8
+                      + (cout * bits.bias / 8 if layer.bias is not None else 0)
+                      + (2 * cout * bits.requant / 8 if layer.requant is not None else 0))
+            out_bits = bits.activations if layer.requant is not None else bits.bias  # an int32 head
+            out_b = int(np.prod(shapes[i])) * out_bits / 8
+            out_rows = 2 * cout * (shapes[i][2] if isinstance(layer, Conv) else 1) * out_bits / 8  # 2 output rows
+            if not in_l3:
+                fits = min(row["bytes"], in_b + out_b + 2 * params) <= budget
+                out_l3 = not fits and in_b + out_b + 2 * params / cout > budget  # no tiling of the weights alone
+                no_tiling = out_l3 and in_b + out_rows + params > budget  # nor of the output alone
+            else:  # input read in double-buffered tiles of kernel-height rows
+                in_rows = 2 * (c_in * layer.weight.shape[2] * hw_in[1] * act if isinstance(layer, Conv) else in_b)
+                fits = False
+                out_l3 = in_rows + out_b + params > budget
+                no_tiling = out_l3 and in_rows + out_rows + params > budget
+            if no_tiling:
+                problem = ("its weights and its activations would both be L3-tiled, which DORY's tiler does not "
+                           "support")
+        elif isinstance(layer, Pool):
+            out_b = int(np.prod(shapes[i])) * act
+            fits = not in_l3 and row["bytes"] <= budget
+            kernel_rows = hw_in[0] if layer.global_ else layer.kernel[0]
+            out_l3 = not fits and (not in_l3 or 2 * c_in * kernel_rows * hw_in[1] * act + out_b > budget)
+            if in_l3 and layer.global_:
+                problem = ("a global pool would read its input from L3 (the previous layer writes its output "
+                           "there), which DORY's tiler cannot do")
+        else:  # an add: never reads from L3, and the refusal below covers adds beyond the budget
+            fits, out_l3 = row["bytes"] <= budget, False
+        flow.append(("L2" if fits else "L3", problem))
+    return flow
+
+
+def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[int, ...]],
+                       target: Target) -> None:
     """Layers DORY's L3 tilers cannot split (they stop without generating code): a residual add that does not
-    fit L2, a conv or linear whose weights and activations both exceed the L2 budget."""
+    fit L2, a conv or linear whose weights and activations would both be L3-tiled, a global pool reading from L3."""
     l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
     if l2 is None:
         return
-    for i, (row, layer) in enumerate(zip(rows, net.layers)):
+    flow = _dory_l3_flow(rows, net, shapes, target)
+    for i, (row, layer, (_, problem)) in enumerate(zip(rows, net.layers, flow)):
         where = f"DORY layer {i} (from '{net.sources[i]}')"
         if isinstance(layer, Add) and row["bytes"] > l2.usable:
             raise DuccioError(f"a residual add of {row['bytes']:,.0f} B does not fit the {l2.usable:,} B L2 budget, "
@@ -167,6 +227,11 @@ def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, target: Target) 
                               f"({row['activation_bytes']:,.0f} B) both exceed the {l2.usable:,} B L2 budget: "
                               "DORY's L3 tiler splits only one of them", where=where,
                               fix="shrink the layer (a size or layer-wise constraint) until one of them fits L2")
+        if problem is not None:
+            raise DuccioError(f"DORY cannot run this layer from L3: {problem}", where=where,
+                              fix="shrink the layer or the one before it (fewer channels, or a stride earlier) until "
+                                  "its activations fit the L2 budget, or give L2 more room (a smaller 'reserved' in "
+                                  "the target file)")
 
 
 def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target: str | Path | Target = "gap8", *,
@@ -197,7 +262,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     net.sources = [note.module or note.node for note in integerize.notes]
     shapes = output_shapes(net)
     memory = _memory_rows(model, example, net, shapes, target)
-    _refuse_untileable(memory, net, target)
+    _refuse_untileable(memory, net, shapes, target)
 
     x_float = (golden_input if golden_input is not None else batches[0][:1]).to(device)
     x_int = quantize_input(net, x_float.cpu())
