@@ -94,8 +94,8 @@ REJECTION_MESSAGES = {
 L3_BUFFERS = (
     "DORY tiles the layers to L3 as we predict, but the generated network.c allocates fixed L3 buffers "
     "(L3_WEIGHTS_SIZE 4 000 000 B, L3_INPUT_SIZE and L3_OUTPUT_SIZE 1 500 000 B, "
-    "Hardware_targets/PULP/GAP8/Templates/network_c_template.c:47-49) and never checks them; our gap8 target "
-    "models L3 as 8 000 000 B with no per-buffer caps")
+    "Hardware_targets/PULP/GAP8/Templates/network_c_template.c:47-49) and never checks them; our lowering "
+    "refuses what exceeds them (gap8.toml [deployment] l3_weights_buffer / l3_activation_buffer)")
 L3_BUFFER_NAMES = ("L3_WEIGHTS_SIZE", "L3_INPUT_SIZE", "L3_OUTPUT_SIZE")
 # Our lowering refuses what DORY's code generator accepts.
 REFUSALS = {
@@ -367,6 +367,8 @@ def refusal_reason(refusal: str, rows: list[dict[str, Any]]) -> str | None:
     """The key of REFUSALS that accounts for our lowering refusing a network DORY generates code for."""
     if "residual add" in refusal and any(r.get("status") == "explained: add-one-input" for r in rows):
         return "add-runtime-L2"
+    if "L3 buffer DORY's generated code keeps" in refusal:
+        return "l3-buffers"
     return None
 
 

@@ -122,6 +122,10 @@ class Deployment(_Strict):
     platform: str = ""
     double_buffering: int = Field(2, ge=1, le=2, description="tile copies the L2->L1 tiler keeps of each buffer")
     l1_tile_overhead: int = Field(0, ge=0, description="bytes the L1 tiler reserves beside a layer's tiles")
+    l3_weights_buffer: int = Field(0, ge=0, description="bytes the deployed code reserves in L3 for all weights "
+                                   "(0: no cap beyond the level's size)")
+    l3_activation_buffer: int = Field(0, ge=0, description="bytes the deployed code reserves in L3 for one "
+                                      "activation tensor (0: no cap)")
 
 
 class Target(_Strict):

@@ -330,3 +330,11 @@ def test_a_residual_add_too_big_for_l2_is_refused():
     with pytest.raises(DuccioError, match="DORY cannot tile adds through L3") as info:
         lower_to_dory(Big().eval(), torch.randn(1, 3, 48, 48), "gap8")
     assert "DORY layer 2" in info.value.where
+
+
+def test_an_activation_beyond_dorys_fixed_l3_buffer_is_refused():
+    """DORY's generated code keeps 1 500 000 B of L3 per activation on GAP8 and never checks it."""
+    model = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(96, 2)).eval()
+    with pytest.raises(DuccioError, match="1,572,864 B, more than the 1,500,000 B L3 buffer"):
+        lower_to_dory(model, torch.rand(1, 3, 128, 128), "gap8")

@@ -207,6 +207,33 @@ def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[in
     return flow
 
 
+def _refuse_l3_buffer_overflow(net: IntNet, shapes: list[tuple[int, ...]], target: Target) -> None:
+    """DORY's generated code keeps fixed L3 buffers (weights, one input, one output activation) and never checks
+    them: an activation or a weight total beyond them would overwrite memory on the board."""
+    deployment, bits = target.deployment, target.bits
+    if deployment.l3_activation_buffer:
+        tensors = [(-1, int(np.prod(net.input_shape)) * bits.activations // 8)]
+        tensors += [(i, int(np.prod(shape)) * net.out_type(i).bits // 8) for i, shape in enumerate(shapes)]
+        for i, size in tensors:
+            if size > deployment.l3_activation_buffer:
+                what = "the network input" if i < 0 else f"the output of DORY layer {i} (from '{net.sources[i]}')"
+                raise DuccioError(f"{what} takes {size:,} B, more than the {deployment.l3_activation_buffer:,} B L3 "
+                                  f"buffer DORY's generated code keeps for one activation on {target.name}",
+                                  where=what, fix="make that activation smaller (fewer channels, a smaller input "
+                                                  "or an earlier stride)")
+    if deployment.l3_weights_buffer:
+        total = 0
+        for layer in net.layers:
+            if isinstance(layer, (Conv, Linear)):
+                total += layer.weight.size * layer.weight_bits // 8
+                total += 2 * layer.weight.shape[0] * bits.requant // 8 if layer.requant is not None else 0
+                total += layer.weight.shape[0] * bits.bias // 8 if layer.bias is not None else 0
+        if total > deployment.l3_weights_buffer:
+            raise DuccioError(f"the weights take {total:,} B, more than the {deployment.l3_weights_buffer:,} B L3 "
+                              f"buffer DORY's generated code keeps for them on {target.name}", where="all layers",
+                              fix="shrink the model (a size constraint)")
+
+
 def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[int, ...]],
                        target: Target) -> None:
     """Layers DORY's L3 tilers cannot split (they stop without generating code): a residual add that does not
@@ -214,6 +241,7 @@ def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, shapes: list[tup
     l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
     if l2 is None:
         return
+    _refuse_l3_buffer_overflow(net, shapes, target)
     flow = _dory_l3_flow(rows, net, shapes, target)
     for i, (row, layer, (_, problem)) in enumerate(zip(rows, net.layers, flow)):
         where = f"DORY layer {i} (from '{net.sources[i]}')"
