@@ -338,3 +338,10 @@ def test_an_activation_beyond_dorys_fixed_l3_buffer_is_refused():
                           nn.Linear(96, 2)).eval()
     with pytest.raises(DuccioError, match="1,572,864 B, more than the 1,500,000 B L3 buffer"):
         lower_to_dory(model, torch.rand(1, 3, 128, 128), "gap8")
+
+
+def test_cli_errors_keep_their_brackets(tmp_path):
+    result = runner.invoke(app, ["lower", "zoo:tcn", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "[N, C, H, W]" in result.output
+    result = runner.invoke(app, ["lower", "zoo:dscnn", "--target", "cortex_m7", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "[deployment]" in result.output

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from duccio_fx import zoo as z
@@ -39,11 +40,12 @@ def _root() -> None:
 
 
 def _fail(err: DuccioError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {err.what}", highlight=False)
+    # escape: messages quote shapes and TOML tables in brackets, which rich would take for markup
+    err_console.print(f"[bold red]error:[/] {escape(err.what)}", highlight=False)
     if err.where:
-        err_console.print(f"  [bold]where:[/] {err.where}", highlight=False)
+        err_console.print(f"  [bold]where:[/] {escape(err.where)}", highlight=False)
     if err.fix:
-        err_console.print(f"  [bold]how to fix:[/] {err.fix}", highlight=False)
+        err_console.print(f"  [bold]how to fix:[/] {escape(err.fix)}", highlight=False)
     return typer.Exit(1)
 
 
