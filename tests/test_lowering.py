@@ -345,3 +345,41 @@ def test_cli_errors_keep_their_brackets(tmp_path):
     assert result.exit_code == 1 and "[N, C, H, W]" in result.output
     result = runner.invoke(app, ["lower", "zoo:dscnn", "--target", "cortex_m7", "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "[deployment]" in result.output
+
+
+def test_quantization_aware_fine_tuning_sees_the_integer_grid_and_leaves_a_plain_graph():
+    from duccio_fx.lower.qat import FakeQuant
+
+    torch.manual_seed(0)
+    calib = torch.rand(6, 2, 16, 16)
+    model = _warm(_Net(8, [("residual", "relu"), ("plain", "relu6")], "max", True), calib)
+    seen: dict = {}
+
+    def fine_tune(gm: nn.Module) -> None:
+        fakes = [m for m in gm.modules() if isinstance(m, FakeQuant)]
+        seen["fakes"] = len(fakes)
+        with torch.no_grad():
+            seen["out"] = gm.eval()(calib).double()
+        gm.train()
+        optimizer = torch.optim.Adam(gm.parameters(), 0.05)  # a step larger than the int8 grid
+        gm(calib).pow(2).mean().backward()
+        optimizer.step()
+
+    untouched = lower_to_dory(model, calib, "gap8")
+    bundle = lower_to_dory(model, calib, "gap8", fine_tune=fine_tune)
+    assert seen["fakes"] == 8  # the input and the 7 calibrated layer outputs (the int32 head has no grid)
+    assert not any(isinstance(m, FakeQuant) for m in bundle.float_model.modules())
+    assert bundle.report["checks"]["twin_max_abs_diff"] == 0
+    # before the step, the fake-quantized graph computes the integer network up to requant rounding
+    x = quantize_input(untouched.net, calib)
+    integer = run(untouched.net, x)[-1].double() * untouched.net.scales[-1]
+    assert float((integer - seen["out"]).abs().max()) <= 0.05 * float(seen["out"].abs().max())
+    # and the step changed the weights that were integerized
+    assert not all(np.array_equal(a.weight, b.weight) for a, b in zip(untouched.net.layers, bundle.net.layers)
+                   if isinstance(a, Conv))
+
+
+def test_cli_qat_needs_training_data(tmp_path):
+    result = runner.invoke(app, ["lower", "zoo:dscnn", "--qat-epochs", "1", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "needs training data" in result.output
+    assert not (tmp_path / "x").exists()

@@ -152,6 +152,7 @@ def optimize(
     dory: bool = typer.Option(False, "--dory", help="also lower the result to DORY's 8-bit inputs in OUT/dory/ "
                               "(see `duccio-fx lower`)"),
     calib_batches: int = typer.Option(8, "--calib-batches", help="with --dory: training batches for calibration"),
+    qat_epochs: int = typer.Option(0, "--qat-epochs", help="with --dory: epochs of quantization-aware fine-tuning"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -189,7 +190,7 @@ def optimize(
         code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
                             resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
                             instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend,
-                            dory=dory, calib_batches=calib_batches)
+                            dory=dory, calib_batches=calib_batches, qat_epochs=qat_epochs)
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
@@ -202,6 +203,8 @@ def lower_cmd(
     out: Path = typer.Option(..., "--out", help="directory for DORY's inputs (network.onnx, config.json, goldens)"),
     calib_batches: int = typer.Option(8, "--calib-batches", help="training batches used to calibrate the scales"),
     percentile: float = typer.Option(99.99, "--percentile", help="percentile of the activations taken as range"),
+    qat_epochs: int = typer.Option(0, "--qat-epochs", help="epochs of quantization-aware fine-tuning on "
+                                   "train_loader() before integerizing (0: post-training quantization only)"),
     as_json: bool = typer.Option(False, "--json", help="print lowering.json on stdout instead of tables"),
     print_between_passes: bool = typer.Option(False, "--print-between-passes", help="print the IR after each pass"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass to DIR/NNN_<pass>.txt"),
@@ -211,7 +214,7 @@ def lower_cmd(
     file's train_loader(). Exit 1, with nothing written, on a layer DORY cannot run."""
     try:
         code = run_lower(source=source, target=load_target(target), out=out, calib_batches=calib_batches,
-                         percentile=percentile, as_json=as_json,
+                         percentile=percentile, qat_epochs=qat_epochs, as_json=as_json,
                          instruments=_ir_instruments(print_between_passes, dump_ir,
                                                      sys.stderr if as_json else sys.stdout))
     except DuccioError as err:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 from rich.console import Console
 from rich.table import Table
 
@@ -15,9 +16,11 @@ from duccio_fx.cli.model_file import ModelSpec, load_model_file
 from duccio_fx.common.errors import DuccioError, ModelFileError
 from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.lower.dory import DoryBundle, lower_to_dory
+from duccio_fx.search.training import call_model, cross_entropy, split_batch
 from duccio_fx.targets import Target
 
 RANDOM_CALIBRATION_BATCHES = 4
+QAT_LR = 1e-4  # Adam: a small step, the weights are already trained
 
 
 def _loader(spec: ModelSpec, name: str) -> Iterable[Any] | None:
@@ -47,11 +50,34 @@ def load_source(source: str) -> tuple[torch.nn.Module, ModelSpec, str]:
     return spec.model, spec, spec.source
 
 
+def _fine_tune(train: Iterable[Any], loss_fn: Any, epochs: int, console: Console) -> Callable[[nn.Module], None]:
+    """K epochs of Adam on the fake-quantized graph (quantization-aware fine-tuning)."""
+    def fine_tune(model: nn.Module) -> None:
+        optimizer = torch.optim.Adam(model.parameters(), QAT_LR)
+        device = next(model.parameters()).device
+        for epoch in range(epochs):
+            total = count = 0.0
+            for batch in train:
+                x, y = split_batch(batch)
+                loss = loss_fn(call_model(model, x.to(device)), y.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total, count = total + float(loss.detach()) * len(y), count + len(y)
+            console.print(f"quantization-aware fine-tuning, epoch {epoch + 1}/{epochs}: loss "
+                          f"{total / max(count, 1):.4f}", highlight=False)
+    return fine_tune
+
+
 def lower_model(model: torch.nn.Module, spec: ModelSpec, target: Target, *, calib_batches: int, percentile: float,
-                context: PassContext, console: Console) -> tuple[DoryBundle, str]:
-    """Calibrate on the model file's train_loader() (random inputs when it has none), lower, and measure the
-    float and integer accuracy on val_loader() when there is one."""
+                context: PassContext, console: Console, qat_epochs: int = 0) -> tuple[DoryBundle, str]:
+    """Calibrate on the model file's train_loader() (random inputs when it has none), optionally fine-tune
+    under fake quantization for `qat_epochs`, lower, and measure the float and integer accuracy on
+    val_loader() when there is one."""
     train = _loader(spec, "train_loader")
+    if qat_epochs and train is None:
+        raise DuccioError("--qat-epochs needs training data, and the model file has no train_loader()",
+                          where=spec.source, fix="define train_loader() in the model file, or drop --qat-epochs")
     calibration = "train_loader()"
     if train is None:
         generator = torch.Generator().manual_seed(0)
@@ -60,9 +86,12 @@ def lower_model(model: torch.nn.Module, spec: ModelSpec, target: Target, *, cali
         calibration = "random normal inputs (the model file has no train_loader())"
         console.print(f"[yellow]note:[/] calibrating on {calibration}; the scales are only as good as that",
                       highlight=False)
+    fine_tune = _fine_tune(train, spec.namespace.get("loss_fn") or cross_entropy, qat_epochs, console) \
+        if qat_epochs else None
     bundle = lower_to_dory(model, train, target, calib_batches=calib_batches, percentile=percentile, context=context,
-                           leaf_modules=spec.leaf_modules)
+                           leaf_modules=spec.leaf_modules, fine_tune=fine_tune)
     bundle.report["calibration"]["data"] = calibration
+    bundle.report["qat_epochs"] = qat_epochs
     val = _loader(spec, "val_loader")
     if val is not None:
         bundle.evaluate(val)
@@ -96,7 +125,7 @@ def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> N
                       ".txt, network_twin.onnx, lowering.json", highlight=False)
 
 
-def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, percentile: float,
+def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, percentile: float, qat_epochs: int = 0,
               instruments: Sequence[Instrument] = (), as_json: bool = False, console: Console | None = None) -> int:
     console = console or Console(width=max(Console().width, 140), stderr=as_json)
     if calib_batches < 1:
@@ -104,9 +133,11 @@ def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, per
     if not 0 < percentile <= 100:
         raise DuccioError(f"--percentile {percentile} must be in (0, 100]", where="--percentile",
                           fix="e.g. 99.99 (100 is the plain maximum)")
+    if qat_epochs < 0:
+        raise DuccioError(f"--qat-epochs {qat_epochs} must be 0 or more", where="--qat-epochs")
     model, spec, described = load_source(source)
     bundle, _ = lower_model(model, spec, target, calib_batches=calib_batches, percentile=percentile,
-                            context=PassContext(instruments), console=console)
+                            context=PassContext(instruments), console=console, qat_epochs=qat_epochs)
     bundle.report["source"] = described
     bundle.save(out)
     if as_json:

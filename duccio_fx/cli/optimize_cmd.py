@@ -73,11 +73,15 @@ def _save_model(model: torch.nn.Module, path: Path) -> None:
 def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint], settings: SearchSettings,
                  out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
                  instruments: Sequence[Instrument] = (), backends: Sequence[str] = ("onnx",),
-                 dory: bool = False, calib_batches: int = 8, console: Console | None = None) -> int:
+                 dory: bool = False, calib_batches: int = 8, qat_epochs: int = 0,
+                 console: Console | None = None) -> int:
     """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
     console = console or Console(width=max(Console().width, 140))
     if dory and calib_batches < 1:
         raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
+    if qat_epochs < 0 or (qat_epochs and not dory):
+        raise DuccioError(f"--qat-epochs {qat_epochs}: give a count >= 0 together with --dory", where="--qat-epochs",
+                          fix="add --dory (quantization-aware fine-tuning is part of the DORY lowering)")
     torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
     spec = load_model_file(model)
     out = out or Path("runs") / Path(spec.source.removeprefix("zoo:")).stem
@@ -105,7 +109,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
         lowered = [lower(name, result.model, spec.example_inputs, target, context) for name in backends]
         if dory:
             bundle, _ = lower_model(result.model, spec, target, calib_batches=calib_batches, percentile=99.99,
-                                    context=context, console=console)
+                                    context=context, console=console, qat_epochs=qat_epochs)
         _save_model(result.model, out / "model.pt")
         files = {"model": str(out / "model.pt")}
         for name, low in zip(backends, lowered):

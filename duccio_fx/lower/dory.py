@@ -14,7 +14,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +31,10 @@ from duccio_fx.ir.tracer import LeafSpec, locate_errors
 from duccio_fx.lower.dory_files import config_json, golden_text
 from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
 from duccio_fx.lower.intnet import Add, Conv, IntNet, Linear, Pool
+from duccio_fx.lower.qat import insert_fake_quant
 from duccio_fx.lower.quantlab_onnx import read_quantlab, write_quantlab
 from duccio_fx.lower.twin_onnx import run_twin, write_twin
-from duccio_fx.passes.calibrate import Calibrate
+from duccio_fx.passes.calibrate import Calibrate, head_layers
 from duccio_fx.passes.dory_layers import DoryLayers
 from duccio_fx.passes.fold_batchnorm import FoldBatchNorm
 from duccio_fx.passes.integerize import Integerize, LayerNote
@@ -264,9 +265,13 @@ def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, shapes: list[tup
 
 def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target: str | Path | Target = "gap8", *,
                   calib_batches: int = 8, percentile: float = 99.99, context: PassContext | None = None,
-                  leaf_modules: Sequence[LeafSpec] = (), golden_input: torch.Tensor | None = None) -> DoryBundle:
+                  leaf_modules: Sequence[LeafSpec] = (), golden_input: torch.Tensor | None = None,
+                  fine_tune: Callable[[nn.Module], None] | None = None) -> DoryBundle:
     """Lower a float model to DORY's inputs for `target`, calibrated on the first `calib_batches` batches of
-    `calib` (a loader of `(inputs, labels)` or a tensor). The model given is not modified."""
+    `calib` (a loader of `(inputs, labels)` or a tensor). The model given is not modified.
+
+    `fine_tune(model)`, when given, trains the calibrated graph under fake quantization (quantization-aware
+    fine-tuning, `lower.qat`) before it is integerized; the activation scales stay the calibrated ones."""
     target = load_target(target)
     if target.deployment.toolchain != "dory":
         raise DuccioError(f"target '{target.name}' has no DORY backend (its toolchain is "
@@ -285,7 +290,18 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     gm = trace(model, example, leaf_modules, context=context)
     integerize = Integerize(bnrelu_bits=bnrelu_bits, weight_bits=target.bits.weights)
     with locate_errors(model, leaf_modules):  # errors about a node name the user's source line
-        context.run(gm, [FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile), integerize])
+        context.run(gm, [FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile)])
+        reference = gm
+        if fine_tune is not None:
+            reference = copy.deepcopy(gm)  # the accuracy report compares with the model before fine-tuning
+            remove = insert_fake_quant(gm, head_layers(gm), target.bits.weights)
+            try:
+                gm.train()
+                fine_tune(gm)
+            finally:
+                gm.eval()
+                remove()
+        context.run(gm, [integerize])
     net: IntNet = gm.meta[INTNET_KEY]
     net.sources = [note.module or note.node for note in integerize.notes]
     shapes = output_shapes(net)
@@ -317,7 +333,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     report["calibration_argmax_agreement"] = agreement
     if isinstance(net.layers[-1], Linear) and net.layers[-1].requant is None:  # int32 head: logits comparable
         report["calibration_max_abs_logit_error"] = float((float_out.double() - int_out * head_scale).abs().max())
-    return DoryBundle(net, files, report, gm)
+    return DoryBundle(net, files, report, reference)
 
 
 def _reserved_l2(target: Target) -> int:
