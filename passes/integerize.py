@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.meta import INTNET_KEY, QuantSpec, TensorInfo, dory_part, quant_spec, tensor_info
 from duccio_fx.ir.pass_manager import Pass
-from duccio_fx.lower.intnet import (INT32, NETWORK_INPUT, Add, Branch, Conv, IntLayer, IntNet, IntType, Linear,
+from duccio_fx.lower.intnet import (NETWORK_INPUT, Add, Branch, Conv, IntLayer, IntNet, IntType, Linear,
                                     Pool, Requant)
 from duccio_fx.passes.calibrate import head_layers
 

@@ -118,8 +118,8 @@ def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> N
                       f"network picks the float model's class on {acc['argmax_agreement']:.2%})", highlight=False)
     checks = report["checks"]
     console.print(f"checks: onnxruntime on the standard-ops twin == integer executor on every value of every layer "
-                  f"(max diff {checks['twin_max_abs_diff']:.0f}); the Quantlab ONNX reads back to the same network",
-                  highlight=False)
+                  f"(max diff {checks['twin_max_abs_diff']:.0f}, {checks.get('checked_inputs', 1):.0f} inputs); "
+                  "the Quantlab ONNX reads back to the same network", highlight=False)
     if out is not None:
         console.print(f"wrote {out}/: network.onnx, config.json, input.txt, out_layer0..{len(report['layers']) - 1}"
                       ".txt, network_twin.onnx, lowering.json", highlight=False)
