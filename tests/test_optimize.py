@@ -421,3 +421,12 @@ def test_optimize_dory_writes_the_integer_network_and_lower_reads_the_run(tmp_pa
     relowered = json.loads((tmp_path / "again" / "lowering.json").read_text())  # calibrated on other batches
     assert [r["out_shape_chw"] for r in relowered["layers"]] == [r["out_shape_chw"] for r in lowering["layers"]]
     assert relowered["source"].startswith(str(out))
+
+
+def test_optimize_dory_refuses_an_op_dory_cannot_run_before_training(tmp_path):
+    text = MODEL_FILE.replace("nn.BatchNorm2d(32), nn.ReLU())", "nn.BatchNorm2d(32), nn.Hardswish())")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path, text), "--max-size", "50%", "--dory",
+                                 "--out", str(out), "--no-cache"])
+    assert result.exit_code == 1 and "replace hardswish with ReLU6" in result.output
+    assert "warmup" not in result.output and not out.exists()

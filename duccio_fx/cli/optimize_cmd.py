@@ -19,6 +19,7 @@ from duccio_fx.common.atomic import save_atomic, write_bytes_atomic, write_text_
 from duccio_fx.common.errors import DuccioError, ModelFileError
 from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.lower.backend import lower
+from duccio_fx.lower.dory import check_lowerable
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.recipe import Recipe
 from duccio_fx.search.settings import SearchSettings
@@ -85,6 +86,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
     spec = load_model_file(model)
     out = out or Path("runs") / Path(spec.source.removeprefix("zoo:")).stem
+    if dory:  # an op DORY cannot run is refused now, not after the search
+        check_lowerable(spec.model, spec.example_inputs[0], target, spec.leaf_modules)
     checkpoint = _prepare_out(out, resume)
     train, val = _loaders(spec.namespace, spec.source)
     loss_fn = spec.namespace.get("loss_fn") or cross_entropy

@@ -26,7 +26,7 @@ from duccio_fx.costs.latency import layer_cycles
 from duccio_fx.costs.memory import layer_activation_bytes, layer_bytes, layer_parameter_bytes
 from duccio_fx.costs.terms import evaluate, value
 from duccio_fx.ir.meta import INTNET_KEY, layer_terms
-from duccio_fx.ir.pass_manager import PassContext
+from duccio_fx.ir.pass_manager import PassContext, PassManager
 from duccio_fx.ir.tracer import LeafSpec, locate_errors
 from duccio_fx.lower.dory_files import config_json, golden_text
 from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
@@ -263,6 +263,25 @@ def _refuse_untileable(rows: list[dict[str, Any]], net: IntNet, shapes: list[tup
                                   "the target file)")
 
 
+def _require_dory(target: Target) -> None:
+    if target.deployment.toolchain != "dory":
+        raise DuccioError(f"target '{target.name}' has no DORY backend (its toolchain is "
+                          f"'{target.deployment.toolchain or 'unset'}')", where=f"target '{target.name}'",
+                          fix="lower for a DORY target (gap8, gap9), or set [deployment] toolchain = \"dory\"")
+
+
+def check_lowerable(model: nn.Module, example: torch.Tensor, target: str | Path | Target = "gap8",
+                    leaf_modules: Sequence[LeafSpec] = ()) -> None:
+    """Raise now, before any training, if DORY cannot run `model`'s ops on `target` (the structural checks of
+    `dory-layers`; sizes may still change during a search, so the lowering checks them again)."""
+    target = load_target(target)
+    _require_dory(target)
+    model = copy.deepcopy(model).eval()
+    gm = trace(model, example[:1], leaf_modules)
+    with locate_errors(model, leaf_modules):
+        PassManager([FoldBatchNorm(), DoryLayers(target)]).run(gm)
+
+
 def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target: str | Path | Target = "gap8", *,
                   calib_batches: int = 8, percentile: float = 99.99, context: PassContext | None = None,
                   leaf_modules: Sequence[LeafSpec] = (), golden_input: torch.Tensor | None = None,
@@ -273,10 +292,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     `fine_tune(model)`, when given, trains the calibrated graph under fake quantization (quantization-aware
     fine-tuning, `lower.qat`) before it is integerized; the activation scales stay the calibrated ones."""
     target = load_target(target)
-    if target.deployment.toolchain != "dory":
-        raise DuccioError(f"target '{target.name}' has no DORY backend (its toolchain is "
-                          f"'{target.deployment.toolchain or 'unset'}')", where=f"target '{target.name}'",
-                          fix="lower for a DORY target (gap8, gap9), or set [deployment] toolchain = \"dory\"")
+    _require_dory(target)
     batches = take_batches(calib, max(1, calib_batches))
     if not batches:
         raise DuccioError("the calibration data is empty", where="calibration data",
