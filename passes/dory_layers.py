@@ -231,10 +231,6 @@ class DoryLayers(Pass):
             if _shape(a) != _shape(b) or _shape(a) is None or len(_shape(a) or ()) != 4:
                 raise _err(node, f"a residual add of {_shape(a)} and {_shape(b)}: DORY adds two equal [N, C, H, W] "
                                  "tensors", "make both branches the same shape (no broadcasting)")
-            _, c, _, w = _shape(a)  # type: ignore[misc]
-            if (c * w) % 4:
-                raise _err(node, f"a residual add over {c} channels × {w} columns: DORY's add kernel works on 4 "
-                                 "values at a time and drops the rest", "give the add a multiple of 4 channels")
         elif kind in ("maxpool", "avgpool"):
             self._pool_geometry(node, kind)
 

@@ -383,3 +383,36 @@ def test_cli_qat_needs_training_data(tmp_path):
     result = runner.invoke(app, ["lower", "zoo:dscnn", "--qat-epochs", "1", "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "needs training data" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_adds_over_unaligned_channels_get_zero_channels_and_the_outputs_do_not_change():
+    from duccio_fx.lower.pad_channels import pad_add_channels
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU())
+            self.conv = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6))
+            self.dw = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU())
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(6 * 3 * 3, 4)
+
+        def forward(self, x):
+            s = self.stem(x)
+            y = torch.relu(self.conv(s) + s)
+            return self.fc(torch.flatten(self.pool(self.dw(y)), 1))
+
+    torch.manual_seed(0)
+    calib = torch.randn(8, 3, 14, 14)
+    bundle = lower_to_dory(_warm(Net(), calib), calib, "gap8")
+    assert bundle.report["padded_channels"] == {str(i): [6, 8] for i in range(5)}  # stem, conv, add, dw, pool
+    net = bundle.net
+    assert net.layers[3].weight.shape[0] == 8 and net.layers[5].weight.shape == (4, 8 * 3 * 3)
+    # against the network before padding (kept on the graph by integerize): same values, extra zeros
+    unpadded = bundle.float_model.meta["duccio_intnet"]
+    x = quantize_input(net, calib)
+    for i, (before, after) in enumerate(zip(run(unpadded, x), run(net, x))):
+        assert torch.equal(after[:, :before.shape[1]], before), f"layer {i}"
+        assert not after[:, before.shape[1]:].any()
+    assert pad_add_channels(net)[1] == {}  # already aligned
+    assert bundle.report["checks"]["twin_max_abs_diff"] == 0

@@ -31,6 +31,7 @@ from duccio_fx.ir.tracer import LeafSpec, locate_errors
 from duccio_fx.lower.dory_files import config_json, golden_text
 from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
 from duccio_fx.lower.intnet import Add, Conv, IntNet, Linear, Pool
+from duccio_fx.lower.pad_channels import pad_add_channels
 from duccio_fx.lower.qat import insert_fake_quant
 from duccio_fx.lower.quantlab_onnx import read_quantlab, write_quantlab
 from duccio_fx.lower.twin_onnx import run_twin, write_twin
@@ -208,6 +209,19 @@ def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[in
     return flow
 
 
+def _refuse_unaligned_adds(net: IntNet, shapes: list[tuple[int, ...]]) -> None:
+    """Adds whose channels could not be padded (they share the network input's channels)."""
+    for i, layer in enumerate(net.layers):
+        if not isinstance(layer, Add):
+            continue
+        c, _, w = shapes[i]
+        if (c * w) % 4:
+            raise DuccioError(f"a residual add over {c} channels x {w} columns of the network input: DORY's add "
+                              "kernel works on 4 values at a time and drops the rest", where=f"DORY layer {i} "
+                              f"(from '{net.sources[i]}')",
+                              fix="add to the output of a conv instead, or give the input a multiple of 4 channels")
+
+
 def _refuse_l3_buffer_overflow(net: IntNet, shapes: list[tuple[int, ...]], target: Target) -> None:
     """DORY's generated code keeps fixed L3 buffers (weights, one input, one output activation) and never checks
     them: an activation or a weight total beyond them would overwrite memory on the board."""
@@ -320,7 +334,9 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
         context.run(gm, [integerize])
     net: IntNet = gm.meta[INTNET_KEY]
     net.sources = [note.module or note.node for note in integerize.notes]
+    net, padded = pad_add_channels(net)  # DORY's add kernel needs channels x width to be a multiple of 4
     shapes = output_shapes(net)
+    _refuse_unaligned_adds(net, shapes)
     memory = _memory_rows(model, example, net, shapes, target)
     _refuse_untileable(memory, net, shapes, target)
 
@@ -348,6 +364,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     report = _report(net, shapes, integerize.notes, memory,
                      target, bnrelu_bits, percentile, len(batches), checks)
     report["calibration_argmax_agreement"] = agreement
+    report["padded_channels"] = {str(i): list(change) for i, change in padded.items()}
     if isinstance(net.layers[-1], Linear) and net.layers[-1].requant is None:  # int32 head: logits comparable
         report["calibration_max_abs_logit_error"] = float((float_out.double() - int_out * head_scale).abs().max())
     return DoryBundle(net, files, report, reference)
