@@ -1,6 +1,8 @@
 """dory-layers: group the float graph into DORY layers, fuse activations, and refuse what DORY cannot run.
 
-A DORY layer is one generated C function: a conv or linear with its requantization (and the activation
+Which part of a DORY layer an op can be comes from the op registry: this module attaches a `"dory"` hook to
+each supported op's entry (`register_dory_hooks`), as the export attaches its `"shrink"` hooks; an op without
+one is refused. A DORY layer is one generated C function: a conv or linear with its requantization (and the activation
 fused into it), a residual add, a max pooling, or an average pooling with its requantization. This pass
 annotates every node with its `DoryPart` (which layer, what part) without changing the graph, so the graph
 still runs in float and `--dump-ir` shows the grouping. Layers are numbered in graph order, which is the
@@ -30,14 +32,8 @@ from torch.fx import GraphModule, Node
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.meta import DoryPart, TensorInfo, dory_part, set_dory_part, source_line, tensor_info
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.ir.registry import REGISTRY, Hook, OpRegistry, add_hook
 from duccio_fx.targets import Target
-
-_RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
-_FLATTEN_FUNCS = {torch.flatten}
-_DROP_FUNCS = {F.dropout, F.dropout1d, F.dropout2d}
-_DROP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-_SIZE_METHODS = {"size", "dim"}
 
 # What to do instead, for ops users often have where DORY has no kernel.
 _FIXES: dict[str, str] = {
@@ -87,11 +83,58 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(info.shape) if isinstance(info, TensorInfo) else None
 
 
+# -- what DORY runs, as "dory" hooks on the op registry's entries: hook(gm, node) -> the node's part ----------
+
+DORY_HOOK = "dory"
+
+
+def _kind(kind: str) -> Hook:
+    return lambda gm, node: kind
+
+
+def _two_tensors(gm: GraphModule, node: Node) -> str:
+    return "add" if sum(isinstance(a, Node) for a in node.args[:2]) == 2 else "unsupported"
+
+
+def _no_tensor(gm: GraphModule, node: Node) -> str:
+    return "none" if _shape(node) is None else "unsupported"
+
+
+def _conv2d(gm: GraphModule, node: Node) -> str:
+    return "conv" if isinstance(gm.get_submodule(str(node.target)), nn.Conv2d) else "unsupported"
+
+
+def register_dory_hooks(registry: OpRegistry = REGISTRY) -> None:
+    """Attach the DORY part of every op the lowering supports to its registry entry. A user op DORY runs
+    as one of these parts (an activation, a no-op, a flatten) gets its hook with `add_hook(op, "dory", fn)`."""
+    table: list[tuple[tuple[Any, ...], Hook]] = [
+        ((nn.modules.conv._ConvNd,), _conv2d),
+        ((nn.Linear,), _kind("linear")),
+        ((nn.ReLU, nn.ReLU6, nn.Hardtanh, F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.hardtanh,
+          torch.clamp, torch.clip, "relu", "relu_", "clamp", "clamp_", "clip", "clip_"), _kind("act")),
+        ((nn.MaxPool2d, F.max_pool2d), _kind("maxpool")),
+        ((nn.AvgPool2d, nn.AdaptiveAvgPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, "mean"),
+         _kind("avgpool")),
+        ((operator.add, operator.iadd, torch.add, "add", "add_"), _two_tensors),
+        ((nn.Flatten, torch.flatten, "flatten", "view", "reshape"), _kind("flatten")),
+        ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, F.dropout1d, F.dropout2d, "size", "dim",
+          "contiguous"), _kind("none")),
+        ((getattr, operator.getitem), _no_tensor),
+    ]
+    for ops, hook in table:
+        for op in ops:
+            add_hook(op, DORY_HOOK, hook, registry)
+
+
+register_dory_hooks()
+
+
 @dataclass
 class DoryLayers(Pass):
     """Annotates `DoryPart` on every node; `target` (optional) adds its tiling limits."""
 
     target: Target | None = None
+    registry: OpRegistry = field(default_factory=lambda: REGISTRY)
     name = "dory-layers"
     requires = ("shape-propagation", "fold-batchnorm")
     kinds: list[str] = field(default_factory=list, init=False)
@@ -164,57 +207,8 @@ class DoryLayers(Pass):
             raise _err(node, f"DORY has no kernel for {_describe(self.gm, node)}", _fix_for(self.gm, node))
 
     def _classify(self, node: Node) -> str:
-        target = node.target
-        if node.op == "call_module":
-            m = self._module(node)
-            if isinstance(m, nn.Conv2d):
-                return "conv"
-            if isinstance(m, nn.Linear):
-                return "linear"
-            if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
-                return "act"
-            if isinstance(m, nn.MaxPool2d):
-                return "maxpool"
-            if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-                return "avgpool"
-            if isinstance(m, nn.Flatten):
-                return "flatten"
-            if isinstance(m, _DROP_MODULES):
-                return "none"
-            return "unsupported"
-        if node.op == "call_function":
-            if target in _RELU_FUNCS or target in (F.relu6, F.hardtanh, torch.clamp, torch.clip):
-                return "act"
-            if target in _ADD_FUNCS:
-                return "add" if sum(isinstance(a, Node) for a in node.args[:2]) == 2 else "unsupported"
-            if target in _FLATTEN_FUNCS:
-                return "flatten"
-            if target in (F.max_pool2d,):
-                return "maxpool"
-            if target in (F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean):
-                return "avgpool"
-            if target in _DROP_FUNCS:
-                return "none"
-            if target is getattr and _shape(node) is None:
-                return "none"
-            if target is operator.getitem and _shape(node) is None:
-                return "none"
-            return "unsupported"
-        if node.op == "call_method":
-            if target in ("relu", "relu_", "clamp", "clip", "clamp_"):
-                return "act"
-            if target in ("flatten", "view", "reshape"):
-                return "flatten"
-            if target in _SIZE_METHODS:
-                return "none"
-            if target in ("add", "add_"):
-                return "add" if sum(isinstance(a, Node) for a in node.args[:2]) == 2 else "unsupported"
-            if target == "mean":
-                return "avgpool"
-            if target in ("contiguous",):
-                return "none"
-            return "unsupported"
-        return "unsupported"
+        hook = self.registry.hook(self.gm, node, DORY_HOOK)
+        return str(hook(self.gm, node)) if hook is not None else "unsupported"
 
     # -- per-kind checks -------------------------------------------------------------------------------
 
@@ -324,7 +318,7 @@ class DoryLayers(Pass):
             lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
             hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
             return (float(lo), float(hi))
-        if node.target in (torch.clamp, torch.clip, "clamp", "clip", "clamp_"):
+        if node.target in (torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_"):
             lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
             hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
             if isinstance(lo, Node) or isinstance(hi, Node):

@@ -416,3 +416,23 @@ def test_adds_over_unaligned_channels_get_zero_channels_and_the_outputs_do_not_c
         assert not after[:, before.shape[1]:].any()
     assert pad_add_channels(net)[1] == {}  # already aligned
     assert bundle.report["checks"]["twin_max_abs_diff"] == 0
+
+
+def test_an_op_gets_its_dory_part_from_the_op_registry():
+    """The lowering asks the op registry (the "dory" hook of the op's entry), so registering a user op is
+    enough to lower it."""
+    import duccio_fx
+    from duccio_fx.passes.dory_layers import DORY_HOOK
+
+    class Passthrough(nn.Module):  # e.g. a debugging probe the user leaves in the model
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Passthrough(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    with pytest.raises(DuccioError, match="DORY has no kernel for module Passthrough"):
+        lower_to_dory(model, torch.randn(2, 3, 8, 8), "gap8", leaf_modules=[Passthrough])
+    duccio_fx.register_module(Passthrough, "follows")
+    duccio_fx.add_hook(Passthrough, DORY_HOOK, lambda gm, node: "none")
+    bundle = lower_to_dory(model, torch.randn(2, 3, 8, 8), "gap8")
+    assert len(bundle.net.layers) == 3
