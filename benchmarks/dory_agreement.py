@@ -24,10 +24,8 @@ paths to its dory/ directory.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,9 +43,11 @@ from duccio_fx.targets import load_target
 from duccio_fx.zoo.mobilenet_v1 import MobileNetV1
 from duccio_fx.zoo.resnet8 import resnet8
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dory_probes import ChainFromL3, DepthwiseGap, WidePointwise, dory_bytes, dory_level, run_checker  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "gap8"
-CHECK_TIMEOUT = 600
 
 # Per layer: why DORY's level differs from ours.
 EXPLANATIONS = {
@@ -162,59 +162,6 @@ class BigActivations(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-class ChainFromL3(nn.Module):
-    """conv 3->39 at 96x96: 27.6 kB in + 359 kB out + constants = 388 kB > L2 budget, output L3-tiled;
-    then a 1x1/2 conv 39->4 whose whole layer is 368 kB (fits by itself) reading that output from L3."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(3, 39, 3, 1, 1)
-        self.relu0 = nn.ReLU()
-        self.conv1 = nn.Conv2d(39, 4, 1, 2)
-        self.relu1 = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.conv1(self.relu0(self.conv0(x))))
-        return self.fc(torch.flatten(self.gap(x), 1))
-
-
-class DepthwiseHead(nn.Module):
-    """A depthwise 3x3 over 64 channels, straight into the global average pool and the head. At 54x54 it is
-    373 kB of activations + 576 B of weights: 383 kB with DORY's 16x weight count (> the 380 kB budget),
-    375 kB with the weights counted once (fits). At 56x56 (411 kB) its output goes to L3, and the global
-    pool cannot read it from there."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dw = nn.Conv2d(64, 64, 3, 1, 1, groups=64)
-        self.relu = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.gap(self.relu(self.dw(x))), 1))
-
-
-class WidePointwise(nn.Module):
-    """A 256->256 1x1 conv (66 kB of weights and constants) on a big input, then a 2x2 max pool and the head.
-    At 34x34: 296 kB in + 296 kB out; weights-only tiling needs 592 kB, output-only tiling 296 kB in + 66 kB
-    weights + 2 double-buffered output rows = 381 kB: neither fits, DORY refuses. At 33x33 output-only tiling
-    fits (363 kB), but the max pool then reads from L3 in tiles that do not fit the conv's output tile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pw = nn.Conv2d(256, 256, 1)
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.gap(self.pool(self.relu(self.pw(x)))), 1))
-
-
 class L3BufferOverflow(nn.Module):
     """A 3->96 conv at 128x128 writes 1.57 MB: DORY tiles it to L3 like we predict, but the generated network.c
     has fixed 1 500 000 B L3 activation buffers (GAP8/Templates/network_c_template.c:47-49); the checker
@@ -270,9 +217,9 @@ NETWORKS: dict[str, Network] = {n.name: n for n in (
     Network("chain_from_l3", "conv 3->39 at 96x96 (output in L3) -> 1x1/2 conv that fits L2 alone",
             _seeded(ChainFromL3), (3, 96, 96)),
     Network("depthwise_boundary", "depthwise 3x3, 64 channels at 54x54 (between DORY's 16x and 1x counts)",
-            _seeded(DepthwiseHead), (64, 54, 54)),
+            _seeded(DepthwiseGap), (64, 54, 54)),
     Network("gap_after_l3", "depthwise 64 ch at 56x56 (output to L3) straight into the global average pool",
-            _seeded(DepthwiseHead), (64, 56, 56)),
+            _seeded(DepthwiseGap), (64, 56, 56)),
     Network("pool_after_l3", "1x1 conv 256->256 at 33x33 (output to L3) into a 2x2 max pool",
             _seeded(WidePointwise), (256, 33, 33)),
     Network("conv_both_tiled", "1x1 conv 256->256 at 34x34: no weights-only nor output-only L3 tiling",
@@ -294,37 +241,9 @@ def lower(net: Network, out: Path) -> tuple[dict[str, Any], str | None]:
         bundle, refusal = lower_to_dory(model, calib, TARGET, calib_batches=1), None
     except DuccioError as err:
         refusal = str(err).splitlines()[0]
-        module = importlib.import_module("duccio_fx.lower.dory")
-        hook = getattr(module, "_refuse_untileable", None)
-        if hook is None:
-            raise
-        module._refuse_untileable = lambda *args, **kwargs: None
-        try:
-            bundle = lower_to_dory(model, calib, TARGET, calib_batches=1)
-        finally:
-            module._refuse_untileable = hook
+        bundle = lower_to_dory(model, calib, TARGET, calib_batches=1, memory_checks=False)
     bundle.save(out)
     return bundle.report, refusal
-
-
-def run_checker(check: str, directory: Path, json_out: Path) -> tuple[int, dict[str, Any] | None, str]:
-    cmd = [sys.executable, check, str(directory), "--target", TARGET, "--full", "--json-out", str(json_out)]
-    try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return -1, None, f"timeout after {CHECK_TIMEOUT} s"
-    result = json.loads(json_out.read_text()) if json_out.exists() else None
-    return proc.returncode, result, (proc.stderr or proc.stdout)[-2000:]
-
-
-def dory_level(layer: dict[str, Any]) -> str:
-    tiled = layer["weights_L3_tiled"] or layer["input_L3_tiled"] or layer["output_L3_tiled"]
-    return "L3" if tiled else "L2"
-
-
-def dory_bytes(layer: dict[str, Any]) -> int | None:
-    mem = layer.get("memory_bytes")
-    return None if mem is None else int(sum(v or 0 for v in mem.values()))
 
 
 def explain(ours: dict[str, Any], dory: dict[str, Any], previous: dict[str, Any] | None, budget: int) -> str | None:

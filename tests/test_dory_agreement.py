@@ -28,11 +28,7 @@ networks.
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +41,7 @@ from duccio_fx import zoo
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.lower.dory import lower_to_dory
 from duccio_fx.targets import load_target
+from dory_probes import ChainFromL3, DepthwiseGap, WidePointwise, dory_bytes, dory_level, run_checker
 
 BUDGET = 380_000  # GAP8 L2 512 000 B - DORY "code reserved space" 132 000 B (targets/gap8.toml)
 
@@ -123,52 +120,6 @@ class Residual(nn.Module):
         return self.fc(torch.flatten(self.gap(y), 1))
 
 
-class Chain(nn.Module):
-    """conv 3->39 at 96x96 (388 kB, its output goes to L3), then a 1x1/2 conv 39->4 (369 kB, fits alone)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(3, 39, 3, 1, 1)
-        self.relu0 = nn.ReLU()
-        self.conv1 = nn.Conv2d(39, 4, 1, 2)
-        self.relu1 = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.conv1(self.relu0(self.conv0(x))))
-        return self.fc(torch.flatten(self.gap(x), 1))
-
-
-class WidePointwise(nn.Module):
-    """1x1 conv 256->256 (66 kB of weights and k/l) on a 256-channel input, a 2x2 max pool, GAP, head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pw = nn.Conv2d(256, 256, 1)
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.gap(self.pool(self.relu(self.pw(x)))), 1))
-
-
-class DepthwiseGap(nn.Module):
-    """3x3 depthwise conv over 64 channels straight into the GAP + int32 FC head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dw = nn.Conv2d(64, 64, 3, 1, 1, groups=64)
-        self.relu = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.gap(self.relu(self.dw(x))), 1))
-
-
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
@@ -207,7 +158,7 @@ CASES: dict[str, Case] = {
                          (("L2", 197376), ("L2", 263424), ("L2", 262144), ("L2", 131104), ("L2", 432)),
                          {2: "add-one-input"}, refused="residual add"),
     # conv0 388 437 B: output L3-tiled; conv1 368 828 B fits alone but reads conv0's output from L3
-    "chain_from_l3": Case(Chain, (3, 96, 96), (("L3", 388437), ("L3", 368828), ("L2", 9220), ("L2", 124)), {}),
+    "chain_from_l3": Case(ChainFromL3, (3, 96, 96), (("L3", 388437), ("L3", 368828), ("L2", 9220), ("L2", 124)), {}),
 }
 
 
@@ -234,11 +185,7 @@ def _lower(build: Callable[[], nn.Module], input_shape: tuple[int, ...], *, refu
     torch.manual_seed(0)
     model = build()
     calib = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
-    if refusal:
-        return lower_to_dory(model, calib, "gap8", calib_batches=1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(importlib.import_module("duccio_fx.lower.dory"), "_refuse_untileable", lambda *a, **k: None)
-        return lower_to_dory(model, calib, "gap8", calib_batches=1)
+    return lower_to_dory(model, calib, "gap8", calib_batches=1, memory_checks=refusal)
 
 
 @pytest.fixture(scope="module")
@@ -256,23 +203,23 @@ def test_budget_is_gap8_l2() -> None:
 def test_level_agrees_with_dory_or_differs_where_explained(name: str, lowered: dict[str, dict]) -> None:
     case, layers = CASES[name], lowered[name]["layers"]
     assert len(layers) == len(case.dory)
-    for i, (row, (dory_level, _)) in enumerate(zip(layers, case.dory)):
+    for i, (row, (dory_says, _)) in enumerate(zip(layers, case.dory)):
         if i in case.explained:
-            assert row["level"] != dory_level, f"{name} layer {i}: explained difference ({case.explained[i]}) is gone"
+            assert row["level"] != dory_says, f"{name} layer {i}: explained difference ({case.explained[i]}) is gone"
         else:
-            assert row["level"] == dory_level, f"{name} layer {i}: ours {row['level']}, DORY {dory_level}"
+            assert row["level"] == dory_says, f"{name} layer {i}: ours {row['level']}, DORY {dory_says}"
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bytes_equal_dory_accounting(name: str, lowered: dict[str, dict]) -> None:
     """Our bytes are DORY's Layer_node bytes, except an add, where we also count the second input."""
     case, layers = CASES[name], lowered[name]["layers"]
-    for i, (row, (_, dory_bytes)) in enumerate(zip(layers, case.dory)):
+    for i, (row, (_, dory_counts)) in enumerate(zip(layers, case.dory)):
         if row["kind"] == "add":
             second = sum(torch.Size(layers[j]["out_shape_chw"]).numel() for j in row["inputs"][1:])
-            assert row["bytes"] == dory_bytes + second
+            assert row["bytes"] == dory_counts + second
         else:
-            assert row["bytes"] == dory_bytes, f"{name} layer {i} ({row['kind']})"
+            assert row["bytes"] == dory_counts, f"{name} layer {i} ({row['kind']})"
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.refused])
@@ -311,29 +258,18 @@ needs_dory = pytest.mark.skipif(not (DORY_CHECK and os.environ.get("DORY_VENV"))
                                 reason="set DORY_CHECK (path of check_dory.py) and DORY_VENV to run the real DORY")
 
 
-def _check(directory: Path, json_out: Path) -> tuple[int, dict, str]:
-    proc = subprocess.run([sys.executable, str(DORY_CHECK), str(directory), "--target", "gap8", "--full",
-                           "--json-out", str(json_out)], check=False, capture_output=True, text=True, timeout=600)
-    result = json.loads(json_out.read_text()) if json_out.exists() else {}
-    return proc.returncode, result, proc.stdout[-2000:] + proc.stderr[-2000:]
-
-
-def _dory_level(layer: dict) -> str:
-    return "L3" if layer["weights_L3_tiled"] or layer["input_L3_tiled"] or layer["output_L3_tiled"] else "L2"
-
-
 @needs_dory
 def test_real_dory_accepts_zoo_resnet8(tmp_path: Path) -> None:
     model, _ = zoo.build("resnet8")
     calib = torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
     bundle = lower_to_dory(model, calib, "gap8", calib_batches=1)
     bundle.save(tmp_path / "resnet8")
-    rc, result, log = _check(tmp_path / "resnet8", tmp_path / "resnet8.json")
+    rc, result, log = run_checker(str(DORY_CHECK), tmp_path / "resnet8", tmp_path / "resnet8.json")
     assert rc == 0, log
     assert result["accepted"] is True
     assert len(result["layers"]) == len(bundle.report["layers"])
     for ours, dory in zip(bundle.report["layers"], result["layers"]):
-        assert ours["level"] == _dory_level(dory) == "L2"
+        assert ours["level"] == dory_level(dory) == "L2"
 
 
 @needs_dory
@@ -341,9 +277,9 @@ def test_real_dory_accepts_zoo_resnet8(tmp_path: Path) -> None:
 def test_real_dory_still_decides_what_we_recorded(name: str, tmp_path: Path) -> None:
     case = CASES[name]
     _lower(case.build, case.input_shape, refusal=case.refused is None).save(tmp_path / name)
-    rc, result, log = _check(tmp_path / name, tmp_path / f"{name}.json")
+    rc, result, log = run_checker(str(DORY_CHECK), tmp_path / name, tmp_path / f"{name}.json")
     assert rc == 0, log
-    measured = tuple((_dory_level(L), int(sum(v or 0 for v in L["memory_bytes"].values()))) for L in result["layers"])
+    measured = tuple((dory_level(L), dory_bytes(L)) for L in result["layers"])
     assert measured == case.dory
 
 
@@ -352,6 +288,6 @@ def test_real_dory_still_decides_what_we_recorded(name: str, tmp_path: Path) -> 
 def test_real_dory_still_rejects(name: str, tmp_path: Path) -> None:
     build, shape, message, _ = DORY_REJECTS[name]
     _lower(build, shape, refusal=False).save(tmp_path / name)
-    rc, result, log = _check(tmp_path / name, tmp_path / f"{name}.json")
+    rc, result, log = run_checker(str(DORY_CHECK), tmp_path / name, tmp_path / f"{name}.json")
     assert rc == 1, log
     assert message in result["dory_last_message"]
