@@ -23,8 +23,9 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.ir.meta import DoryPart, QuantSpec, dory_part, set_quant_spec
+from duccio_fx.ir.meta import QuantSpec, dory_part, set_quant_spec
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.passes.dory_layers import producing_layer
 
 SAMPLES_PER_BATCH = 1 << 16  # values kept per tensor and batch for the percentile (a fixed random subset)
 
@@ -113,15 +114,10 @@ class Calibrate(Pass):
         return False
 
     def _input_spec(self, value: Node, specs: dict[int, QuantSpec], input_spec: QuantSpec) -> QuantSpec:
-        node: Any = value
-        while isinstance(node, Node):
-            part: DoryPart | None = dory_part(node)
-            if node.op == "placeholder":
-                return input_spec
-            if part is not None and part.layer >= 0:
-                return specs[part.layer]
-            node = node.args[0] if node.args else None
-        raise DuccioError(f"no quantized producer for '{value.name}'", where="pass 'calibrate'")
+        layer = producing_layer(value)
+        if layer is None:
+            raise DuccioError(f"no quantized producer for '{value.name}'", where="pass 'calibrate'")
+        return input_spec if layer < 0 else specs[layer]
 
     def _spec(self, values: torch.Tensor, *, signed: bool, clamp: tuple[float, float] | None) -> QuantSpec:
         q = min(max(self.percentile / 100.0, 0.0), 1.0)

@@ -83,6 +83,20 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(info.shape) if isinstance(info, TensorInfo) else None
 
 
+def producing_layer(value: Any) -> int | None:
+    """The DORY layer whose output `value` is, back through flattens and no-ops: its index, -1 for the network
+    input, None when no annotated producer is found (dory-layers has not run)."""
+    node = value
+    while isinstance(node, Node):
+        if node.op == "placeholder":
+            return -1
+        part = dory_part(node)
+        if part is not None and part.layer >= 0:
+            return part.layer
+        node = node.args[0] if node.args else None
+    return None
+
+
 # -- what DORY runs, as "dory" hooks on the op registry's entries: hook(gm, node) -> the node's part ----------
 
 DORY_HOOK = "dory"
@@ -161,16 +175,9 @@ class DoryLayers(Pass):
 
     def _layer_of(self, value: Any) -> int:
         """The layer whose output `value` is (through flattens and no-ops); -1 for the network input."""
-        node = value
-        while isinstance(node, Node):
-            part = dory_part(node)
-            if node.op == "placeholder":
-                return -1
-            if part is None:
-                break
-            if part.layer >= 0:
-                return part.layer
-            node = node.args[0] if node.args else None
+        layer = producing_layer(value)
+        if layer is not None:
+            return layer
         raise _err(value if isinstance(value, Node) else next(iter(self.gm.graph.nodes)),
                    "DORY cannot tell which layer produces this value", "report this model")
 

@@ -36,6 +36,7 @@ from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.lower.intnet import (NETWORK_INPUT, Add, Branch, Conv, IntLayer, IntNet, IntType, Linear,
                                     Pool, Requant)
 from duccio_fx.passes.calibrate import head_layers
+from duccio_fx.passes.dory_layers import producing_layer
 
 FLOAT32_EXACT = 1 << 24
 
@@ -125,15 +126,10 @@ class Integerize(Pass):
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _source(self, value: Any) -> int:
-        node = value
-        while isinstance(node, Node):
-            if node.op == "placeholder":
-                return NETWORK_INPUT
-            part = dory_part(node)
-            if part is not None and part.layer >= 0:
-                return part.layer
-            node = node.args[0] if node.args else None
-        raise DuccioError(f"no integer producer for '{value}'", where="pass 'integerize'")
+        layer = producing_layer(value)
+        if layer is None:
+            raise DuccioError(f"no integer producer for '{value}'", where="pass 'integerize'")
+        return layer
 
     def _in(self, value: Any) -> tuple[int, QuantSpec]:
         source = self._source(value)
