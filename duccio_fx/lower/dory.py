@@ -110,7 +110,10 @@ class DoryBundle:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
             for item in loader:
-                x, y = item[0], item[1]
+                if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                    raise DuccioError(f"a validation batch is a {type(item).__name__}, not an (inputs, labels) pair",
+                                      where="validation data", fix="give a loader that yields (inputs, labels)")
+                x, y = item
                 f = model(x.to(device)).argmax(dim=1).cpu()
                 i = self.predict_int(x).reshape(len(x), -1).argmax(dim=1).cpu()
                 float_hits += int((f == y).sum())
