@@ -16,6 +16,9 @@ from duccio_fx.costs.model import Costs
 from duccio_fx.pipeline import analyze, channel_groups, measure_costs, trace
 from duccio_fx.search.space import SearchSpace, make_searchable, register_search_method, search_methods
 from duccio_fx.search.mask_method import SearchableModel  # registers the "mask" method
+from duccio_fx.search.path_method import PathSpace  # registers the "path" method
+from duccio_fx.search.choice import Choice
+from duccio_fx.search.alternatives import BlockSpec, NotApplicable, register_alternative
 from duccio_fx.search.constraints import Constraint, ResolvedConstraint
 from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.recipe import SearchResult, optimize
@@ -28,11 +31,11 @@ from duccio_fx.targets import Target, load_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
-    "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "Pass", "PassContext", "PassError",
-    "PassManager", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
+    "BlockSpec", "ChannelGroup", "Choice", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
+    "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "NotApplicable", "Pass", "PassContext", "PassError",
+    "PassManager", "PathSpace", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
     "SearchSettings", "SearchSpace", "ShapePropagationError", "Target", "TimePasses", "add_hook", "analyze",
     "backends", "channel_groups", "format_ir", "load_target", "lower", "lower_to_dory", "make_searchable", "measure_costs",
-    "optimize", "register_backend", "register_function", "register_latency_model", "register_meta_formatter",
+    "optimize", "register_alternative", "register_backend", "register_function", "register_latency_model", "register_meta_formatter",
     "register_method", "register_metric", "register_module", "register_search_method", "search_methods", "trace",
 ]

@@ -56,6 +56,8 @@ LAYERS: tuple[Rule, ...] = (
     Rule("duccio_fx.search.*", 5, "search"),
     Rule("duccio_fx.passes.mask_insertion", 5, "search"),
     Rule("duccio_fx.passes.shrink_export", 5, "search"),
+    Rule("duccio_fx.passes.supernet_insertion", 5, "search"),
+    Rule("duccio_fx.passes.choice_export", 5, "search"),
     Rule("duccio_fx.lower.*", 5, "lower"),
     Rule("duccio_fx.passes.fold_batchnorm", 5, "lower"),
     Rule("duccio_fx.passes.dory_layers", 5, "lower"),

@@ -39,7 +39,7 @@ def width(spec: ChannelSpec) -> int:
     return sum((stop - start) * block for _, start, stop, block in spec)
 
 
-def _is_head(node: Node) -> bool:
+def is_head(node: Node) -> bool:
     """True when the node's value reaches the graph output only through reshapes (no requantization)."""
     frontier = [node]
     while frontier:
@@ -85,7 +85,7 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
         if module.transposed:
             positions = in_positions  # MACs of a transposed conv scale with its input
     return LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
-                     module.bias is not None, groups, module.weight.numel(), not _is_head(node), out_positions)
+                     module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ MODEL_KEY = "duccio_model"  # on GraphModule.meta: the class name of the traced 
 DORY_KEY = "duccio_dory"  # after dory-layers: the DORY layer a node belongs to, and its part in it
 QUANT_KEY = "duccio_quant"  # after calibrate: integer type and scale of a DORY layer's output (and the input)
 INTNET_KEY = "duccio_intnet"  # on GraphModule.meta after integerize: the integer network (lower.intnet.IntNet)
+CHOICE_KEY = "duccio_choice"  # after supernet-insertion: a choice point's alternatives and their layers
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,27 @@ class MaskUse:
 
 
 @dataclass(frozen=True)
+class ChoiceOption:
+    """One alternative of a choice point: its name and its conv/linear layers, named as the exported model
+    names them when this alternative is chosen (`<point>.<alternative>.<layer>`)."""
+
+    name: str
+    terms: tuple[LayerTerm, ...]
+
+
+@dataclass(frozen=True)
+class ChoiceInfo:
+    """A choice point of the path method: the node runs one of `options` (the first is the seed's)."""
+
+    point: str
+    options: tuple[ChoiceOption, ...]
+    declared: bool = False  # a duccio_fx.Choice written in the model file
+
+    def __str__(self) -> str:
+        return "choice(" + "|".join(o.name for o in self.options) + ")"
+
+
+@dataclass(frozen=True)
 class DoryPart:
     """A node's part in a DORY layer: `layer` is the layer's index (its golden file's number), or -1 for
     nodes that vanish in the integer network (flatten, dropout, identity, size queries). The layer's main
@@ -240,6 +262,14 @@ def set_layer_term(node: Node, term: LayerTerm) -> None:
 def layer_terms(gm: GraphModule) -> list[LayerTerm]:
     """The cost terms of every conv/linear layer of an analysed graph, in graph order."""
     return [t for n in gm.graph.nodes if (t := layer_term(n)) is not None]
+
+
+def choice_info(node: Node) -> ChoiceInfo | None:
+    return node.meta.get(CHOICE_KEY)
+
+
+def set_choice_info(node: Node, info: ChoiceInfo) -> None:
+    node.meta[CHOICE_KEY] = info
 
 
 def mask_use(node: Node) -> MaskUse | None:

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from torch.fx import GraphModule, Node
 
-from duccio_fx.ir.meta import (COST_KEY, DORY_KEY, LAYOUT_KEY, MASK_KEY, QUANT_KEY, ROLE_KEY, TENSOR_KEY, TensorInfo,
-                               channel_layout, dory_part, layer_cost, mask_use, model_name, op_role, quant_spec,
-                               tensor_info)
+from duccio_fx.ir.meta import (CHOICE_KEY, COST_KEY, DORY_KEY, LAYOUT_KEY, MASK_KEY, QUANT_KEY, ROLE_KEY, TENSOR_KEY,
+                               TensorInfo, channel_layout, choice_info, dory_part, layer_cost, mask_use, model_name,
+                               op_role, quant_spec, tensor_info)
 from duccio_fx.ir.registry import describe_target
 
 MetaFormatter = Callable[[Node], str]  # '' when the node has nothing to show for this key
@@ -81,6 +81,7 @@ register_meta_formatter(ROLE_KEY, lambda n: str(op_role(n) or ""))
 register_meta_formatter(LAYOUT_KEY, _fmt_layout)
 register_meta_formatter(COST_KEY, _fmt_cost)
 register_meta_formatter(MASK_KEY, _fmt_mask)
+register_meta_formatter(CHOICE_KEY, lambda n: str(choice_info(n) or ""))
 register_meta_formatter(DORY_KEY, lambda n: str(dory_part(n) or ""))
 register_meta_formatter(QUANT_KEY, lambda n: str(quant_spec(n) or ""))
 

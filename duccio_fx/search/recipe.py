@@ -121,7 +121,7 @@ class Recipe:
                 raise ConstraintError("--layerwise needs a target with a layer-wise memory level",
                                       where="--layerwise", fix="pass --target gap8 (or a target whose level has "
                                                                "layerwise = true)")
-            self.critical = critical_layers(evaluate(self.space.seed_terms), target, s.layerwise)
+            self.critical = critical_layers(evaluate(self.space.layer_candidates()), target, s.layerwise)
             self.constraints += layerwise_constraints(self.critical, target)
         if not self.constraints:
             raise ConstraintError("no constraint given", fix="name at least one bound, e.g. --max-size 50% "

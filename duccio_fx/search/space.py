@@ -7,7 +7,7 @@ this protocol, so a new method is one module with a `SearchSpace` subclass plus 
     @duccio_fx.register_search_method("mine")
     def make_mine(model, example_inputs, *, leaf_modules=(), context=None, **options) -> SearchSpace: ...
 
-`duccio_fx.search_methods()` lists the registered names ("mask" is built in).
+`duccio_fx.search_methods()` lists the registered names ("mask" and "path" are built in).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class SearchSpace(nn.Module, metaclass=ABCMeta):
         """Costs of the architecture the forward pass uses now, differentiable w.r.t. θ."""
 
     def cost_values(self, target: Target | str | None = None) -> Costs:
-        """`costs(target)` as plain floats (no graph), for decisions, logs and reports."""
+        """Costs (floats, no graph) of the architecture `export()` would return now: for decisions, logs and
+        reports. The same as `costs(target)` when the forward pass does not sample."""
         with torch.no_grad():
             return self.costs(target).floats()
 
@@ -60,6 +61,14 @@ class SearchSpace(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def seed_terms(self) -> Sequence[LayerTerm]:
         """The cost terms of the seed's layers (critical layers are chosen on the seed)."""
+
+    def layer_candidates(self) -> Sequence[LayerTerm]:
+        """Every layer the space may use, named as its cost tables name them (critical layers come from these)."""
+        return self.seed_terms
+
+    def architecture(self) -> dict[str, Any]:
+        """A JSON-ready summary of the current architecture parameters, recorded each search epoch."""
+        return {}
 
     @abstractmethod
     def export(self, context: PassContext | None = None) -> nn.Module:

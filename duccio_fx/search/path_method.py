@@ -1,0 +1,197 @@
+"""The path-based search method (DUCCIO's supernet DNAS): one choice among alternatives per eligible block.
+
+    sp = duccio_fx.make_searchable(model, example_input, method="path")   # supernet-insertion runs here
+    loss = task_loss + lam * torch.relu(sp.costs()["macs"] - target)        # Σ g_i · cost_i, same g as forward
+    small = sp.export()                                                      # the argmax alternatives, plain
+
+Options (`method_options` / CLI): `alternatives` (names and `PATTERN=names` rules), `estimator` ("all" or
+"sampled"), `cost_mode` ("sampled": the one-hot g of the forward pass, paper eq. 8; "expected": softmax(θ)),
+`temperature` (τ at the first search epoch) and `temperature_decay` (τ multiplies by it every epoch; 1 keeps
+it constant).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.costs.mixture import CostMixture
+from duccio_fx.costs.model import Costs, build_costs
+from duccio_fx.costs.terms import evaluate
+from duccio_fx.ir.meta import ChoiceInfo, LayerTerm, choice_info, duccio_meta, layer_term, layer_terms, restore_meta
+from duccio_fx.ir.pass_manager import PassContext
+from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.passes.choice_export import ChoiceExport
+from duccio_fx.passes.supernet_insertion import SupernetInsertion
+from duccio_fx.pipeline import analyze
+from duccio_fx.search.alternatives import AlternativeSelection
+from duccio_fx.search.choice import Choice
+from duccio_fx.search.choice_point import ESTIMATORS, ChoicePoint
+from duccio_fx.search.space import SearchSpace, register_search_method
+from duccio_fx.targets import Target, load_target
+
+COST_MODES = ("sampled", "expected")
+
+
+class PathSpace(SearchSpace):
+    """A supernet: fixed layers plus `ChoicePoint`s, each with a logit vector θ over its alternatives."""
+
+    def __init__(self, graph_module: GraphModule, fixed: dict[str, str], seed_terms: Sequence[LayerTerm],
+                 cost_mode: str = "sampled", temperature: float = 5.0, temperature_decay: float = 0.8) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.fixed = dict(fixed)
+        self._seed_terms = list(seed_terms)
+        self.cost_mode = cost_mode
+        self.temperature, self.temperature_decay = temperature, temperature_decay
+        # graph order: a fixed layer's term, or a choice point's info
+        self.layout: list[LayerTerm | ChoiceInfo] = [x for n in graph_module.graph.nodes
+                                                     if (x := layer_term(n) or choice_info(n)) is not None]
+        self.infos = [x for x in self.layout if isinstance(x, ChoiceInfo)]
+        self._meta = duccio_meta(graph_module)
+        self._mixtures: dict[str | None, CostMixture] = {}
+        self.on_epoch(0)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        restore_meta(self.graph_module, self._meta)
+
+    # -- the model -------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def points(self) -> list[ChoicePoint]:
+        """The choice points, in graph order."""
+        return [self.graph_module.get_submodule(info.point) for info in self.infos]
+
+    def arch_parameters(self) -> Iterator[nn.Parameter]:
+        """The θ vectors (train them without weight decay)."""
+        return iter([p.theta for p in self.points()])
+
+    def on_epoch(self, epoch: int) -> None:
+        """τ = temperature · temperature_decay^epoch."""
+        for p in self.points():
+            p.temperature = self.temperature * self.temperature_decay ** epoch
+
+    def choices(self) -> dict[str, str]:
+        """The alternative each point uses in evaluation and export (argmax θ)."""
+        return {info.point: p.names[p.chosen()] for info, p in zip(self.infos, self.points())}
+
+    def set_choices(self, choices: dict[str, str]) -> None:
+        """Make these alternatives the argmax (θ = 1 on the chosen one, 0 elsewhere)."""
+        points = dict(zip((i.point for i in self.infos), self.points()))
+        for name, alt in choices.items():
+            if name not in points:
+                raise DuccioError(f"no choice point named {name!r}", where="PathSpace.set_choices",
+                                  fix=f"use one of: {', '.join(points)}")
+            p = points[name]
+            if alt not in p.names:
+                raise DuccioError(f"choice point {name!r} has no alternative {alt!r}", where="PathSpace.set_choices",
+                                  fix=f"use one of: {', '.join(p.names)}")
+            with torch.no_grad():
+                p.theta.copy_(torch.nn.functional.one_hot(torch.tensor(p.names.index(alt)), len(p.names)))
+
+    def architecture(self) -> dict[str, Any]:
+        return {info.point: {"choice": p.names[p.chosen()],
+                             "probabilities": dict(zip(p.names, (round(float(x), 6) for x in p.probabilities())))}
+                for info, p in zip(self.infos, self.points())}
+
+    # -- costs -------------------------------------------------------------------------------------------
+    def _mixture(self, target: Target | None) -> CostMixture:
+        key = target.name if target is not None else None
+        if key not in self._mixtures:
+            fixed = evaluate([x for x in self.layout if isinstance(x, LayerTerm)])
+            options = [[evaluate(o.terms) for o in info.options] for info in self.infos]
+            self._mixtures[key] = CostMixture(fixed, options, target)
+        return self._mixtures[key]
+
+    def _weights(self) -> torch.Tensor:
+        parts = []
+        for p in self.points():
+            if not self.training or p.sample is None:
+                parts.append(p.one_hot())
+            elif self.cost_mode == "expected":
+                parts.append(torch.softmax(p.theta, 0))
+            else:
+                parts.append(p.sample)
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def costs(self, target: Target | str | None = None) -> Costs:
+        """Fixed layers + Σ_points Σ_i g_i · cost(alternative i), with the g of the last forward pass in
+        training (softmax(θ) with cost_mode="expected") and the argmax in evaluation; differentiable w.r.t. θ.
+        Per-layer tables name layers as the exported model will (alternatives not taken read 0)."""
+        hw = load_target(target) if target is not None else None
+        return self._mixture(hw).weighted(self._weights())
+
+    def cost_values(self, target: Target | str | None = None) -> Costs:
+        """Costs of the argmax architecture (what `export()` returns), computed as on the exported model."""
+        hw = load_target(target) if target is not None else None
+        chosen = self.choices()
+        terms: list[LayerTerm] = []
+        for x in self.layout:
+            if isinstance(x, LayerTerm):
+                terms.append(x)
+            else:
+                terms.extend(next(o for o in x.options if o.name == chosen[x.point]).terms)
+        costs = build_costs(evaluate(terms), hw).floats()
+        absent = self._mixture(hw).least()  # every option layer, at 0 (for constraints scoped to one)
+        tables = {f: {**{k: 0.0 for k in getattr(absent, f)}, **getattr(costs, f)}
+                  for f in ("layer_params", "layer_macs", "layer_memory", "layer_size_bytes", "layer_bytes",
+                            "layer_cycles", "layer_latency_s") if getattr(costs, f) is not None}
+        return replace(costs, **tables)
+
+    def minimum_costs(self, target: Target | None = None) -> Costs:
+        """Every point at its cheapest alternative, metric by metric."""
+        return self._mixture(target).least()
+
+    @property
+    def seed_terms(self) -> Sequence[LayerTerm]:
+        return self._seed_terms
+
+    def layer_candidates(self) -> Sequence[LayerTerm]:
+        """Every layer of every alternative, plus the fixed layers: critical layers are chosen among them."""
+        out: list[LayerTerm] = []
+        for x in self.layout:
+            out.extend([x] if isinstance(x, LayerTerm) else [t for o in x.options for t in o.terms])
+        return out
+
+    def structure(self) -> str:
+        return self.graph_module.code + repr(self) + repr([(i.point, [o.name for o in i.options]) for i in self.infos])
+
+    # -- export ------------------------------------------------------------------------------------------
+    def export(self, context: PassContext | None = None) -> GraphModule:
+        """A plain model of ordinary torch modules: the argmax alternative of every point (eval-exact)."""
+        gm = copy.deepcopy(self.graph_module)
+        (context or PassContext()).run(gm, [ChoiceExport(self.choices())])
+        gm.train(self.training)
+        return gm
+
+
+@register_search_method("path")
+def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
+                    context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
+                    estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
+                    temperature_decay: float = 0.8) -> PathSpace:
+    """Analyse a copy of `model` and turn its eligible blocks (and its `Choice`s) into choice points."""
+    if estimator not in ESTIMATORS:
+        raise DuccioError(f"unknown estimator {estimator!r}", where="--estimator", fix=f"use one of: {', '.join(ESTIMATORS)}")
+    if cost_mode not in COST_MODES:
+        raise DuccioError(f"unknown cost mode {cost_mode!r}", where="--path-costs", fix=f"use one of: {', '.join(COST_MODES)}")
+    if not temperature > 0 or not 0 < temperature_decay <= 1:
+        raise DuccioError(f"temperature {temperature} and decay {temperature_decay} must be > 0 and in (0, 1]",
+                          where="--temperature/--temperature-decay", fix="e.g. --temperature 5 --temperature-decay 0.8")
+    selection = AlternativeSelection.parse(alternatives)
+    context = context or PassContext()
+    model = copy.deepcopy(model)
+    declared = {name: m for name, m in model.named_modules() if isinstance(m, Choice)}
+    gm = analyze(model, example_inputs, leaf_modules, context=context)
+    seed_terms = layer_terms(gm)
+    insertion = SupernetInsertion(selection, declared, estimator)
+    context.run(gm, [insertion])
+    return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay)
