@@ -7,6 +7,7 @@ from duccio_fx.passes.channel_analysis import ChannelAnalysis
 from duccio_fx.passes.layer_costs import LayerCosts
 from duccio_fx.passes.mask_insertion import MaskInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport
+from duccio_fx.passes.supernet_insertion import SupernetInsertion
 from duccio_fx.passes.choice_export import ChoiceExport
 from duccio_fx.passes.fold_batchnorm import FoldBatchNorm
 from duccio_fx.passes.dory_layers import DoryLayers
@@ -14,6 +15,4 @@ from duccio_fx.passes.calibrate import Calibrate
 from duccio_fx.passes.integerize import Integerize
 
 __all__ = ["Calibrate", "ChannelAnalysis", "ChoiceExport", "DoryLayers", "FoldBatchNorm", "Integerize", "LayerCosts", "MaskInsertion",
-           "ShapePropagation", "ShrinkExport"]
-# supernet-insertion analyses each alternative with the pipeline, which imports this package: import it from
-# duccio_fx.passes.supernet_insertion
+           "ShapePropagation", "ShrinkExport", "SupernetInsertion"]

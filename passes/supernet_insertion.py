@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,6 @@ from duccio_fx.costs.terms import is_head
 from duccio_fx.ir.meta import (ChoiceInfo, ChoiceOption, LayerTerm, TensorInfo, layer_term, layer_terms,
                                set_choice_info, set_tensor_info, source_line, tensor_info)
 from duccio_fx.ir.pass_manager import Pass
-from duccio_fx.pipeline import analyze
 from duccio_fx.search.alternatives import BUILDERS, NONE, AlternativeSelection, BlockSpec, NotApplicable, seed_block
 from duccio_fx.search.choice import Choice
 from duccio_fx.search.choice_point import ChoicePoint
@@ -47,8 +46,12 @@ _ACT_METHODS: dict[str, type] = {"relu": nn.ReLU, "relu_": nn.ReLU, "sigmoid": n
 
 @dataclass
 class SupernetInsertion(Pass):
-    """Needs layer-costs. Results: `points` (choice point names, graph order) and `fixed` (layer → reason)."""
+    """Needs layer-costs. Results: `points` (choice point names, graph order) and `fixed` (layer → reason).
 
+    `analyze(module, example)` is the analysis pipeline (given by the caller, which stands above it): it
+    measures each option's layers on the block's input."""
+
+    analyze: Callable[[nn.Module, torch.Tensor], GraphModule]
     selection: AlternativeSelection = field(default_factory=AlternativeSelection)
     declared: dict[str, Choice] = field(default_factory=dict)  # the model's own Choices, by qualified name
     estimator: str = "all"
@@ -189,7 +192,7 @@ class SupernetInsertion(Pass):
         set_tensor_info(node, info)
         head = is_head(node)
         set_choice_info(node, ChoiceInfo(path, tuple(
-            ChoiceOption(name, _option_terms(f"{path}.{name}", alt, _one(tensor_info(source).shape), head))
+            ChoiceOption(name, _option_terms(self.analyze, f"{path}.{name}", alt, _one(tensor_info(source).shape), head))
             for name, alt in options.items()), declared))
         self.points.append(path)
 
@@ -207,7 +210,7 @@ def _output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ..
     return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
 
 
-def _option_terms(prefix: str, module: nn.Module, in_shape: tuple[int, ...], head: bool) -> tuple[LayerTerm, ...]:
+def _option_terms(analyze: Callable[[nn.Module, torch.Tensor], GraphModule], prefix: str, module: nn.Module, in_shape: tuple[int, ...], head: bool) -> tuple[LayerTerm, ...]:
     """The option's layers, analysed on the block's input, named as in the exported model."""
     if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules()):
         return ()

@@ -17,16 +17,17 @@ from duccio_fx.cli.inspect_view import inspect_report, render_inspect
 from duccio_fx.cli.lower_cmd import run_lower
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_cmd import run_optimize
+from duccio_fx.cli.path_view import path_report, render_path_report
 from duccio_fx.cli.target_report import render_target_report, target_report
 from duccio_fx.cli.target_view import render_target
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.ir.pass_manager import DumpIR, Instrument, PrintIR, TimePasses
+from duccio_fx.ir.pass_manager import DumpIR, Instrument, PassContext, PrintIR, TimePasses
 from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.objective import FORMS
 from duccio_fx.search.settings import SearchSettings
-from duccio_fx.search.space import search_methods
+from duccio_fx.search.space import make_searchable, search_methods
 from duccio_fx.targets import list_targets, load_target, load_target_file
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -60,6 +61,10 @@ def inspect(
                                          "TOML path: adds per-layer memory, level, cycles, critical layers"),
     layerwise: str = typer.Option("0.3,0.6,0.9", "--layerwise", help="slack values C for critical layers, "
                                   "comma-separated (with --target)"),
+    method: str = typer.Option("mask", "--method", help="mask: channel groups; path: also list the choice points "
+                               "with their alternatives and costs, and the layers kept fixed"),
+    alternatives: Optional[list[str]] = typer.Option(None, "--alternatives", help="with --method path: as for "
+                                                     "optimize"),
 ) -> None:
     """Show every layer of MODEL with its shapes and costs, and its channel groups with frozen reasons."""
     timer = TimePasses()
@@ -68,10 +73,21 @@ def inspect(
         hw = load_target(target) if target is not None else None
         slacks = _slacks(layerwise)
         spec = load_model_file(model)
-        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, instruments)
+        # with --method path the IR instruments follow the path method's own flow (analysis, supernet-insertion)
+        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, [timer] if method == "path" else instruments)
         report = inspect_report(gm, spec.source, timer.seconds)
         if hw is not None:
             report["target"] = target_report(gm, hw, slacks)
+        if method not in search_methods():
+            raise DuccioError(f"unknown search method {method!r}", where="--method",
+                              fix=f"use one of: {', '.join(search_methods())}")
+        if alternatives and method != "path":
+            raise DuccioError("--alternatives belongs to the path method", where="--alternatives",
+                              fix="add --method path")
+        if method == "path":
+            space = make_searchable(spec.model, spec.example_inputs, "path", leaf_modules=spec.leaf_modules,
+                                    context=PassContext(instruments[1:]), alternatives=alternatives)
+            report["path"] = path_report(space, hw)  # type: ignore[arg-type]
     except DuccioError as err:
         raise _fail(err) from None
     if as_json:
@@ -81,6 +97,8 @@ def inspect(
         render_inspect(report, console)
         if hw is not None:
             render_target_report(report["target"], console)
+        if "path" in report:
+            render_path_report(report["path"], console)
 
 
 def _ir_instruments(print_between_passes: bool, dump_ir: Path | None, stream: Any) -> list[Instrument]:
@@ -153,6 +171,18 @@ def optimize(
                               "(see `duccio-fx lower`)"),
     calib_batches: int = typer.Option(8, "--calib-batches", help="with --dory: training batches for calibration"),
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="with --dory: epochs of quantization-aware fine-tuning"),
+    alternatives: Optional[list[str]] = typer.Option(None, "--alternatives", help="--method path: alternatives "
+                                                     "of every block, e.g. conv3,conv5,dwsep3,identity (default), "
+                                                     "and per layer PATTERN=NAMES, e.g. 'stack3.*=conv3,identity' "
+                                                     "or 'conv1=none' (repeatable; the last match wins)"),
+    estimator: str = typer.Option("all", "--estimator", help="--method path: all (every alternative runs each "
+                                  "step, the paper's) or sampled (only the sampled one runs)"),
+    path_costs: str = typer.Option("sampled", "--path-costs", help="--method path: costs of the sampled one-hot "
+                                   "choice (paper eq. 8) or expected (softmax probabilities)"),
+    temperature: float = typer.Option(5.0, "--temperature", help="--method path: Gumbel-softmax temperature at "
+                                      "the first search epoch"),
+    temperature_decay: float = typer.Option(0.8, "--temperature-decay", help="--method path: the temperature "
+                                            "multiplies by this every search epoch (1: constant)"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -171,6 +201,7 @@ def optimize(
         for name, value in (("--lr", lr), ("--arch-lr", arch_lr), ("--constant-lambda", constant_lambda)):
             if value is not None and not value > 0:
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
+        method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay)
         w, s, f = _epochs(epochs)
         if max_search_epochs is not None and max_search_epochs < s:
             raise DuccioError(f"--max-search-epochs {max_search_epochs} is below the minimum search epochs {s}",
@@ -186,7 +217,7 @@ def optimize(
                                   max_search_epochs=max_search_epochs, lr=lr, arch_lr=arch_lr, form=form,
                                   schedule="ramp" if constant_lambda is None else "constant",
                                   constant_lambda=constant_lambda or 1.0, seed=seed, layerwise=layerwise,
-                                  method=method)
+                                  method=method, method_options=method_options)
         code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
                             resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
                             instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend,
@@ -194,6 +225,21 @@ def optimize(
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
+
+
+def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str, temperature: float,
+                  temperature_decay: float) -> dict[str, Any]:
+    """The path method's options; refuses them with another method (they would be silently ignored)."""
+    given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
+             "--path-costs": path_costs != "sampled", "--temperature": temperature != 5.0,
+             "--temperature-decay": temperature_decay != 0.8}
+    if method != "path":
+        for name, used in given.items():
+            if used:
+                raise DuccioError(f"{name} belongs to the path method", where=name, fix="add --method path")
+        return {}
+    return {"alternatives": alternatives or None, "estimator": estimator, "cost_mode": path_costs,
+            "temperature": temperature, "temperature_decay": temperature_decay}
 
 
 @app.command("lower")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from duccio_fx.cli.path_view import render_choices
 from duccio_fx.search.recipe import EpochRecord, SearchResult
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.targets import Target
@@ -55,10 +56,13 @@ class LiveProgress:
 
 
 def _layers(costs: dict[str, Any], target_rep: dict[str, Any] | None) -> dict[str, Any]:
+    """Per layer of one architecture: bytes, elements, level and cycles (the target report's layers when given:
+    a search space's cost tables may also hold layers the architecture does not use)."""
     levels = {x["name"]: x for x in target_rep["layers"]} if target_rep else {}
-    names = costs.get("layer_bytes") or costs["layer_memory"]
-    return {n: {"bytes": costs.get("layer_bytes", {}).get(n), "elements": costs["layer_memory"].get(n),
-                "level": levels.get(n, {}).get("level"), "cycles": costs.get("layer_cycles", {}).get(n)}
+    names = levels or costs.get("layer_bytes") or costs["layer_memory"]
+    return {n: {"bytes": levels[n]["bytes"] if n in levels else costs.get("layer_bytes", {}).get(n),
+                "elements": costs["layer_memory"].get(n), "level": levels.get(n, {}).get("level"),
+                "cycles": levels[n]["cycles"] if n in levels else costs.get("layer_cycles", {}).get(n)}
             for n in names}
 
 
@@ -82,6 +86,7 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
         "source": source,
         "target": target.name if target is not None else None,
         "method": result.searchable.method,
+        "architecture": result.searchable.architecture(),
         "status": "met" if result.met else "violated",
         "constraints": constraints,
         "critical_layers": result.critical,
@@ -130,6 +135,8 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
         status = "[green]met[/]" if c["met"] else f"[bold red]VIOLATED by {_num(c['excess'], unit)}[/]"
         cons.add_row(c["description"], _num(c["bound"], unit), _num(c["seed"], unit), _num(c["final"], unit), status)
     console.print(cons)
+    if report.get("architecture"):
+        render_choices(report["architecture"], console)
     levels = report["layers"]["final"]
     moved = [f"{n}: {report['layers']['seed'][n]['level']} -> {x['level']}" for n, x in levels.items()
              if x["level"] and n in report["layers"]["seed"] and report["layers"]["seed"][n]["level"] != x["level"]]

@@ -192,6 +192,6 @@ def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
     declared = {name: m for name, m in model.named_modules() if isinstance(m, Choice)}
     gm = analyze(model, example_inputs, leaf_modules, context=context)
     seed_terms = layer_terms(gm)
-    insertion = SupernetInsertion(selection, declared, estimator)
+    insertion = SupernetInsertion(analyze, selection, declared, estimator)
     context.run(gm, [insertion])
     return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay)

@@ -58,6 +58,7 @@ class EpochRecord:
     costs: dict[str, float] = field(default_factory=dict)
     violations: list[float] = field(default_factory=list)
     lambdas: list[float] = field(default_factory=list)
+    architecture: dict[str, Any] = field(default_factory=dict)  # search epochs: the method's summary (path: choices)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Recipe:
             rec.violations = self.objective.violations(costs)
             if phase == "search":
                 rec.lambdas = self.objective.lambdas(epoch + 1)
+                rec.architecture = self.space.architecture()
         self.history.append(rec)
         self.phase_seconds[phase] += rec.seconds
         self.progress("epoch", {"record": rec, "constraints": self.constraints})
