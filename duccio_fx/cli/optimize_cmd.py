@@ -46,7 +46,8 @@ def _loaders(ns: dict[str, Any], source: str) -> tuple[Any, Any]:
     return out[0], out[1]
 
 
-def _prepare_out(out: Path, resume: bool) -> Path:
+def _check_out(out: Path, resume: bool) -> Path:
+    """The checkpoint path, after refusing to overwrite a finished or interrupted run."""
     checkpoint = out / "checkpoint.pt"
     if resume:
         if not checkpoint.exists():
@@ -58,7 +59,6 @@ def _prepare_out(out: Path, resume: bool) -> Path:
     elif checkpoint.exists():
         raise DuccioError(f"{out} holds an interrupted run", where="--out",
                           fix="pass --resume to continue it, or choose another --out directory")
-    out.mkdir(parents=True, exist_ok=True)
     return checkpoint
 
 
@@ -88,7 +88,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     out = out or Path("runs") / Path(spec.source.removeprefix("zoo:")).stem
     if dory:  # an op DORY cannot run is refused now, not after the search
         check_lowerable(spec.model, spec.example_inputs[0], target, spec.leaf_modules)
-    checkpoint = _prepare_out(out, resume)
+    checkpoint = _check_out(out, resume)
     train, val = _loaders(spec.namespace, spec.source)
     loss_fn = spec.namespace.get("loss_fn") or cross_entropy
     metric_fn = spec.namespace.get("metric_fn") or top1
@@ -98,6 +98,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                     metric_fn=metric_fn, leaf_modules=spec.leaf_modules, checkpoint=checkpoint,
                     cache_dir=(cache or default_cache_dir()) if use_cache else None, progress=live,
                     context=context)
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input (e.g. an infeasible bound) leaves nothing behind
     for c in recipe.constraints:
         console.print(f"constraint: {c.describe()} (seed {float(c.value(recipe.seed_costs)):,.6g}, "
                       f"smallest possible {recipe.minima[c.label]:,.6g})", highlight=False)

@@ -1,0 +1,348 @@
+"""The path method: supernet insertion, Gumbel-softmax choice points, costs over choices, exact export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from typer.testing import CliRunner
+
+import duccio_fx
+from duccio_fx.cli import app
+from duccio_fx.search.choice_point import ChoicePoint
+from duccio_fx.targets import load_target
+from duccio_fx.zoo import build as zoo_build
+from tests.test_optimize import MODEL_FILE, model_file, recipe
+from tests.test_properties import build as build_plan
+from tests.test_properties import plans
+
+GAP8 = load_target("gap8")
+TABLES = ("layer_params", "layer_macs", "layer_memory", "layer_size_bytes", "layer_bytes", "layer_cycles",
+          "layer_latency_s")
+TOTALS = ("params", "macs", "size_bytes", "cycles", "latency_s", "overflow_bytes")
+runner = CliRunner()
+
+
+def randomize(space: duccio_fx.PathSpace, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in space.points():
+        with torch.no_grad():
+            p.theta.copy_(torch.randn(len(p.names), generator=g))
+
+
+def assert_costs_equal_export(space: duccio_fx.PathSpace, exported: nn.Module, x: torch.Tensor) -> None:
+    """Totals equal exactly; every layer of the export has the search's value; the others read 0."""
+    searched = space.cost_values(GAP8)
+    measured = duccio_fx.measure_costs(exported, (x,), GAP8)
+    for key in TOTALS:
+        assert getattr(searched, key) == getattr(measured, key), key
+    for key in TABLES:
+        ours, theirs = getattr(searched, key), getattr(measured, key)
+        assert {k: ours[k] for k in theirs} == theirs, key
+        assert all(v == 0 for k, v in ours.items() if k not in theirs), key
+
+
+# -- insertion on the zoo -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, points, fixed", [
+    ("resnet8", 6, {"conv1": "first layer", "stack2.shortcut": "shortcut", "stack3.shortcut": "shortcut",
+                    "fc": "linear layer"}),
+    ("dscnn", 4, {"conv1": "first layer", "blocks.0.dw": "depthwise", "fc": "linear layer"}),
+    ("mobilenet_v1", 13, {"features.0.0": "first layer", "features.1.dw.0": "depthwise", "fc": "linear layer"}),
+])
+def test_zoo_models_get_choice_points_and_fixed_layers_say_why(name, points, fixed):
+    model, x = zoo_build(name)
+    space = duccio_fx.make_searchable(model, x, method="path")
+    assert len(space.infos) == points
+    for layer, why in fixed.items():
+        assert why in space.fixed[layer], (layer, space.fixed[layer])
+    for info in space.infos:
+        first = info.options[0]
+        assert [o.name for o in info.options][1:] == [n for n in ("conv3", "conv5", "dwsep3", "identity")
+                                                      if n in {o.name for o in info.options} and n != first.name]
+    # untrained points compute the seed, and cost what the seed costs
+    space.eval()
+    assert torch.equal(space(x), model.eval()(x))
+    seed = duccio_fx.measure_costs(model, (x,), GAP8)
+    assert all(getattr(space.cost_values(GAP8), k) == getattr(seed, k) for k in TOTALS)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "dscnn", "mobilenet_v1"])
+def test_argmax_export_is_exact_and_costs_match_it(name):
+    model, x = zoo_build(name, batch=2)
+    space = duccio_fx.make_searchable(model, x, method="path")
+    randomize(space, 1)
+    exported = space.export().eval()
+    space.eval()
+    assert not any(isinstance(m, ChoicePoint) for m in exported.modules())
+    assert torch.allclose(exported(x), space(x), rtol=1e-5, atol=1e-6)
+    assert_costs_equal_export(space, exported, x[:1])
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(plan=plans(), seed=st.integers(0, 2**16))
+def test_random_networks_export_exactly_with_exact_costs(plan, seed):
+    net, x = build_plan(plan)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        stem = (nn.Conv1d if plan.dims == 1 else nn.Conv2d)(plan.channels, plan.channels, 3, padding=1)
+    model = nn.Sequential(stem, net).eval()  # a stem first, so the generated blocks are not the first layer
+    space = duccio_fx.make_searchable(model, x, method="path",
+                                      alternatives=["conv1,conv3,conv5,dwsep3,dwsep5,identity"])
+    randomize(space, seed)
+    space.eval()
+    exported = space.export().eval()
+    with torch.no_grad():
+        ref, out = space(x), exported(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-7)
+    assert_costs_equal_export(space, exported, x[:1])
+    # in training, the costs are those of the architecture the forward pass sampled (paper eq. 8)
+    space.train()
+    space(x)
+    sampled = space.costs(GAP8)
+    chosen = {i.point: p.names[int(p.sample.argmax())] for i, p in zip(space.infos, space.points())}
+    space.set_choices(chosen)
+    assert float(sampled.macs.detach()) == space.cost_values(GAP8).macs
+    assert float(sampled.size_bytes.detach()) == pytest.approx(space.cost_values(GAP8).size_bytes, rel=1e-12)
+
+
+# -- the choice parametrization -------------------------------------------------------------------------
+
+def test_costs_are_differentiable_and_prefer_cheaper_alternatives():
+    model, x = zoo_build("resnet8", batch=4)
+    space = duccio_fx.make_searchable(model, x, method="path")
+    space.train()
+    space(x)
+    space.costs(GAP8).macs.backward()
+    for p in space.points():
+        grad = p.theta.grad
+        assert grad is not None and grad.abs().sum() > 0
+        conv5, dwsep3 = p.names.index("conv5"), p.names.index("dwsep3")
+        assert grad[conv5] > grad[dwsep3]  # a descent step makes conv5 less likely than dwsep3
+
+
+@pytest.mark.parametrize("estimator, runs", [("all", 4), ("sampled", 1)])
+def test_estimators_run_every_or_only_the_sampled_alternative(estimator, runs):
+    model, x = zoo_build("resnet8", batch=2)
+    space = duccio_fx.make_searchable(model, x, method="path", estimator=estimator)
+    point = space.points()[0]
+    calls = []
+    for name in point.names:
+        getattr(point, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    space.train()
+    loss = space(x).square().mean()
+    loss.backward()
+    assert len(calls) == runs
+    assert point.theta.grad is not None and point.theta.grad.abs().sum() > 0
+
+
+def test_expected_costs_use_the_probabilities():
+    from duccio_fx.costs.model import build_costs
+    from duccio_fx.costs.terms import evaluate
+
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path", cost_mode="expected")
+    space.train()
+    space(x)
+    fixed = build_costs(evaluate([t for t in space.layout if isinstance(t, duccio_fx.ir.meta.LayerTerm)])).macs
+    uniform = fixed + sum(sum(build_costs(evaluate(o.terms)).macs for o in i.options) / len(i.options)
+                          for i in space.infos)
+    assert float(space.costs().macs) == pytest.approx(uniform, rel=1e-6)  # θ = 0: equal probabilities (float32)
+
+
+def test_temperature_decays_per_epoch():
+    model, x = zoo_build("dscnn")
+    space = duccio_fx.make_searchable(model, x, method="path", temperature=4.0, temperature_decay=0.5)
+    space.on_epoch(3)
+    assert all(p.temperature == 0.5 for p in space.points())
+
+
+def test_minimum_costs_take_each_point_at_its_cheapest_alternative():
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path")
+    low = space.minimum_costs(GAP8)
+    space.set_choices({i.point: ("identity" if "identity" in [o.name for o in i.options] else "dwsep3")
+                       for i in space.infos})
+    smallest = space.cost_values(GAP8)
+    assert (low.params, low.macs, low.size_bytes) == (smallest.params, smallest.macs, smallest.size_bytes)
+
+
+# -- the model's own choices ------------------------------------------------------------------------------
+
+class Declared(nn.Module):
+    def __init__(self, bad: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = duccio_fx.Choice(
+            wide=nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+            thin=nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU()),
+            skip=nn.Identity() if not bad else nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_declared_choice_is_a_search_point_and_exports_exactly():
+    model, x = Declared().eval(), torch.randn(2, 3, 8, 8)
+    space = duccio_fx.make_searchable(model, x, method="path")
+    assert [(i.point, [o.name for o in i.options], i.declared) for i in space.infos] == [
+        ("block", ["wide", "thin", "skip"], True)]
+    assert "only those are searched" in space.fixed["stem"]
+    for alt in ("wide", "thin", "skip"):
+        space.set_choices({"block": alt})
+        space.eval()
+        exported = space.export().eval()
+        assert torch.equal(exported(x), space(x))
+        assert_costs_equal_export(space, exported, x[:1])
+
+
+def test_choice_alternatives_that_disagree_in_shape_are_refused():
+    with pytest.raises(duccio_fx.DuccioError, match="alternative 'skip' of 'block' gives shape"):
+        duccio_fx.make_searchable(Declared(bad=True), torch.randn(1, 3, 8, 8), method="path")
+
+
+# -- selections and bad input ---------------------------------------------------------------------------
+
+def test_alternatives_per_layer_pattern_and_none():
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path",
+                                      alternatives=["conv3,identity", "stack3.*=conv3,dwsep3", "stack1.conv1=none"])
+    names = {i.point: [o.name for o in i.options] for i in space.infos}
+    assert names["stack1.conv2"] == ["conv3", "identity"]
+    assert names["stack3.conv1"] == ["conv3", "dwsep3"]
+    assert "stack1.conv1" not in names and "kept by" in space.fixed["stack1.conv1"]
+
+
+@pytest.mark.parametrize("alternatives, message", [
+    (["conv3,conv9"], "unknown alternative 'conv9'"),
+    (["nolayer.*=conv3"], "matches no layer"),
+    (["=conv3"], "empty layer pattern"),
+])
+def test_bad_alternatives_are_refused(alternatives, message):
+    model, x = zoo_build("resnet8")
+    with pytest.raises(duccio_fx.DuccioError, match=message):
+        duccio_fx.make_searchable(model, x, method="path", alternatives=alternatives)
+
+
+def test_a_registered_alternative_is_used():
+    @duccio_fx.register_alternative("conv3x1")
+    def conv3x1(block: duccio_fx.BlockSpec) -> nn.Module:
+        if block.dims != 2:
+            raise duccio_fx.NotApplicable("2-D only")
+        pad = block.padding_for(3)
+        return nn.Sequential(nn.Conv2d(block.in_channels, block.out_channels, (3, 1), stride=block.stride,
+                                       padding=(pad[0], 0)), nn.ReLU())
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path", alternatives=["conv3x1"])
+    assert all([o.name for o in i.options] == ["conv3", "conv3x1"] for i in space.infos)
+    space.set_choices({i.point: "conv3x1" for i in space.infos})
+    space.eval()
+    exported = space.export().eval()
+    assert torch.equal(exported(x), space(x))
+    assert_costs_equal_export(space, exported, x)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alternatives", "conv3,conv9"], "unknown alternative"),
+    (["--alternatives", "zz*=conv3"], "matches no layer"),
+    (["--estimator", "some"], "unknown estimator"),
+])
+def test_optimize_path_bad_input_exits_1_before_training(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", "path", "--max-size", "50%",
+                                 "--out", str(out), "--no-cache", *args])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_path_options_need_the_path_method(tmp_path):
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--estimator", "sampled"])
+    assert result.exit_code == 1 and "belongs to the path method" in result.output
+
+
+def test_inspect_method_path_lists_points_and_fixed_layers():
+    result = runner.invoke(app, ["inspect", "zoo:resnet8", "--method", "path", "--target", "gap8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["path"]
+    assert [p["point"] for p in report["points"]][:2] == ["stack1.conv1", "stack1.conv2"]
+    first = report["points"][0]["alternatives"]
+    assert [a["name"] for a in first] == ["conv3", "conv5", "dwsep3", "identity"]
+    assert first[1]["macs"] > first[0]["macs"] > first[2]["macs"] > first[3]["macs"] == 0
+    assert "first layer" in report["fixed"]["conv1"]
+
+
+# -- the recipe ---------------------------------------------------------------------------------------------
+
+PATH_FILE = MODEL_FILE.replace(
+    "self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU())",
+    "self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(), "
+    "nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())")
+
+
+def test_recipe_path_meets_the_bound_and_resumes_exactly(tmp_path):
+    (tmp_path / "m").mkdir()
+    settings = {"method": "path", "warmup_epochs": 1, "finetune_epochs": 1}
+
+    def run(checkpoint, progress=None, resume=False):
+        import tests.test_optimize as t
+        saved, t.MODEL_FILE = t.MODEL_FILE, PATH_FILE
+        try:
+            return recipe(tmp_path / "m", checkpoint=checkpoint, progress=progress, **settings).run(resume)
+        finally:
+            t.MODEL_FILE = saved
+
+    whole = run(tmp_path / "a.pt")
+    assert whole.met
+    measured = duccio_fx.measure_costs(whole.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    assert whole.final_costs == measured
+    assert any(r.architecture for r in whole.history if r.phase == "search")
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(event, data):
+        if event == "epoch" and data["record"].phase == "search" and data["record"].epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(tmp_path / "b.pt", interrupt)
+    resumed = run(tmp_path / "b.pt", resume=True)
+    assert [r.val_loss for r in resumed.history] == [r.val_loss for r in whole.history]
+    assert [r.architecture for r in resumed.history] == [r.architecture for r in whole.history]
+    assert resumed.final_costs == whole.final_costs
+
+
+def test_path_layerwise_constraints_pick_critical_alternative_layers():
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path")
+    names = {t.name for t in space.layer_candidates()}
+    assert "stack3.conv2.conv5.conv" in names and "stack3.conv2.conv3.conv" in names
+    c = duccio_fx.Constraint.parse("layer_memory", "100kB", scope="stack3.conv2.conv5.conv").resolve(
+        space.cost_values(GAP8))
+    assert c.value(space.cost_values(GAP8)) == 0  # not chosen: takes no memory
+    space.set_choices({"stack3.conv2": "conv5"})
+    assert c.value(space.cost_values(GAP8)) > 100_000
+
+
+def test_infeasible_path_bound_names_the_fixed_layers():
+    from duccio_fx.search.feasibility import check_feasible
+
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path")
+    with pytest.raises(duccio_fx.DuccioError, match="'conv1'"):
+        check_feasible(space, [duccio_fx.Constraint.parse("macs", "1k").resolve(space.cost_values())])
+
+
+def test_dory_lowers_a_path_result():
+    model, x = zoo_build("resnet8", batch=8)
+    space = duccio_fx.make_searchable(model, x, method="path")
+    space.set_choices({"stack1.conv1": "dwsep3", "stack1.conv2": "identity", "stack2.conv2": "conv5"})
+    exported = space.export().eval()
+    bundle = duccio_fx.lower_to_dory(exported, [(x, torch.zeros(8, dtype=torch.long))], "gap8", calib_batches=1)
+    assert len(bundle.net.layers) > 5
