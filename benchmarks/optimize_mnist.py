@@ -1,9 +1,11 @@
-"""One `duccio-fx optimize` run per target on the real MNIST digits of the example; prints seed vs result.
+"""One `duccio-fx optimize` run per target and method on the real MNIST digits of the example; prints seed
+vs result, and with several methods a side-by-side table (the paper's Table II layout).
 
-    python benchmarks/optimize_mnist.py [--epochs 3,8,3] [--out runs/bench]
+    python benchmarks/optimize_mnist.py [--epochs 3,8,3] [--out runs/bench] [--methods mask,path]
+                                        [--runs size25,size50,size75]
 
 Targets: size 25 %, 50 %, 75 % of the seed's bytes on GAP8, and size 50 % combined with MACs 40 %. The
-warmup is cached after the first run and reused by the others (same model, data and seed).
+warmup is cached after the first run of a method and reused by its others (same model, data and seed).
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", default="3,8,3")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--methods", default="mask", help="comma-separated search methods")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     args = parser.parse_args()
     rows = []
-    for name, bounds in RUNS.items():
-        out = args.out / name
-        if not (out / "report.json").exists():
-            code = subprocess.run([sys.executable, "-m", "duccio_fx.cli", "optimize", str(EXAMPLE), "--target", "gap8",
-                                   *bounds, "--epochs", args.epochs, "--out", str(out)],
-                                  stdout=subprocess.DEVNULL).returncode
-            if code not in (0, 2):
-                sys.exit(f"{name}: optimize failed with exit code {code}")
-        r = json.loads((out / "report.json").read_text())
-        rows.append((name, r))
+    for method in args.methods.split(","):
+        for name in args.runs.split(","):
+            label = name if method == "mask" else f"{method}-{name}"
+            out = args.out / label
+            if not (out / "report.json").exists():
+                code = subprocess.run([sys.executable, "-m", "duccio_fx.cli", "optimize", str(EXAMPLE), "--target",
+                                       "gap8", *RUNS[name], "--epochs", args.epochs, "--method", method, "--out",
+                                       str(out)], stdout=subprocess.DEVNULL).returncode
+                if code not in (0, 3):
+                    sys.exit(f"{label}: optimize failed with exit code {code}")
+            rows.append((label, json.loads((out / "report.json").read_text())))
     seed = rows[0][1]["seed"]
     print(f"seed: {seed['params']:,.0f} params, {seed['size_bytes']:,.0f} B, {seed['macs']:,.0f} MACs, "
           f"{seed['latency_s'] * 1e3:.2f} ms on GAP8, val accuracy after warmup {seed['val_metric_after_warmup']:.3f}")
@@ -45,6 +50,17 @@ def main() -> None:
               f"{f['val_metric_before_finetune']:13.3f} {f['val_metric']:6.3f} {sum(r['phase_seconds'].values()):8.0f}")
         for c in r["constraints"]:
             print(f"    {c['description']}: final {c['final']:,.0f} -> {'met' if c['met'] else 'VIOLATED'}")
+    methods = args.methods.split(",")
+    if len(methods) > 1:
+        by = {label: r for label, r in rows}
+        print("\n| target | " + " | ".join(f"{m} size B | {m} MACs | {m} GAP8 ms | {m} acc" for m in methods) + " |")
+        print("| --- |" + " --- | --- | --- | --- |" * len(methods))
+        for name in args.runs.split(","):
+            cells = []
+            for m in methods:
+                f = by[name if m == "mask" else f"{m}-{name}"]["final"]
+                cells.append(f"{f['size_bytes']:,.0f} | {f['macs']:,.0f} | {f['latency_s'] * 1e3:.2f} | {f['val_metric']:.3f}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Training-step time of a SearchableModel (mask search) vs the plain seed, measured in one run.
+"""Training-step time of the search methods vs the plain seed, measured in one run.
 
     python benchmarks/search_step.py [--steps 30] [--reps 5]
 
 For ResNet-8 (32x32, batch 64) and DS-CNN (49x10, batch 100): the same batch, the same optimizer
-(Adam), forward + backward + step. The searchable step also computes the differentiable costs and adds a
-size penalty, as a real search step does. Timings interleave seed and searchable runs and report the
+(Adam), forward + backward + step, for the plain seed, the mask search, and the path search with the
+"all" estimator (every alternative runs, the paper's) and the "sampled" one (only the sampled alternative
+runs). A search step also computes the differentiable costs and adds a size penalty, as a real search
+step does. Timings interleave seed and searchable runs and report the
 median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
 what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
 does not depend on the noise of the convolutions.
@@ -46,6 +48,8 @@ def cost_time(search: duccio_fx.SearchSpace, target: str | None, reps: int) -> f
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(20):
+            if isinstance(search, duccio_fx.PathSpace):
+                search.resample()  # each step's costs use that step's sample
             search.zero_grad(set_to_none=True)
             search.costs(hw)[key].backward()
         times.append((time.perf_counter() - start) / 20)
@@ -62,17 +66,25 @@ def main() -> None:
         seed, x = zoo.build(name, batch=batch)
         y = torch.randint(0, classes, (batch,))
         search = duccio_fx.make_searchable(seed, x[:1])
-        for model, s in ((seed, False), (search, True)):  # warm-up
-            step_time(model, x, y, 3, s)
-        plain, masked = [], []
-        for _ in range(args.reps):
-            plain.append(step_time(seed, x, y, args.steps, False))
-            masked.append(step_time(search, x, y, args.steps, True))
-        p, m = statistics.median(plain), statistics.median(masked)
-        ratios = [b / a for a, b in zip(plain, masked)]
-        print(f"{name:8s} batch {batch:3d}: seed {p * 1000:6.1f} ms/step, searchable {m * 1000:6.1f} ms/step, "
-              f"ratio {m / p:.3f} (per-rep ratios {min(ratios):.2f}..{max(ratios):.2f}); costs+backward "
-              f"{cost_time(search, None, args.reps) * 1000:.2f} ms, with gap8 {cost_time(search, 'gap8', args.reps) * 1000:.2f} ms")
+        models = {"seed": seed, "mask": search,
+                  "path-all": duccio_fx.make_searchable(seed, x[:1], method="path", estimator="all"),
+                  "path-sampled": duccio_fx.make_searchable(seed, x[:1], method="path", estimator="sampled")}
+        for key, model in models.items():  # warm-up
+            step_time(model, x, y, 3, key != "seed")
+        times: dict[str, list[float]] = {key: [] for key in models}
+        for _ in range(args.reps):  # interleaved, so drifts in machine speed hit every variant alike
+            for key, model in models.items():
+                times[key].append(step_time(model, x, y, args.steps, key != "seed"))
+        p = statistics.median(times["seed"])
+        parts = [f"seed {p * 1000:6.1f} ms"]
+        for key in list(models)[1:]:
+            ratios = [b / a for a, b in zip(times["seed"], times[key])]
+            parts.append(f"{key} {statistics.median(times[key]) * 1000:6.1f} ms = {statistics.median(ratios):.2f}x "
+                         f"({min(ratios):.2f}..{max(ratios):.2f})")
+        print(f"{name:8s} batch {batch:3d}: " + ", ".join(parts))
+        for key in list(models)[1:]:
+            print(f"    {key}: costs+backward {cost_time(models[key], None, args.reps) * 1000:.2f} ms, with gap8 "
+                  f"{cost_time(models[key], 'gap8', args.reps) * 1000:.2f} ms")
 
 
 if __name__ == "__main__":

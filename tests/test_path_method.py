@@ -346,3 +346,19 @@ def test_dory_lowers_a_path_result():
     exported = space.export().eval()
     bundle = duccio_fx.lower_to_dory(exported, [(x, torch.zeros(8, dtype=torch.long))], "gap8", calib_batches=1)
     assert len(bundle.net.layers) > 5
+
+
+def test_all_estimator_gradients_equal_running_every_alternative_in_the_graph():
+    torch.manual_seed(0)
+    alts = {"a": nn.Conv2d(3, 3, 3, padding=1), "b": nn.Conv2d(3, 3, 1), "c": nn.Identity()}
+    point = ChoicePoint(alts, "all").train()
+    x = torch.randn(2, 3, 5, 5)
+    torch.manual_seed(1)
+    point(x).square().sum().backward()
+    ours = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in point.parameters()]  # None: unused
+    point.zero_grad()
+    torch.manual_seed(1)
+    g = point.draw()
+    sum(alt(x) * g[i] for i, alt in enumerate(point.children())).square().sum().backward()
+    for a, b in zip(ours, [p.grad for p in point.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -1,7 +1,8 @@
 """A choice point of the path method: alternatives, one logit vector θ, Gumbel-softmax sampling.
 
 Training: g = Gumbel-softmax(θ, τ) with a hard one-hot forward and the soft gradient (straight-through).
-  estimator "all"      y = Σ_i g_i · alt_i(x): every alternative runs, θ gets ∂L/∂g_i from each (the paper's)
+  estimator "all"      y = Σ_i g_i · alt_i(x): every alternative runs, θ gets ∂L/∂g_i from each (the paper's);
+                       only the sampled one runs backward (the others get zero gradient since g_i = 0)
   estimator "sampled"  y = g_k · alt_k(x), k the sampled one: one alternative runs, θ still trains through g_k
 Evaluation (and export): the argmax alternative alone. Alternatives start equally likely (θ = 0); ties go
 to the first alternative, the seed's, so an untrained point computes the seed.
@@ -48,20 +49,27 @@ class ChoicePoint(nn.Module):
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.theta.detach(), 0)
 
+    def draw(self) -> torch.Tensor:
+        """A new hard one-hot g (straight-through soft gradient), kept as `sample` for the costs."""
+        self.sample = F.gumbel_softmax(self.theta, tau=self.temperature, hard=True)
+        return self.sample
+
     def forward(self, x: Any) -> Any:
         alts = list(self.children())
         if not self.training:
             self.sample = self.one_hot()
             return alts[self.chosen()](x)
-        g = F.gumbel_softmax(self.theta, tau=self.temperature, hard=True)
-        self.sample = g
+        g = self.draw()
+        k = int(g.detach().argmax())
+        out = alts[k](x) * g[k]
         if self.estimator == "sampled":
-            k = int(g.detach().argmax())
-            return alts[k](x) * g[k]
-        out = None
-        for i, alt in enumerate(alts):
-            y = alt(x) * g[i]
-            out = y if out is None else out + y
+            return out
+        # "all": the others run forward for θ's gradient ⟨∂L/∂y, alt_i(x)⟩, but not backward: with g_i = 0
+        # their weights and input get exactly zero gradient anyway, so graph-free outputs change nothing
+        with torch.no_grad():
+            others = [(i, alt(x)) for i, alt in enumerate(alts) if i != k]
+        for i, y in others:
+            out = out + y * g[i]
         return out
 
     def extra_repr(self) -> str:

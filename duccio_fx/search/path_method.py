@@ -97,6 +97,11 @@ class PathSpace(SearchSpace):
             with torch.no_grad():
                 p.theta.copy_(torch.nn.functional.one_hot(torch.tensor(p.names.index(alt)), len(p.names)))
 
+    def resample(self) -> None:
+        """Draw a new g at every point without running the model (what a training forward pass draws)."""
+        for p in self.points():
+            p.draw()
+
     def architecture(self) -> dict[str, Any]:
         return {info.point: {"choice": p.names[p.chosen()],
                              "probabilities": dict(zip(p.names, (round(float(x), 6) for x in p.probabilities())))}
