@@ -62,13 +62,15 @@ def keep_seed():
     space_module._METHODS.pop("keep-seed")
 
 
-def test_mask_is_a_registered_method():
-    assert "mask" in duccio_fx.search_methods()
-    sm = duccio_fx.make_searchable(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)),
-                                   torch.randn(1, 1, 8, 8))
+def test_mask_and_path_are_registered_methods():
+    assert {"mask", "path"} <= set(duccio_fx.search_methods())
+    seed = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    sm = duccio_fx.make_searchable(seed, torch.randn(1, 1, 8, 8))
     assert isinstance(sm, duccio_fx.SearchSpace) and sm.method == "mask"
-    with pytest.raises(duccio_fx.DuccioError, match="unknown search method 'path'"):
-        duccio_fx.make_searchable(nn.Conv2d(1, 2, 3), torch.randn(1, 1, 4, 4), method="path")
+    sp = duccio_fx.make_searchable(seed, torch.randn(1, 1, 8, 8), method="path")
+    assert isinstance(sp, duccio_fx.SearchSpace) and sp.method == "path" and sp.choices() == {"2": "conv3"}
+    with pytest.raises(duccio_fx.DuccioError, match="unknown search method 'paths'"):
+        duccio_fx.make_searchable(nn.Conv2d(1, 2, 3), torch.randn(1, 1, 4, 4), method="paths")
 
 
 def test_a_new_method_is_one_registration_and_the_recipe_runs_it(tmp_path, keep_seed):
@@ -94,9 +96,9 @@ def test_optimize_runs_a_registered_method_from_the_command_line(tmp_path, keep_
 
 
 def test_unknown_method_is_refused_on_the_command_line(tmp_path):
-    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", "path", "--max-size", "50%",
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", "paths", "--max-size", "50%",
                                  "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "unknown search method 'path'" in result.output and "mask" in result.output
+    assert result.exit_code == 1 and "unknown search method 'paths'" in result.output and "mask" in result.output
 
 
 FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_channel-analysis.txt", "003_layer-costs.txt",
@@ -206,3 +208,18 @@ def test_an_export_that_cannot_be_saved_is_a_clear_error(tmp_path, keep_seed, mo
                                  "--epochs", "0,1,0", "--out", str(out), "--no-cache"])
     assert result.exit_code == 1 and "the exported model cannot be saved" in result.output
     assert "Traceback" not in result.output and not (out / "model.pt").exists()
+
+
+PATH_FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_channel-analysis.txt", "003_layer-costs.txt",
+             "004_supernet-insertion.txt", "005_choice-export.txt", "006_shape-propagation.txt",
+             "007_channel-analysis.txt", "008_layer-costs.txt"]
+
+
+def test_optimize_path_dumps_supernet_insertion_and_choice_export(tmp_path):
+    out, dump = tmp_path / "run", tmp_path / "ir"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", "path", "--max-size", "60%",
+                                 "--epochs", "1,1,0", "--out", str(out), "--no-cache", "--dump-ir", str(dump)])
+    assert result.exit_code in (0, 3), result.output
+    assert sorted(p.name for p in dump.iterdir()) == PATH_FLOW
+    assert "choice(" in (dump / "004_supernet-insertion.txt").read_text()
+    assert "choice(" not in (dump / "005_choice-export.txt").read_text()
