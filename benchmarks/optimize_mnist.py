@@ -59,7 +59,8 @@ def main() -> None:
             cells = []
             for m in methods:
                 f = by[name if m == "mask" else f"{m}-{name}"]["final"]
-                cells.append(f"{f['size_bytes']:,.0f} | {f['macs']:,.0f} | {f['latency_s'] * 1e3:.2f} | {f['val_metric']:.3f}")
+                cells.append(f"{f['size_bytes']:,.0f} | {f['macs']:,.0f} | {f['latency_s'] * 1e3:.2f} | "
+                             f"{f['val_metric']:.3f}")
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 

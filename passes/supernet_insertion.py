@@ -191,8 +191,9 @@ class SupernetInsertion(Pass):
             gm.graph.erase_node(n)
         set_tensor_info(node, info)
         head = is_head(node)
+        in_shape = _one(tensor_info(source).shape)
         set_choice_info(node, ChoiceInfo(path, tuple(
-            ChoiceOption(name, _option_terms(self.analyze, f"{path}.{name}", alt, _one(tensor_info(source).shape), head))
+            ChoiceOption(name, _option_terms(self.analyze, f"{path}.{name}", alt, in_shape, head))
             for name, alt in options.items()), declared))
         self.points.append(path)
 
@@ -210,7 +211,8 @@ def _output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ..
     return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
 
 
-def _option_terms(analyze: Callable[[nn.Module, torch.Tensor], GraphModule], prefix: str, module: nn.Module, in_shape: tuple[int, ...], head: bool) -> tuple[LayerTerm, ...]:
+def _option_terms(analyze: Callable[[nn.Module, torch.Tensor], GraphModule], prefix: str, module: nn.Module,
+                  in_shape: tuple[int, ...], head: bool) -> tuple[LayerTerm, ...]:
     """The option's layers, analysed on the block's input, named as in the exported model."""
     if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules()):
         return ()

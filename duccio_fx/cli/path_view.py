@@ -40,8 +40,8 @@ def render_path_report(report: dict[str, Any], console: Console) -> None:
         table.add_column(col, justify="left" if col in ("point", "alternative") else "right")
     for p in report["points"]:
         for i, a in enumerate(p["alternatives"]):
-            row = [p["point"] + (" (Choice)" if p["declared"] else "") if i == 0 else "", a["name"] + (" *" if i == 0 else ""),
-                   f"{a['params']:,.0f}", f"{a['macs']:,.0f}"]
+            point = p["point"] + (" (Choice)" if p["declared"] else "") if i == 0 else ""
+            row = [point, a["name"] + (" *" if i == 0 else ""), f"{a['params']:,.0f}", f"{a['macs']:,.0f}"]
             if with_target:
                 row += [f"{a['size_bytes']:,.0f}", f"{a['largest_layer_bytes']:,.0f}", f"{a['cycles']:,.0f}"]
             table.add_row(*row)

@@ -52,7 +52,8 @@ class CostMixture:
                     names.append(name)
                     owners.append(i)
                     values.append(v)
-            self._entries[f] = (names, torch.tensor(owners, dtype=torch.long), torch.tensor(values, dtype=torch.float64))
+            self._entries[f] = (names, torch.tensor(owners, dtype=torch.long),
+                                torch.tensor(values, dtype=torch.float64))
 
     @property
     def width(self) -> int:
@@ -67,8 +68,9 @@ class CostMixture:
             if not f.startswith("overflow:"):
                 fields[f] = _get(self.fixed, f) + w @ column.to(w.device)
         if self._levels:
-            fields["overflow_bytes"] = {lv: self.fixed.overflow_bytes[lv] + w @ self._columns["overflow:" + lv].to(w.device)
-                                        for lv in self._levels}
+            fields["overflow_bytes"] = {
+                lv: self.fixed.overflow_bytes[lv] + w @ self._columns["overflow:" + lv].to(w.device)
+                for lv in self._levels}
         for f, (names, owners, values) in self._entries.items():
             table = {k: torch.as_tensor(v, dtype=torch.float64, device=w.device)
                      for k, v in getattr(self.fixed, f).items()}

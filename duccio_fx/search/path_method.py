@@ -185,9 +185,11 @@ def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
                     temperature_decay: float = 0.8) -> PathSpace:
     """Analyse a copy of `model` and turn its eligible blocks (and its `Choice`s) into choice points."""
     if estimator not in ESTIMATORS:
-        raise DuccioError(f"unknown estimator {estimator!r}", where="--estimator", fix=f"use one of: {', '.join(ESTIMATORS)}")
+        raise DuccioError(f"unknown estimator {estimator!r}", where="--estimator",
+                          fix=f"use one of: {', '.join(ESTIMATORS)}")
     if cost_mode not in COST_MODES:
-        raise DuccioError(f"unknown cost mode {cost_mode!r}", where="--path-costs", fix=f"use one of: {', '.join(COST_MODES)}")
+        raise DuccioError(f"unknown cost mode {cost_mode!r}", where="--path-costs",
+                          fix=f"use one of: {', '.join(COST_MODES)}")
     if not temperature > 0 or not 0 < temperature_decay <= 1:
         raise DuccioError(f"temperature {temperature} and decay {temperature_decay} must be > 0 and in (0, 1]",
                           where="--temperature/--temperature-decay", fix="e.g. --temperature 5 --temperature-decay 0.8")
