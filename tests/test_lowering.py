@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
@@ -154,7 +154,7 @@ class _Net(nn.Module):
         return self.fc(self.hidden(torch.flatten(self.gap(self.pool(self.blocks(self.stem(x)))), 1)))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(channels=st.sampled_from([4, 8, 12]),
        blocks=st.lists(st.tuples(st.sampled_from(["plain", "depthwise", "residual", "strided", "linear_add"]),
                                  st.sampled_from(["relu", "relu6", "none"])), min_size=1, max_size=3),
@@ -164,6 +164,8 @@ class _Net(nn.Module):
          signed_input=False, hidden=True)  # found: an add whose output scale was finer than an input's saturated
 def test_generated_networks_lower_and_onnxruntime_equals_the_executor(channels, blocks, pool, size, seed,
                                                                        signed_input, hidden):
+    strided = sum(kind == "strided" for kind, _ in blocks)
+    assume(pool == "none" or size >> (strided + 1) >= 2)  # the stem and each strided block halve the size
     torch.manual_seed(seed)
     calib = torch.randn(6, 2, size, size) if signed_input else torch.rand(6, 2, size, size)
     model = _warm(_Net(channels, blocks, pool, hidden), calib)
