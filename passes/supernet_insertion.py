@@ -65,8 +65,12 @@ class SupernetInsertion(Pass):
         for path, choice in self.declared.items():
             names, rule = self.selection.for_layer(path)
             region = [n for n in gm.graph.nodes if _outer_choice(n) == path]
+            if not region and not any(path.startswith(outer + ".") for outer in self.declared):
+                raise DuccioError(f"Choice '{path}' does not appear in the traced graph", where=f"Choice '{path}'",
+                                  fix="call it in forward(), and put an alternative that computes something first "
+                                      "(the first alternative is what the seed runs)")
             if not region:
-                continue
+                continue  # nested inside another Choice's alternative: runs as that alternative's part
             if names == (NONE,):
                 for t in (layer_term(n) for n in region):
                     if t is not None:

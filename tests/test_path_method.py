@@ -201,6 +201,16 @@ def test_a_declared_choice_is_a_search_point_and_exports_exactly():
         assert_costs_equal_export(space, exported, x[:1])
 
 
+def test_a_choice_that_is_never_called_is_refused():
+    class Skips(Declared):
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x)).mean((2, 3)))  # never calls self.block
+
+    model = Skips()
+    with pytest.raises(duccio_fx.DuccioError, match="does not appear in the traced graph"):
+        duccio_fx.make_searchable(model, torch.randn(1, 3, 8, 8), method="path")
+
+
 def test_choice_alternatives_that_disagree_in_shape_are_refused():
     with pytest.raises(duccio_fx.DuccioError, match="alternative 'skip' of 'block' gives shape"):
         duccio_fx.make_searchable(Declared(bad=True), torch.randn(1, 3, 8, 8), method="path")
@@ -237,8 +247,13 @@ def test_a_registered_alternative_is_used():
         pad = block.padding_for(3)
         return nn.Sequential(nn.Conv2d(block.in_channels, block.out_channels, (3, 1), stride=block.stride,
                                        padding=(pad[0], 0)), nn.ReLU())
+    from duccio_fx.search.alternatives import BUILDERS
+
     model, x = zoo_build("resnet8")
-    space = duccio_fx.make_searchable(model, x, method="path", alternatives=["conv3x1"])
+    try:
+        space = duccio_fx.make_searchable(model, x, method="path", alternatives=["conv3x1"])
+    finally:
+        BUILDERS.pop("conv3x1")  # other tests list the built-in names
     assert all([o.name for o in i.options] == ["conv3", "conv3x1"] for i in space.infos)
     space.set_choices({i.point: "conv3x1" for i in space.infos})
     space.eval()

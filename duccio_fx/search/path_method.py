@@ -145,8 +145,8 @@ class PathSpace(SearchSpace):
             else:
                 terms.extend(next(o for o in x.options if o.name == chosen[x.point]).terms)
         costs = build_costs(evaluate(terms), hw).floats()
-        absent = self._mixture(hw).least()  # every option layer, at 0 (for constraints scoped to one)
-        tables = {f: {**{k: 0.0 for k in getattr(absent, f)}, **getattr(costs, f)}
+        absent = {t.name: 0.0 for t in self.layer_candidates()}  # layers not chosen read 0 (scoped constraints)
+        tables = {f: {**absent, **getattr(costs, f)}
                   for f in ("layer_params", "layer_macs", "layer_memory", "layer_size_bytes", "layer_bytes",
                             "layer_cycles", "layer_latency_s") if getattr(costs, f) is not None}
         return replace(costs, **tables)
