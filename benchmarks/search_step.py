@@ -5,7 +5,9 @@
 For ResNet-8 (32x32, batch 64) and DS-CNN (49x10, batch 100): the same batch, the same optimizer
 (Adam), forward + backward + step, for the plain seed, the mask search, and the path search with the
 "all" estimator (every alternative runs, the paper's) and the "sampled" one (only the sampled alternative
-runs). A search step also computes the differentiable costs and adds a size penalty, as a real search
+runs). DS-CNN's choice points are its 1x1 pointwise convs, against which the default alternatives are
+9x (conv3) and 25x (conv5) the work, so it is also timed with the narrower set NARROW ("path-narrow",
+sampled estimator). A search step also computes the differentiable costs and adds a size penalty, as a real search
 step does. Timings interleave seed and searchable runs and report the
 median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
 what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
@@ -23,6 +25,8 @@ from torch import nn
 
 import duccio_fx
 from duccio_fx import zoo
+
+NARROW = "conv1,dwsep3,identity"  # alternatives no costlier than the pointwise seed's block (but dwsep3's 3x3)
 
 
 def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, searchable: bool) -> float:
@@ -69,6 +73,9 @@ def main() -> None:
         models = {"seed": seed, "mask": search,
                   "path-all": duccio_fx.make_searchable(seed, x[:1], method="path", estimator="all"),
                   "path-sampled": duccio_fx.make_searchable(seed, x[:1], method="path", estimator="sampled")}
+        if name == "dscnn":
+            models["path-narrow"] = duccio_fx.make_searchable(seed, x[:1], method="path", estimator="sampled",
+                                                              alternatives=NARROW)
         for key, model in models.items():  # warm-up
             step_time(model, x, y, 3, key != "seed")
         times: dict[str, list[float]] = {key: [] for key in models}
