@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from duccio_fx.ir.channels import Atom, ChannelSolver, RawLayout
@@ -84,7 +85,29 @@ class ChannelAnalysis(Pass):
         if not _fits(value, tensor_info(node)):
             return ctx.block(node, f"got a channel layout from rule '{rule.name}' that does not match its "
                                    f"output shape {tensor_info(node)}")
+        return self._share_weights(ctx, node, value)
+
+    @staticmethod
+    def _share_weights(ctx: RuleContext, node: Node, value: RawValue) -> RawValue:
+        """A module called more than once has one set of weights: every call reads the same input channels
+        and, when it defines channels, writes the same output channels as its first call."""
+        if node.op != "call_module" or not _holds_weights(ctx.module(node)):
+            return value  # a ReLU or a pool called twice shares nothing that indexes channels
+        first = ctx.first_call.setdefault(str(node.target), node)
+        if first is node:
+            return value
+        ins = [ctx.layout(n.args[0]) if n.args else None for n in (first, node)]
+        if all(isinstance(lay, RawLayout) for lay in ins) and ins[0].dim == ins[1].dim:
+            ctx.couple(ins[0], ins[1], node)
+        out = ctx.layout(first)
+        if ctx.roles.get(node) == "defines" and isinstance(out, RawLayout) and isinstance(value, RawLayout):
+            ctx.couple(out, value, node)
         return value
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    """Does the module own a tensor with more than one entry (weights, per-channel statistics)?"""
+    return any(t.numel() > 1 for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
 def _resolve(value: RawValue, atoms: dict[int, list[tuple[Atom, int]]],

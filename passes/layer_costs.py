@@ -9,7 +9,7 @@ use the tensors' own dtype here; a target's bit widths apply later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.fx import GraphModule
 
@@ -38,10 +38,14 @@ class LayerCosts(Pass):
     def run(self, gm: GraphModule) -> bool:
         batch = next((i.shape[0] for n in gm.graph.nodes if n.op == "placeholder"
                       for i in [tensor_info(n)] if isinstance(i, TensorInfo) and i.shape), 1)
+        calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             params = macs = 0
             term = term_of(gm, node)
             if term is not None:
+                calls[term.name] = calls.get(term.name, 0) + 1
+                if calls[term.name] > 1:  # a module called again: its MACs count again, its weights do not
+                    term = replace(term, name=f"{term.name}#{calls[term.name]}", shares_weights_of=term.name)
                 set_layer_term(node, term)
                 values = evaluate_term(term, {})
                 params, macs = int(value(values.params)), int(value(values.macs))

@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 from duccio_fx.ir.meta import GROUPS_KEY, ChannelLayout, ChannelSpec, TensorInfo, channel_layout, spec_of, tensor_info
 from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.registry import REGISTRY, OpRegistry
+from duccio_fx.ir.shrink_hooks import shrink_attribute
 from duccio_fx.search.masks import PLAIN, kept_entries
 
 BANK = "duccio_masks"
@@ -71,9 +72,17 @@ class ShrinkExport(Pass):
     def run(self, gm: GraphModule) -> bool:
         self.gm = gm
         self._strip_masks(gm)
+        shrunk: set[str] = set()
         for node in list(gm.graph.nodes):
+            if node.op == "get_attr":
+                shrink_attribute(self, node)
+                continue
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
+            if node.op == "call_module":
+                if node.target in shrunk:
+                    continue  # a module called again: its weights were cut at its first call
+                shrunk.add(node.target)
             hook = self.registry.hook(gm, node, "shrink")
             if hook is not None:
                 hook(self, node)
@@ -92,9 +101,11 @@ class ShrinkExport(Pass):
                 dead.append(node)
                 continue
             module = gm.get_submodule(str(node.target))
-            if type(module) in PLAIN:
-                module.__class__ = PLAIN[type(module)]
+            mask = node.args[1] if len(node.args) > 1 else None
+            if isinstance(mask, Node) and str(mask.target).startswith(SELECT + "."):
                 node.args = (node.args[0],) + tuple(node.args[2:])
+            if type(module) in PLAIN:  # (a module called twice is re-classed at its first call)
+                module.__class__ = PLAIN[type(module)]
         for node in reversed(dead):
             gm.graph.erase_node(node)
         for container in (BANK, SELECT):

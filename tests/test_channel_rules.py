@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -396,17 +398,30 @@ def test_softmax_over_channels_blocks_but_over_space_follows():
     assert not group_with(groups_of(M(-1), torch.randn(1, 3, 4, 4)), "a").frozen
 
 
-def test_add_with_a_parameter_freezes_the_group():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = conv(3, 8), conv(8, 2)
-            self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+class _Scaled(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.a, self.b = conv(3, 8), conv(8, 2)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, math.prod(shape)).reshape(shape))
 
-        def forward(self, x):
-            return self.b(self.a(x) * self.scale)
+    def forward(self, x):
+        return self.b(self.a(x) * self.scale)
 
-    g = group_with(groups_of(M(), torch.randn(1, 3, 4, 4)), "a")
+
+def test_a_per_channel_parameter_is_a_consumer_and_is_sliced_on_export():
+    x = torch.randn(2, 3, 4, 4)
+    g = group_with(groups_of(_Scaled((1, 8, 1, 1)), x), "a")
+    assert not g.frozen and "scale" in g.consumers
+    sm = duccio_fx.make_searchable(_Scaled((1, 8, 1, 1)), x)
+    sm.set_masks({g.id: torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)})
+    exported = sm.export().eval()
+    assert tuple(exported.scale.shape) == (1, 4, 1, 1)
+    assert torch.equal(exported.scale.flatten(), _Scaled((1, 8, 1, 1)).scale.flatten()[[0, 2, 3, 6]])
+    torch.testing.assert_close(exported(x), sm.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_that_varies_over_positions_freezes_the_group():
+    g = group_with(groups_of(_Scaled((1, 8, 4, 4)), torch.randn(1, 3, 4, 4)), "a")
     assert g.frozen and "'scale'" in g.reason
 
 

@@ -175,6 +175,27 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
 
 
+class ChannelsLastMLP(nn.Module):
+    """Channels moved last (permute / transpose), an optional LayerNorm over them, Linear → GELU → Linear on
+    the last dim, an optional layer scale, channels moved back, and a residual when the width is kept."""
+
+    def __init__(self, dims: int, cin: int, hidden: int, cout: int, norm: bool, scale: bool) -> None:
+        super().__init__()
+        self.dims = dims
+        self.norm = nn.LayerNorm(cin) if norm else nn.Identity()
+        self.fc1, self.fc2 = nn.Linear(cin, hidden), nn.Linear(hidden, cout)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, cout)) if scale else None
+        self.residual = cin == cout
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1) if self.dims == 2 else x.transpose(1, 2)
+        y = self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(y))))
+        if self.gamma is not None:
+            y = self.gamma * y
+        y = (y.permute(0, 3, 1, 2) if self.dims == 2 else y.transpose(1, 2)).contiguous()
+        return x + y if self.residual else y
+
+
 class Pool(nn.Module):
     def __init__(self, dims: int, kind: str) -> None:
         super().__init__()
@@ -207,7 +228,7 @@ class Head(nn.Module):
 
 
 BUILDERS = {"conv": ConvB, "res": Residual, "cat": Concat, "nested": NestedConcat, "split": Split,
-            "dw": Depthwise, "grouped": Grouped, "se": SqueezeExcite, "pool": Pool}
+            "dw": Depthwise, "grouped": Grouped, "se": SqueezeExcite, "pool": Pool, "mlp": ChannelsLastMLP}
 
 
 class Net(nn.Module):
@@ -242,6 +263,8 @@ def _after(block: tuple[Any, ...], c: int, size: int) -> tuple[int, int]:
         return block[2], size
     if kind == "pool":
         return c, size // 2
+    if kind == "mlp":
+        return block[3], size
     return c, size  # res, se
 
 
@@ -256,6 +279,8 @@ def _rep_after(block: tuple[Any, ...], rep: int | None) -> int | None:
     kind = block[0]
     if kind in ("conv", "cat", "grouped"):
         return 1
+    if kind == "mlp":
+        return 1 if block[1] != block[3] or rep == 1 else None
     if kind == "nested":
         return 1 if block[4] or rep == 1 else None
     if kind == "split":
@@ -267,8 +292,10 @@ def _rep_after(block: tuple[Any, ...], rep: int | None) -> int | None:
 
 @st.composite
 def _block(draw: st.DrawFn, c: int, size: int, rep: int | None) -> tuple[Any, ...]:
-    kind = draw(st.sampled_from(["conv", "res", "cat", "nested", "split", "dw", "grouped", "se", "pool"]))
+    kind = draw(st.sampled_from(["conv", "res", "cat", "nested", "split", "dw", "grouped", "se", "pool", "mlp"]))
     flag = st.booleans()
+    if kind == "mlp":
+        return ("mlp", c, draw(st.integers(2, 2 * MAX_C)), draw(st.integers(2, MAX_C)), draw(flag), draw(flag))
     if kind == "res":
         return ("res", c, draw(st.sampled_from([3, 1])), draw(flag), draw(flag))
     if kind == "cat":
@@ -377,6 +404,8 @@ ALLOWED_REASONS = ("model input", "model output", "grouped convolution")
 # layout against a plain tensor (a residual add or squeeze-excite multiply after it): it freezes those
 # channels instead, which is conservative and allowed only in plans that have a multiplier.
 REPEAT_REASONS = ("lay their channels out differently",)
+# a LayerNorm over the channels (the channels-last MLP block) keeps the channels it normalises
+ANYWHERE_REASONS = ("grouped convolution", "normalises over the channels")
 
 
 def has_repeats(plan: Plan) -> bool:
@@ -467,7 +496,7 @@ def check_structure(model: nn.Module, gm: GraphModule, groups: list[ChannelGroup
         if g.frozen:
             # every generated model is traceable and registered: nothing but these may freeze a group
             for why in g.reason.split("; "):
-                assert why.startswith(ALLOWED_REASONS) or "grouped convolution" in why \
+                assert why.startswith(ALLOWED_REASONS) or any(r in why for r in ANYWHERE_REASONS) \
                     or (repeats and any(r in why for r in REPEAT_REASONS)), f"g{g.id} frozen: {why}"
         else:
             for p in g.producers:
@@ -518,7 +547,8 @@ class _ZeroChannel(Interpreter):
             lay = channel_layout(n)
             out = out.clone()
             out.index_fill_(lay.dim, torch.tensor(self.zero[n.name]), 0.0)
-        elif not (n.op == "call_function" and n.target in SKIP_ZERO_CHECK):
+        elif not (n.op == "call_function" and n.target in SKIP_ZERO_CHECK) and n.op != "get_attr":
+            # (a get_attr's layout says which entries of a per-channel parameter each channel owns)
             self._check(n, channel_layout(n), out)
         return out
 
@@ -588,6 +618,8 @@ EVERY_BLOCK = Plan(2, 3, 8, (
     ("pool", "max"),
     ("dw", 9, 1, False, False),
     ("conv", 9, 8, 1, False, True),
+    ("mlp", 8, 12, 8, False, True),                   # channels last, layer scale, residual
+    ("mlp", 8, 10, 8, True, False),                   # with a LayerNorm over the channels
     ("grouped", 8, 6),
 ), ("flatten", "view", 5))
 

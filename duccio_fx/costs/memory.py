@@ -29,6 +29,8 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
     With `accounting`, grouped/depthwise weights and biases are scaled by the target's
     `accounting.grouped_factor`, as the deployment tool counts them when it places layers.
     """
+    if v.term.shares_weights_of and not accounting:
+        return 0  # stored once, with the module's first call
     bits = target.bits
     grouped = target.accounting.grouped_factor if accounting and v.term.kind in ("depthwise", "grouped") else 1
     total = _bytes(v.weights, bits.weights) * grouped

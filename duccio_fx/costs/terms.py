@@ -66,8 +66,8 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
     if not isinstance(in_info, TensorInfo) or not isinstance(out_info, TensorInfo):
         return None
     channel_dim = -1 if isinstance(module, nn.Linear) else 1
-    in_spec = spec_of(channel_layout(src), in_info.shape[channel_dim])
-    out_spec = spec_of(channel_layout(node), out_info.shape[channel_dim])
+    in_spec = _features(src, in_info, channel_dim)
+    out_spec = _features(node, out_info, channel_dim)
     role = op_role(node).role if op_role(node) else "defines"
     if isinstance(module, nn.Linear):
         kind, kernel, groups = "linear", 1, 1
@@ -88,6 +88,14 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
                      module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions)
 
 
+def _features(node: Node, info: TensorInfo, dim: int) -> ChannelSpec:
+    """The spec of the dim a layer multiplies: its channel layout when the channels lie there, else a fixed
+    width (a Linear over time or tokens while the channels sit on another dim)."""
+    layout = channel_layout(node)
+    dim = dim % len(info.shape)
+    return spec_of(layout if getattr(layout, "dim", None) == dim else None, info.shape[dim])
+
+
 @dataclass(frozen=True)
 class LayerValues:
     """A layer's kept channels and the counts that follow (tensors on a searchable model)."""
@@ -105,6 +113,9 @@ class LayerValues:
 
     @property
     def params(self) -> Number:
+        """Stored parameters (0 for a module's repeated call: its first call holds them)."""
+        if self.term.shares_weights_of:
+            return 0
         return self.weights + (self.cout if self.term.bias else 0)
 
 

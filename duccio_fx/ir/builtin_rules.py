@@ -17,10 +17,12 @@ from duccio_fx.ir.registry import (REGISTRY, Hook, OpRegistry, register_function
                                    register_module)
 from duccio_fx.ir.rule_api import RawValue, RuleContext
 from duccio_fx.ir.rules import (dim_rule, rule_blocks, rule_concat, rule_conv, rule_couples, rule_follows,
-                                rule_follows_with_params, rule_getitem, rule_keeps_channels, rule_linear,
+                                rule_follows_with_params, rule_getitem, rule_group_norm, rule_keeps_channels,
+                                rule_layer_norm, rule_linear,
                                 rule_max_min, rule_narrow, rule_no_channels, rule_permute, rule_reduce,
                                 rule_reshape, rule_split, rule_stack, rule_unbind)
-from duccio_fx.ir.shrink_hooks import shrink_getitem, shrink_layer, shrink_narrow, shrink_shape, shrink_split
+from duccio_fx.ir.shrink_hooks import (keep_as_is, shrink_getitem, shrink_layer, shrink_narrow, shrink_shape,
+                                       shrink_split)
 
 Rule = Callable[[RuleContext, Node], RawValue]
 
@@ -62,7 +64,9 @@ def register_builtins(registry: OpRegistry) -> None:
     mod((nn.Linear,), rule_linear, "defines", shrink_layer)
     mod((nn.Flatten, nn.Unflatten), rule_reshape, "reshapes")
     mod((nn.Softmax, nn.LogSoftmax, nn.Softmin), dim_rule(None), "follows")
-    mod((nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.MultiheadAttention, nn.PixelShuffle,
+    mod((nn.LayerNorm,), rule_layer_norm, "follows", keep_as_is)
+    mod((nn.GroupNorm,), rule_group_norm, "follows", shrink_layer)
+    mod((nn.LocalResponseNorm, nn.MultiheadAttention, nn.PixelShuffle,
          nn.PixelUnshuffle, nn.ChannelShuffle, nn.Bilinear, nn.Embedding, nn.RNNBase, nn.Transformer,
          nn.TransformerEncoderLayer, nn.TransformerDecoderLayer), rule_blocks, "blocks")
 
@@ -103,10 +107,11 @@ def register_builtins(registry: OpRegistry) -> None:
     fns((torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, F.softmin, torch.cumsum, torch.cumprod),
         dim_rule(None), "follows")
     fns((F.normalize,), dim_rule(1), "follows")
+    fns((F.layer_norm,), rule_layer_norm, "follows")
     fns((F.glu,), dim_rule(-1), "follows")
     fns((getattr, len, torch.numel), rule_no_channels, "no-channels")
     fns((torch.matmul, torch.bmm, torch.mm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-         F.conv_transpose2d, F.linear, F.bilinear, F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm,
+         F.conv_transpose2d, F.linear, F.bilinear, F.batch_norm, F.group_norm, F.instance_norm,
          F.embedding, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.scaled_dot_product_attention,
          torch.roll, torch.flip, torch.gather, torch.index_select, torch.sort, torch.topk, torch.argmax,
          torch.argmin), rule_blocks, "blocks")

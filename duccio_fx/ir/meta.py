@@ -134,6 +134,7 @@ class LayerTerm:
     fixed_weights: int  # weights of a frozen (grouped) layer
     requant: bool  # followed by requantization (False for a head whose output is a model output)
     out_positions: int = 0  # output positions per sample (activations); 0: same as `positions`
+    shares_weights_of: str = ""  # a module's second and later calls (named `<module>#k`) store no weights
 
     @property
     def output_positions(self) -> int:

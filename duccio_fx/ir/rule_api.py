@@ -27,6 +27,7 @@ class RuleContext:
         self.registry = registry
         self.layouts: dict[Node, RawValue] = {}
         self.roles: dict[Node, str] = {}
+        self.first_call: dict[str, Node] = {}  # module name -> its first call (modules called twice share weights)
 
     # -- reading -----------------------------------------------------------------------------------
     def layout(self, value: Any) -> RawValue:
@@ -40,8 +41,8 @@ class RuleContext:
         return self.gm.get_submodule(str(node.target))
 
     def owner(self, node: Node) -> str:
-        """Qualified module name for module calls, the node name otherwise."""
-        return str(node.target) if node.op == "call_module" else node.name
+        """Qualified module or attribute name for module calls and attributes, the node name otherwise."""
+        return str(node.target) if node.op in ("call_module", "get_attr") else node.name
 
     def where(self, node: Node) -> str:
         return f"{describe_target(self.gm, node)} at node '{node.name}'"
@@ -76,15 +77,15 @@ class RuleContext:
         for lay in iter_layouts(layout):
             self.solver.consume(lay, self.owner(node))
 
-    def opaque(self, node: Node, reason: str, info: ValueInfo = None) -> RawValue:
-        """Fresh frozen channel spaces for every tensor the node outputs (dim 1, the usual channel dim)."""
+    def opaque(self, node: Node, reason: str, info: ValueInfo = None, dim: int = 1) -> RawValue:
+        """Fresh frozen channel spaces for every tensor the node outputs, on channel dim `dim`."""
         info = tensor_info(node) if info is None else info
         if isinstance(info, TensorInfo):
-            if len(info.shape) < 2:
+            if len(info.shape) < 2 or not 0 <= dim < len(info.shape):
                 return None
-            return self.new_space(node, info.shape[1], 1, kind="opaque", frozen=reason)
+            return self.new_space(node, info.shape[dim], dim, kind="opaque", frozen=reason)
         if isinstance(info, tuple):
-            return tuple(self.opaque(node, reason, i) for i in info)
+            return tuple(self.opaque(node, reason, i, dim) for i in info)
         return None
 
     def block(self, node: Node, why: str) -> RawValue:
@@ -93,7 +94,17 @@ class RuleContext:
         reason = f"{self.where(node)} {why}"
         for arg in iter_nodes((node.args, node.kwargs)):
             self.freeze(self.layout(arg), reason)
-        return self.opaque(node, reason)
+        return self.opaque(node, reason, dim=_kept_dim(node, self.layout(node.args[0]) if node.args else None))
+
+
+def _kept_dim(node: Node, source: RawValue) -> int:
+    """Where the output's channels lie: the first input's channel dim when the shape is unchanged (a
+    LayerNorm on [N, H, W, C] keeps C last), else dim 1."""
+    out, src = tensor_info(node), tensor_info(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+    if isinstance(source, RawLayout) and isinstance(out, TensorInfo) and isinstance(src, TensorInfo) \
+            and out.shape == src.shape:
+        return source.dim
+    return 1
 
 
 def iter_layouts(value: RawValue) -> Iterator[RawLayout]:

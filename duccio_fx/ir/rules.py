@@ -48,6 +48,47 @@ def rule_follows_with_params(ctx: RuleContext, node: Node) -> RawValue:
     return lay
 
 
+def rule_layer_norm(ctx: RuleContext, node: Node) -> RawValue:
+    """LayerNorm (module or F.layer_norm) over its last dims. Over the channels, its mean and variance mix
+    them: the search-time model would have to renormalise over the kept channels alone to match the pruned
+    model, so those channels stay (frozen, with the reason) and the output keeps their layout. Over other
+    dims (time, width) each channel is normalised on its own: it follows."""
+    lay = first_layout(ctx, node)
+    shape = out_shape(node)
+    ctx.set_role(node, "follows")
+    if lay is None or shape is None:
+        return lay
+    if node.op == "call_module":
+        normalized = tuple(ctx.module(node).normalized_shape)
+    else:
+        normalized = ctx.arg(node, 1, "normalized_shape", ())
+        normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    if lay.dim >= len(shape) - len(normalized):
+        ctx.freeze(lay, f"{ctx.where(node)} normalises over the channels (dims {list(normalized)}): removing "
+                        f"a channel changes the mean and variance every other channel is divided by, so its "
+                        f"channels stay")
+        ctx.consume(lay, node)
+    return lay
+
+
+def rule_group_norm(ctx: RuleContext, node: Node) -> RawValue:
+    """GroupNorm on dim 1: one group per channel normalises each alone (follows, weights sliced); larger
+    groups share statistics across channels, which stay (frozen) as for LayerNorm."""
+    lay = first_layout(ctx, node)
+    if lay is not None and lay.dim != 1:
+        return ctx.block(node, f"normalises groups of dim 1, but the channels are on dim {lay.dim}")
+    ctx.set_role(node, "follows")
+    if lay is None:
+        return None
+    groups = ctx.module(node).num_groups if node.op == "call_module" else ctx.arg(node, 1, "num_groups")
+    ctx.consume(lay, node)
+    if groups != lay.width:
+        ctx.freeze(lay, f"{ctx.where(node)} normalises {lay.width // max(groups, 1)} channels per group "
+                        f"together (num_groups={groups}): removing a channel changes its group's statistics, "
+                        f"so its channels stay")
+    return lay
+
+
 def rule_conv(ctx: RuleContext, node: Node) -> RawValue:
     """Convolutions: plain ones define channels, depthwise ones follow, grouped ones are frozen."""
     conv = ctx.module(node)
@@ -80,7 +121,12 @@ def rule_linear(ctx: RuleContext, node: Node) -> RawValue:
     assert shape is not None
     last = len(shape) - 1
     if lay is not None and lay.dim != last:
-        return ctx.block(node, f"multiplies the last dim, but the channels are on dim {lay.dim}")
+        # it mixes another dim (tokens, time): the channels pass through on their dim, and its MACs scale
+        # with them, which its cost term does not model, so they stay
+        ctx.set_role(node, "follows")
+        ctx.freeze(lay, f"{ctx.where(node)} mixes dim {last} (not the channels, on dim {lay.dim}); its "
+                        f"work scales with the channels, which it reads at full width")
+        return lay
     ctx.set_role(node, "defines")
     ctx.consume(lay, node)
     return ctx.new_space(node, shape[-1], last)
@@ -119,10 +165,21 @@ def rule_couples(ctx: RuleContext, node: Node) -> RawValue:
         ctx.couple(ref, lay, node)
     for arg, info in untracked:
         k = ref.dim - (nd - len(info.shape))
-        if 0 <= k < len(info.shape) and info.shape[k] > 1:
+        if not (0 <= k < len(info.shape) and info.shape[k] > 1):
+            continue
+        if _per_channel_attribute(arg, info, k, ref.width):  # a layer scale or per-channel bias: sliced on export
+            ctx.layouts[arg] = ref.with_dim(k)
+            ctx.consume(ref, arg)
+        else:
             ctx.freeze(ref, f"{ctx.where(node)} combines the channels with '{arg.name}', a tensor of shape "
                             f"{list(info.shape)} that duccio-fx does not resize (a constant or parameter)")
     return ref
+
+
+def _per_channel_attribute(arg: Node, info: TensorInfo, dim: int, width: int) -> bool:
+    """A parameter or buffer of the model with one entry per channel on `dim` and size 1 elsewhere."""
+    return arg.op == "get_attr" and info.shape[dim] == width and \
+        all(size == 1 for j, size in enumerate(info.shape) if j != dim)
 
 
 def _sequence(ctx: RuleContext, value: Any) -> list[tuple[str, ValueInfo, RawValue]]:
@@ -307,6 +364,7 @@ def rule_reshape(ctx: RuleContext, node: Node) -> RawValue:
     prefix = math.prod(ins[:cd])
     suffix = math.prod(ins[cd + 1:])
     acc = 1
+    split: int | None = None
     for j, size in enumerate(shape):
         if acc == prefix and (j >= 1 or cd == 0):
             if size == width:
@@ -317,11 +375,16 @@ def rule_reshape(ctx: RuleContext, node: Node) -> RawValue:
                 shrunk = lay.shrink_block(width // size)
                 if shrunk is not None:
                     return shrunk.with_dim(j)
+                split = size
         acc *= size
         if acc > prefix:
             break
-    return ctx.block(node, f"reshapes {list(ins)} → {list(shape)} in a way that mixes the channel dim "
-                           f"(e.g. a channel shuffle or splitting channels into heads)")
+    if split is not None:
+        return ctx.block(node, f"reshapes {list(ins)} → {list(shape)}, splitting the {width} channels into "
+                               f"{split} parts of {width // split} (a channel shuffle or attention heads): the "
+                               f"pruned model would need the same number kept in every part, and a shuffle "
+                               f"would then interleave different channels, so these channels stay")
+    return ctx.block(node, f"reshapes {list(ins)} → {list(shape)} in a way that mixes the channel dim")
 
 
 def rule_permute(ctx: RuleContext, node: Node) -> RawValue:

@@ -84,12 +84,31 @@ def shrink_module(module: nn.Module, in_idx: torch.Tensor | None, out_idx: torch
         for attr in ("num_features", "num_parameters"):
             if hasattr(new, attr) and getattr(new, attr) > 1:
                 setattr(new, attr, len(in_idx))
+        if isinstance(new, nn.GroupNorm):  # one group per channel (other GroupNorms are frozen)
+            new.num_channels = new.num_groups = len(in_idx)
     return new
 
 
 def _set_module(gm: GraphModule, qualname: str, module: nn.Module) -> None:
     parent, _, leaf = qualname.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def keep_as_is(ctx: ShrinkContext, node: Node) -> None:
+    """Modules whose parameters do not index the channels (LayerNorm over time or width): nothing to cut."""
+
+
+def shrink_attribute(ctx: ShrinkContext, node: Node) -> None:
+    """A per-channel parameter or buffer read by `get_attr` (a layer scale): keep its surviving entries."""
+    found = ctx.channels(node)
+    if found is None:
+        return
+    dim, spec, _ = found
+    parent, _, leaf = str(node.target).rpartition(".")
+    owner = ctx.gm.get_submodule(parent) if parent else ctx.gm
+    tensor = getattr(owner, leaf)
+    kept = tensor.index_select(dim, ctx.kept(spec).to(tensor.device))
+    setattr(owner, leaf, _param(kept) if isinstance(tensor, nn.Parameter) else kept.clone())
 
 
 def shrink_layer(ctx: ShrinkContext, node: Node) -> None:

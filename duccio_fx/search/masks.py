@@ -126,6 +126,8 @@ PLAIN: dict[type, type] = {v: k for k, v in MASKED.items()}
 
 
 def as_masked(module: nn.Module) -> nn.Module:
-    """The same module object re-classed to its masked twin (parameters and state-dict keys unchanged)."""
-    module.__class__ = MASKED[type(module)]
+    """The same module object re-classed to its masked twin (parameters and state-dict keys unchanged);
+    a module called twice in `forward` is re-classed once."""
+    if type(module) not in PLAIN:
+        module.__class__ = MASKED[type(module)]
     return module
