@@ -108,3 +108,11 @@ def test_console_script_runs_and_fails_cleanly(tmp_path):
 def test_zoo_command_lists_models():
     result = runner.invoke(app, ["zoo"])
     assert result.exit_code == 0 and "resnet8" in result.output and "tcn" in result.output
+
+
+def test_version_and_flags_in_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("duccio-fx ") and "torch" in result.output
+    for command in ("optimize", "inspect", "lower"):
+        text = runner.invoke(app, [command, "--help"]).output
+        assert "<bool>" not in text and "--help" in text, command

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import textwrap
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 import duccio_fx
 from duccio_fx.cli import app
+from duccio_fx.costs.metrics import get_metric
 from duccio_fx.search.constraints import Constraint, ConstraintError
 from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
@@ -144,13 +147,36 @@ def test_infeasible_targets_are_refused_with_the_minimum():
     assert check_feasible(sm, [Constraint.parse("params", "71").at(71.0)]) == {"params": 71.0}
 
 
+@pytest.mark.parametrize("metric,amount", [("latency", 0.00030339), ("latency", 0.0123456), ("latency", 2.5),
+                                           ("size", 19949.2), ("macs", 3738367.5), ("params", 71.0)])
+def test_minimums_in_messages_carry_units_and_paste_back(metric, amount):
+    """A minimum printed in a message parses back as a bound of that metric, never below the minimum."""
+    m = get_metric(metric)
+    text = m.pasteable(amount)
+    assert text[-1].isalpha() or metric in ("macs", "params")
+    back = Constraint.parse(metric, text).bound
+    assert amount * (1 - 1e-9) <= back <= amount * 1.0001 + 1  # (the feasibility check's tolerance)
+
+
+def test_an_infeasible_latency_names_its_minimum_with_a_unit():
+    sm = tiny_searchable()
+    gap8 = load_target("gap8")
+    c = Constraint.parse("latency", "1us")
+    with pytest.raises(ConstraintError) as info:
+        check_feasible(sm, [c.resolve(sm.cost_values(gap8))], gap8)
+    fix = info.value.fix
+    minimum = fix.split("at least ")[1].split(",")[0]
+    assert minimum.endswith("us") and " ms " in info.value.what + " "
+    assert check_feasible(sm, [Constraint.parse("latency", minimum).resolve(sm.cost_values(gap8))], gap8)
+
+
 def test_infeasible_message_names_frozen_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     sm = duccio_fx.make_searchable(model, torch.randn(1, 3, 8, 8))
     c = Constraint.parse("macs", "10%")
-    with pytest.raises(ConstraintError, match=r"cost 12,640 of it \(largest: '0' \(7,776\), '2' \(4,608\)") as info:
+    with pytest.raises(ConstraintError, match=r"cost 12,640 MAC of it \(largest: '0' \(7,776 MAC\), '2' \(4,608 MAC\)") as info:
         check_feasible(sm, [c.resolve(sm.cost_values())])
     assert "cannot shrink" in info.value.what
 
@@ -257,10 +283,15 @@ def test_optimize_cli_writes_model_onnx_and_report(tmp_path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out / "model.onnx"))
-    x = torch.randn(1, 1, 8, 8)
+    assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["output"]
+    x = torch.randn(3, 1, 8, 8)  # any batch: the batch dim is dynamic
     got = session.run(None, {"input": x.numpy()})[0]
-    assert torch.allclose(torch.as_tensor(got), model(x).detach(), atol=1e-5)
+    assert torch.allclose(torch.as_tensor(got), model.eval()(x).detach(), atol=1e-5)
     assert "constraints" in (out / "summary.txt").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():  # readable as any other file the user writes (mkstemp's 0600 is not kept)
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
     assert not (out / "checkpoint.pt").exists()
     again = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--out", str(out)])
     assert again.exit_code == 1 and "already holds a finished run" in again.output

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib.metadata import version as _package_version
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from torch import __version__ as torch_version
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -35,8 +37,15 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line: easy to grep and copy
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"duccio-fx {_package_version('duccio-fx')} (torch {torch_version})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     """duccio-fx: inspect a model's graph, channels and costs; search it under hardware constraints."""
 
 

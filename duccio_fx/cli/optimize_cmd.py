@@ -100,8 +100,9 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                     context=context)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input (e.g. an infeasible bound) leaves nothing behind
     for c in recipe.constraints:
-        console.print(f"constraint: {c.describe()} (seed {float(c.value(recipe.seed_costs)):,.6g}, "
-                      f"smallest possible {recipe.minima[c.label]:,.6g})", highlight=False)
+        m = c.constraint.measure
+        console.print(f"constraint: {c.describe()} (seed {m.describe(float(c.value(recipe.seed_costs)))}, "
+                      f"smallest possible {m.describe(recipe.minima[c.label])})", highlight=False)
     with live.progress:
         result = recipe.run(resume=resume)
 

@@ -12,6 +12,7 @@ the reports find it by name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -63,6 +64,16 @@ class Metric:
         if self.unit == "s":
             return f"{amount * 1e3:.4g} ms"
         return f"{amount:,.0f}" + (f" {self.unit}" if self.unit else "")
+
+    def pasteable(self, amount: float) -> str:
+        """`amount` as a bound users can paste back (`19950B`, `3738368`, `303.4us`), rounded up so that
+        it is never below `amount`."""
+        if self.unit == "s":
+            for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+                if amount < 1000 * scale or unit == "s":
+                    return f"{math.ceil(amount / scale * 100 - 1e-9) / 100:g}{unit}"
+        whole = math.ceil(amount - 1e-9)
+        return f"{whole}B" if self.unit == "B" else str(whole)
 
 
 def _field(costs: Any, name: str) -> Any:

@@ -20,7 +20,9 @@ def to_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, opset: 
             atol: float = 1e-4) -> tuple[bytes, float]:
     """The simplified ONNX bytes and the largest |onnxruntime − torch| difference on `example_inputs`.
 
-    Batch 1, as the deployment flow expects. Raises when onnxruntime disagrees with torch beyond `atol`
+    Inputs are named `input` (`input0`, `input1`, ... for several) and outputs `output` (`output0`, ...),
+    with a dynamic batch dim (`batch`), checked at batch 1 and 2; a model that only runs at batch 1 (e.g. a
+    `view(1, -1)`) keeps a fixed batch of 1. Raises when onnxruntime disagrees with torch beyond `atol`
     (relative to the output scale), so a wrong file is never written.
     """
     import onnx  # the ONNX stack loads in about 0.5 s: only when a model is exported, not at every command
@@ -28,12 +30,18 @@ def to_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, opset: 
 
     model = model.eval()
     inputs = tuple(x[:1] for x in example_inputs)
+    with torch.no_grad():
+        outputs = _flat(model(*inputs))
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    out_names = [f"output{i}" if len(outputs) > 1 else "output" for i in range(len(outputs))]
+    pair = tuple(torch.cat([x, x.flip(0) * 0.5]) for x in inputs)  # batch 2: the batch dim really is free
+    dynamic = _runs(model, pair)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(model, inputs, buffer, opset_version=opset, dynamo=False, input_names=names,
-                          do_constant_folding=True)
+                          output_names=out_names, do_constant_folding=True,
+                          dynamic_axes={n: {0: "batch"} for n in names + out_names} if dynamic else None)
     proto = onnx.load_from_string(buffer.getvalue())
     simplified, ok = onnxsim.simplify(proto)
     if ok:
@@ -41,13 +49,24 @@ def to_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, opset: 
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     diff = _check(data, model, inputs, names)
-    with torch.no_grad():
-        scale = max(float(torch.as_tensor(o).abs().max()) for o in _flat(model(*inputs))) or 1.0
+    if dynamic:
+        diff = max(diff, _check(data, model, pair, names))
+    scale = max(float(o.abs().max()) for o in outputs) or 1.0
     if diff > atol * max(1.0, scale):
         raise DuccioError(f"the ONNX export differs from the PyTorch model by {diff:.3g}",
                           where="ONNX export (onnxruntime check)",
                           fix="report this model: an op may export differently from how PyTorch runs it")
     return data, diff
+
+
+def _runs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
+    """Does the model run on these inputs (a batch of 2)?"""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:  # any failure means the batch is fixed in the model's code
+        return False
+    return True
 
 
 def _flat(value: Any) -> list[torch.Tensor]:
@@ -65,10 +84,10 @@ def _check(data: bytes, model: nn.Module, inputs: Sequence[torch.Tensor], names:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: x.detach().numpy() for n, x in zip(names, inputs)})
+    got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)})
     with torch.no_grad():
         want = _flat(model(*inputs))
-    return max(float((torch.as_tensor(g) - w).abs().max()) for g, w in zip(got, want))
+    return max(float((torch.as_tensor(g) - w.detach().cpu()).abs().max()) for g, w in zip(got, want))
 
 
 @register_backend("onnx")

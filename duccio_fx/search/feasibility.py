@@ -28,12 +28,14 @@ def check_feasible(space: SearchSpace, constraints: Sequence[ResolvedConstraint]
                             if (c.scope is None or name == c.scope) and x >= at_seed.get(name, x) * (1 - 1e-12)),
                            reverse=True)
             fixed_total = sum(x for x, _ in fixed)
-            parts = ", ".join(f"'{name}' ({x:,.4g})" for x, name in fixed[:4] if x > 0) or "none"
+            parts = ", ".join(f"'{name}' ({metric.describe(x)})" for x, name in fixed[:4] if x > 0)
+            why = (f"layers the search cannot shrink cost {metric.describe(fixed_total)} of it (largest: {parts})"
+                   if parts else "every layer is already at its smallest there (one channel per group, or the "
+                                 "cheapest alternative)")
             raise ConstraintError(
                 f"{c.describe()} cannot be met: the smallest {c.label} this search space allows is "
-                f"{low:,.6g} (the smallest architecture of the search space); layers the search cannot "
-                f"shrink cost {fixed_total:,.6g} of it (largest: {parts})",
+                f"{metric.describe(low)} (its smallest architecture); {why}",
                 where=f"constraint {c.label}" + (f" ({c.text})" if c.text else ""),
-                fix=f"relax the bound to at least {low:,.6g}, or make the frozen layers searchable "
+                fix=f"relax the bound to at least {metric.pasteable(low)}, or make the frozen layers searchable "
                     "(see the frozen reasons in `duccio-fx inspect`)")
     return minima
