@@ -202,6 +202,52 @@ def test_recipe_meets_the_constraint_and_costs_match_the_export(tmp_path):
     assert result.final_costs["params"] == counted
 
 
+def test_search_validation_recalibrates_batchnorm_statistics(tmp_path):
+    """Stale BN statistics (here: never updated, momentum 0, variance 1e4) would make every search validation
+    meaningless; they are re-estimated on training batches, for the current architecture, before each one."""
+    def run(batches: int) -> list[float]:
+        ns = namespace(tmp_path)
+        for m in ns["model"].modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.0
+                m.running_var.fill_(1e4)
+        seen: list[float] = []
+
+        def progress(event, data):
+            if event == "epoch" and data["record"].phase == "search":
+                norms = [m for m in r.space.modules() if isinstance(m, nn.BatchNorm2d)]
+                seen.append(max(float(m.running_var.max()) for m in norms))
+                assert all(m.momentum == 0.0 for m in norms)  # the user's momentum is given back
+
+        s = SearchSettings(warmup_epochs=1, search_epochs=2, finetune_epochs=0, seed=3,
+                           bn_recalibration_batches=batches)
+        r = Recipe(ns["model"], (ns["example_input"],), ns["train_loader"](), ns["val_loader"](),
+                   [Constraint.parse("size", "60%")], GAP8, s, progress=progress)
+        r.run()
+        return seen
+
+    stale, fresh = run(0), run(4)
+    assert len(stale) >= 2 and all(v == 1e4 for v in stale)  # without recalibration they stay stale
+    assert len(fresh) >= 2 and all(v < 100 for v in fresh)
+
+
+def test_every_progress_bar_reaches_its_total_when_the_search_stops_early(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from duccio_fx.cli.optimize_view import LiveProgress
+
+    settings = SearchSettings(warmup_epochs=1, search_epochs=2, max_search_epochs=6, finetune_epochs=1, seed=3)
+    live = LiveProgress(Console(file=io.StringIO()), settings)
+    result = recipe(tmp_path, progress=live, max_search_epochs=6).run()
+    searched = sum(1 for r in result.history if r.phase == "search")
+    assert searched < settings.search_limit  # it stopped early ...
+    tasks = {t.description: t for t in live.progress.tasks}
+    assert tasks["search"].completed == tasks["search"].total == searched  # ... and the bar says so
+    assert all(t.finished for t in tasks.values())
+
+
 @pytest.mark.parametrize("phase", ["warmup", "search", "finetune"])
 def test_resume_after_interruption_repeats_the_uninterrupted_run(tmp_path, phase):
     settings = {"warmup_epochs": 2, "finetune_epochs": 2}

@@ -7,7 +7,8 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from duccio_fx.cli.path_view import render_choices
@@ -26,8 +27,11 @@ class LiveProgress:
     def __init__(self, console: Console, settings: SearchSettings) -> None:
         self.console = console
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-        self.totals = {"warmup": settings.warmup_epochs, "search": settings.search_epochs,
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), console=console)
+        # the search runs between search_epochs and its limit: the bar counts to the limit and is closed at
+        # the epoch it stops ("done")
+        self.totals = {"warmup": settings.warmup_epochs, "search": settings.search_limit,
                        "finetune": settings.finetune_epochs}
         self.tasks: dict[str, Any] = {}
 
@@ -36,6 +40,10 @@ class LiveProgress:
             self.console.print(f"warmup: reused from the cache ({data['path']})", highlight=False)
             return
         phase = data.get("phase") or data["record"].phase
+        if event == "done":
+            if phase in self.tasks:
+                self.progress.update(self.tasks[phase], total=data["epochs"], completed=data["epochs"])
+            return
         if phase not in self.tasks:
             self.tasks[phase] = self.progress.add_task(phase, total=self.totals[phase], info="")
         task = self.tasks[phase]

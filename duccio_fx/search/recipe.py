@@ -42,7 +42,7 @@ from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import SearchSpace, make_searchable
 from duccio_fx.search.training import (PHASES, LossFn, MetricFn, call_model, cross_entropy, evaluate_model,
-                                       seed_everything, split_batch, top1)
+                                       recalibrate_batchnorm, seed_everything, split_batch, top1)
 from duccio_fx.search.warmup_cache import WarmupCache, fingerprint
 from duccio_fx.targets import Target, load_target
 
@@ -90,6 +90,8 @@ class SearchResult:
         return all(c.met(self.final_costs) for c in self.constraints)
 
 
+# progress(event, data): "step" {phase, epoch, step, steps, loss}, "epoch" {record, constraints},
+# "cached" {path} (the warmup came from the cache), "done" {phase, epochs} (a phase ended after `epochs`)
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -163,6 +165,8 @@ class Recipe:
 
     def _record(self, phase: str, epoch: int, train_loss: float, model: nn.Module, started: float,
                 costs: Costs | None = None) -> EpochRecord:
+        if phase == "search":
+            recalibrate_batchnorm(model, self.train_loader, self.settings.bn_recalibration_batches)
         val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn)
         rec = EpochRecord(phase, epoch, train_loss, val_loss, val_metric, time.perf_counter() - started)
         if costs is not None:
@@ -206,6 +210,7 @@ class Recipe:
             self._record("warmup", epoch, loss, self.space, started, self.space.cost_values(self.target))
             self._save({"phase": "warmup", "epoch": epoch, "searchable": self.space.state(),
                         "optimizer": opt.state_dict(), "loss": loss})
+        self.progress("done", {"phase": "warmup", "epochs": s.warmup_epochs})
         for p in self.space.arch_parameters():
             p.requires_grad_(True)
         if s.warmup_epochs == 0:
@@ -283,6 +288,7 @@ class Recipe:
                             "best_loss": best_loss, "since_best": since_best, "seed_metric": seed_metric,
                             "cached": cached})
                 epoch += 1
+            self.progress("done", {"phase": "search", "epochs": epoch})  # may stop before the limit
             if best is not None:
                 self.space.load_state(best)
             exported = self.space.export(self.context)
@@ -307,6 +313,7 @@ class Recipe:
                         "searchable": self.space.state(), "objective": self.objective.state_dict(),
                         "search_metric": search_metric, "seed_metric": seed_metric, "cached": cached,
                         "ft_best": ft_best, "ft_best_loss": ft_best_loss})
+        self.progress("done", {"phase": "finetune", "epochs": s.finetune_epochs})
         exported.load_state_dict(ft_best)
         _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn)
         exported.eval()

@@ -24,6 +24,9 @@ class SearchSettings:
     layerwise: float | None = None  # slack C: one layer-memory constraint per critical layer
     method: str = "mask"  # a registered search method (duccio_fx.search_methods())
     method_options: dict[str, Any] = field(default_factory=dict)  # passed to the method's factory
+    # training batches run (without gradients) to re-estimate BatchNorm statistics of the current architecture
+    # before each search-phase validation; 0 turns it off
+    bn_recalibration_batches: int = 8
 
     @property
     def search_limit(self) -> int:

@@ -55,3 +55,36 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, met
     if total == 0:
         raise DuccioError("the validation loader yielded no batches", where="val_loader()")
     return loss_sum / total, metric_sum / total
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
+    """Re-estimate every BatchNorm's running statistics on `batches` training batches, the rest of the model
+    in eval mode (masks binarized, each choice at its argmax), without gradients. During a search the
+    statistics lag behind the architecture, which changes every step; validating with stale ones makes the
+    metric swing and the best-feasible-epoch choice arbitrary. Returns the number of batches used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return 0
+    was = model.training
+    momenta = [m.momentum for m in norms]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+        m.train()
+    used = 0
+    with torch.no_grad():
+        for batch in loader:
+            if used == batches:
+                break
+            call_model(model, split_batch(batch)[0])
+            used += 1
+    for m, momentum, (mean, var, count) in zip(norms, momenta, saved):
+        m.momentum = momentum
+        if int(m.num_batches_tracked) == 0:  # not on the current path (an alternative not chosen): unchanged
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+    model.train(was)
+    return used
