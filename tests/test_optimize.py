@@ -290,8 +290,47 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
                [Constraint.parse("size", "40%")], GAP8, SearchSettings(warmup_epochs=1, search_epochs=2,
                                                                       finetune_epochs=1, seed=3),
                checkpoint=tmp_path / "c.pt")
-    with pytest.raises(duccio_fx.DuccioError, match="another model"):
+    with pytest.raises(duccio_fx.DuccioError, match=r"another run \(.*model: '"):
         r.run(resume=True)
+    with pytest.raises(duccio_fx.DuccioError, match=r"another run \(lr: 0.001 in the checkpoint, 0.002 now\)"):
+        recipe(tmp_path, checkpoint=tmp_path / "c.pt", lr=2e-3).run(resume=True)
+
+
+INTERRUPTIBLE = MODEL_FILE.replace("def train_loader():", """
+from pathlib import Path
+MARK = Path(__file__).with_name("interrupt-me")
+calls = [0]
+
+class Interrupting:  # the user presses Ctrl-C during the second warmup epoch (once)
+    def __init__(self, loader):
+        self.loader = loader
+    def __len__(self):
+        return len(self.loader)
+    def __iter__(self):
+        calls[0] += 1
+        if calls[0] == 3 and MARK.exists():
+            MARK.unlink()
+            raise KeyboardInterrupt
+        return iter(self.loader)
+
+def train_loader():
+    return Interrupting(_train_loader())
+
+def _train_loader():""")
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_resume_says_where_it_continues(tmp_path):
+    (tmp_path / "interrupt-me").touch()
+    out = tmp_path / "run"
+    args = ["optimize", model_file(tmp_path, INTERRUPTIBLE), "--max-size", "50%", "--epochs", "2,2,1", "--out",
+            str(out), "--no-cache"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 130, first.output
+    assert f"saved in {out / 'checkpoint.pt'}" in first.output and "(the last one: warmup epoch 1)" in first.output
+    assert "--resume" in first.output.split("Continue with:")[1]
+    second = runner.invoke(app, args + ["--resume"])
+    assert second.exit_code == 0, second.output
+    assert "resuming: warmup epoch 1 was the last one saved" in second.output
 
 
 def test_warmup_is_cached_and_reused_across_constraints(tmp_path):
@@ -341,6 +380,42 @@ def test_optimize_cli_writes_model_onnx_and_report(tmp_path):
     assert not (out / "checkpoint.pt").exists()
     again = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--out", str(out)])
     assert again.exit_code == 1 and "already holds a finished run" in again.output
+
+
+@pytest.mark.parametrize("change,message,where", [
+    ("Y = Y + 5", "class indices must lie in [0, 3]", "targets int64[32]"),
+    ("X = torch.randn(256, 1, 6, 6, generator=g)", "samples of shape [1, 6, 6], but example_input has [1, 8, 8]",
+     "inputs float32[32,1,6,6]"),
+])
+def test_loaders_that_do_not_fit_are_refused_before_training(tmp_path, change, message, where):
+    text = MODEL_FILE.replace('def train_loader():', change + "\n\ndef train_loader():")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path, text), "--max-size", "50%", "--out", str(out),
+                                 "--no-cache"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and where in result.output and "how to fix" in result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) < 12
+    assert not out.exists()  # nothing half-written
+
+
+def test_layerwise_that_adds_nothing_says_so_and_which_slack_would():
+    """Two convs on 64x64 maps whose L2 footprints overflow GAP8's usable L2 by more than 30 %, so
+    --layerwise 0.3 finds no critical layer; the note gives the exact smallest C that would."""
+    from duccio_fx.cli.target_report import target_report
+
+    model = nn.Sequential(nn.Conv2d(16, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 4, 1))
+    x = torch.randn(1, 16, 64, 64)
+    data = [(torch.randn(2, 16, 64, 64), torch.randint(0, 4, (2, 64, 64)))]
+    settings = SearchSettings(warmup_epochs=0, search_epochs=1, finetune_epochs=0, layerwise=0.3)
+    r = Recipe(model, (x,), data, data, [Constraint.parse("macs", "90%")], GAP8, settings)
+    layers = [v for v in target_report(r.space.seed_terms, GAP8)["layers"] if v["critical_from"] is not None]
+    for layer in layers:
+        exact = layer["bytes"] / GAP8.level("L2").usable - 1
+        assert exact > 0.3 and layer["critical_from"] == math.ceil(exact * 1000) / 1000  # not a grid value
+    first = min(layers, key=lambda v: v["critical_from"])
+    assert r.critical == {} and len(r.notes) == 1
+    assert "--layerwise 0.3 adds no constraint" in r.notes[0] and f"C that makes a layer critical is " \
+        f"{first['critical_from']:g} ('{first['name']}', {first['bytes']:,.0f} B against" in r.notes[0]
 
 
 def test_violated_constraint_exits_non_zero_with_a_report(tmp_path):

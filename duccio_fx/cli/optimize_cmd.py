@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import typer
 from rich.console import Console
 
 from duccio_fx.cli.lower_cmd import lower_model, render_lowering
@@ -62,6 +65,24 @@ def _check_out(out: Path, resume: bool) -> Path:
     return checkpoint
 
 
+def interrupted_message(recipe: Recipe, out: Path, checkpoint: Path) -> str:
+    """What Ctrl-C leaves behind, and the command that continues it."""
+    done = recipe.history[-1] if recipe.history else None
+    if done is None or not checkpoint.exists():
+        return (f"interrupted before the first epoch ended: nothing to resume. Run the same command again "
+                f"(without --resume); {out} may be deleted.")
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    if program in ("duccio-fx", "__main__.py") and "optimize" in sys.argv:
+        args = [a for a in sys.argv[sys.argv.index("optimize"):] if a != "--resume"]
+        if "--out" not in args:
+            args += ["--out", str(out)]
+        command = " ".join(shlex.quote(a) for a in ["duccio-fx", *args, "--resume"])
+    else:  # called from Python (e.g. a test runner): the arguments are not in sys.argv
+        command = f"the same duccio-fx optimize command with --out {shlex.quote(str(out))} --resume"
+    return (f"interrupted: every finished epoch is saved in {checkpoint} (the last one: {done.phase} epoch "
+            f"{done.epoch + 1}). Continue with:\n  {command}")
+
+
 def _save_model(model: torch.nn.Module, path: Path) -> None:
     try:
         save_atomic(model, path)
@@ -99,12 +120,18 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                     cache_dir=(cache or default_cache_dir()) if use_cache else None, progress=live,
                     context=context)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input (e.g. an infeasible bound) leaves nothing behind
+    for note in recipe.notes:
+        console.print(f"note: {note}", highlight=False)
     for c in recipe.constraints:
         m = c.constraint.measure
         console.print(f"constraint: {c.describe()} (seed {m.describe(float(c.value(recipe.seed_costs)))}, "
                       f"smallest possible {m.describe(recipe.minima[c.label])})", highlight=False)
-    with live.progress:
-        result = recipe.run(resume=resume)
+    try:
+        with live.progress:
+            result = recipe.run(resume=resume)
+    except KeyboardInterrupt:
+        console.print(interrupted_message(recipe, out, checkpoint), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
     seed_rep = target_report(result.searchable.seed_terms, target)
     final_rep = target_report(result.final_terms, target)

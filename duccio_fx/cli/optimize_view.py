@@ -39,6 +39,10 @@ class LiveProgress:
         if event == "cached":
             self.console.print(f"warmup: reused from the cache ({data['path']})", highlight=False)
             return
+        if event == "resumed":
+            self.console.print(f"resuming: {data['phase']} epoch {data['epoch'] + 1} was the last one saved; "
+                               f"continuing from there", highlight=False)
+            return
         phase = data.get("phase") or data["record"].phase
         if event == "done":
             if phase in self.tasks:

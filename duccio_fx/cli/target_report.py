@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from rich.console import Console
@@ -9,9 +10,10 @@ from rich.table import Table
 from torch.fx import GraphModule
 
 from duccio_fx.common.units import human_bytes
-from duccio_fx.costs.memory import critical_layers, layer_activation_bytes, layer_parameter_bytes, placement
+from duccio_fx.costs.memory import (critical_layers, critical_slack, layer_activation_bytes, layer_parameter_bytes,
+                                    placement)
 from duccio_fx.costs.model import build_costs
-from duccio_fx.costs.terms import evaluate
+from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.targets import Target
 
@@ -37,7 +39,7 @@ def target_report(model: GraphModule | Sequence[LayerTerm], target: Target,
             "level": placement(v, target),
             "cycles": costs.layer_cycles[name],
             "macs": float(v.macs),
-            "critical_from": min((c for c in slacks if name in critical[c]), default=None),
+            "critical_from": _slack(v, target),
         })
     macs = sum(x["macs"] for x in layers)
     return {
@@ -54,6 +56,12 @@ def target_report(model: GraphModule | Sequence[LayerTerm], target: Target,
             "critical": {str(c): critical[c] for c in slacks},
         },
     }
+
+
+def _slack(v: LayerValues, target: Target) -> float | None:
+    """The smallest --layerwise C that makes this layer critical (rounded up to 3 decimals), if any."""
+    found = critical_slack(v, target)
+    return None if found is None else math.ceil(found[1] * 1000 - 1e-9) / 1000
 
 
 def render_target_report(report: dict[str, Any], console: Console) -> None:

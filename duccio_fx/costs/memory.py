@@ -81,6 +81,16 @@ def critical_level(v: LayerValues, target: Target, slack: float) -> str | None:
     return None
 
 
+def critical_slack(v: LayerValues, target: Target) -> tuple[str, float] | None:
+    """The first layer-wise level this layer overflows, and the smallest slack C that makes it critical
+    there (bytes / usable − 1); None when it fits every layer-wise level."""
+    for m in target.layerwise_levels:
+        need = value(layer_bytes(v, target, m))
+        if need > m.usable:
+            return m.name, need / m.usable - 1
+    return None
+
+
 def critical_layers(values: Sequence[LayerValues], target: Target, slack: float) -> dict[str, str]:
     """Layers that overflow a layer-wise level by at most a factor `1 + slack`: {layer: level}."""
     out = {}

@@ -12,9 +12,11 @@ from duccio_fx.common.errors import DuccioError
 
 
 class Checkpoint:
-    """`path` (None: no checkpoints) plus the signature of the run that may resume from it."""
+    """`path` (None: no checkpoints) plus the signature of the run that may resume from it: a flat mapping of
+    what must agree (each setting, the constraints, the target, a hash of the model) so a mismatch can say
+    which of them differs."""
 
-    def __init__(self, path: Path | None, signature: str) -> None:
+    def __init__(self, path: Path | None, signature: dict[str, Any]) -> None:
         self.path = path
         self.signature = signature
 
@@ -27,8 +29,20 @@ class Checkpoint:
         if self.path is None or not self.path.exists():
             return None
         state = torch.load(self.path, weights_only=False)
-        if state.get("signature") != self.signature:
-            raise DuccioError("the checkpoint was written by a run with another model, settings or constraints",
-                              where=str(self.path),
-                              fix="resume with the same options, or start a new run in another --out directory")
+        saved = state.get("signature")
+        if saved != self.signature:
+            if isinstance(saved, dict):
+                keys = [k for k in dict.fromkeys([*saved, *self.signature]) if saved.get(k) != self.signature.get(k)]
+                what = "; ".join(f"{k}: {_short(saved.get(k))} in the checkpoint, {_short(self.signature.get(k))} now"
+                                 for k in keys)
+            else:
+                what = "it was written by an older duccio-fx"
+            raise DuccioError(f"the checkpoint belongs to another run ({what})", where=str(self.path),
+                              fix="resume with the options of the interrupted run, or start a new run in another "
+                                  "--out directory")
         return state
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.costs.memory import critical_layers
+from duccio_fx.costs.memory import critical_layers, critical_slack, layer_bytes
 from duccio_fx.costs.model import Costs
-from duccio_fx.costs.terms import evaluate
+from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
@@ -41,8 +41,8 @@ from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import SearchSpace, make_searchable
-from duccio_fx.search.training import (PHASES, LossFn, MetricFn, call_model, cross_entropy, evaluate_model,
-                                       recalibrate_batchnorm, seed_everything, split_batch, top1)
+from duccio_fx.search.training import (PHASES, LossFn, MetricFn, call_model, check_first_batch, cross_entropy,
+                                       evaluate_model, recalibrate_batchnorm, seed_everything, split_batch, top1)
 from duccio_fx.search.warmup_cache import WarmupCache, fingerprint
 from duccio_fx.targets import Target, load_target
 
@@ -91,7 +91,8 @@ class SearchResult:
 
 
 # progress(event, data): "step" {phase, epoch, step, steps, loss}, "epoch" {record, constraints},
-# "cached" {path} (the warmup came from the cache), "done" {phase, epochs} (a phase ended after `epochs`)
+# "cached" {path} (the warmup came from the cache), "resumed" {phase, epoch} (the checkpoint's last epoch),
+# "done" {phase, epochs} (a phase ended after `epochs`)
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -116,19 +117,26 @@ class Recipe:
         torch.manual_seed(s.seed)
         self.space = make_searchable(model, self.example, s.method, leaf_modules=leaf_modules, context=self.context,
                                      **s.method_options)
+        for loader, name in ((train_loader, "train_loader"), (val_loader, "val_loader")):
+            check_first_batch(self.space, loader, name, self.example, loss_fn)
         self.seed_costs = self.space.cost_values(target)
         self.critical: dict[str, str] = {}
+        self.notes: list[str] = []  # what the user should know before training (printed by the CLI)
         self.constraints: list[ResolvedConstraint] = [c.resolve(self.seed_costs) for c in constraints]
         if s.layerwise is not None:
             if target is None or not target.layerwise_levels:
                 raise ConstraintError("--layerwise needs a target with a layer-wise memory level",
                                       where="--layerwise", fix="pass --target gap8 (or a target whose level has "
                                                                "layerwise = true)")
-            self.critical = critical_layers(evaluate(self.space.layer_candidates()), target, s.layerwise)
+            candidates = evaluate(self.space.layer_candidates())
+            self.critical = critical_layers(candidates, target, s.layerwise)
             self.constraints += layerwise_constraints(self.critical, target)
+            if not self.critical:
+                self.notes.append(no_critical_layer_note(candidates, target, s.layerwise))
         if not self.constraints:
-            raise ConstraintError("no constraint given", fix="name at least one bound, e.g. --max-size 50% "
-                                                             "or --max-ops 2M (or --layerwise C with a target)")
+            raise ConstraintError("no constraint given" + (f": {self.notes[0]}" if self.notes else ""),
+                                  fix="name at least one bound, e.g. --max-size 50% or --max-ops 2M (or "
+                                      "--layerwise C with a target)")
         self.minima = check_feasible(self.space, self.constraints, target)
         self.objective = DuccioObjective(self.constraints, form=s.form, schedule=s.schedule,
                                          ramp_epochs=max(s.ramp_fraction * s.search_epochs, 1e-9),
@@ -239,16 +247,20 @@ class Recipe:
         self.checkpoint.save(dict(state, history=[asdict(r) for r in self.history],
                                   phase_seconds=dict(self.phase_seconds)))
 
-    def signature(self) -> str:
-        """What a checkpoint must agree on to be resumed."""
+    def signature(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed, one entry per setting (named as in SearchSettings)."""
         model = hashlib.sha256((self.space.structure() + repr(
             [(k, tuple(v.shape)) for k, v in self.space.state_dict().items()])).encode()).hexdigest()
-        return repr((asdict(self.settings), [(c.label, c.bound, c.constraint.relative) for c in self.constraints],
-                     self.target.name if self.target is not None else None, model))
+        return {**asdict(self.settings),
+                "constraints": [(c.label, c.bound, c.constraint.relative) for c in self.constraints],
+                "target": self.target.name if self.target is not None else None,
+                "model": model[:16]}
 
     def run(self, resume: bool = False) -> SearchResult:
         s = self.settings
         state = self._load_checkpoint() if resume else None
+        if state is not None:
+            self.progress("resumed", {"phase": state["phase"], "epoch": state["epoch"]})
         opt = self._search_optimizer()
         best: dict[str, Any] | None = None
         best_loss, since_best, start_epoch, cached = math.inf, 0, 0, False
@@ -330,6 +342,20 @@ class Recipe:
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.phase_seconds = dict(state["phase_seconds"])
         return state
+
+
+def no_critical_layer_note(values: Sequence[LayerValues], target: Target, slack: float) -> str:
+    """Why --layerwise C added no constraint, and which C would."""
+    over = sorted(((found[1], v, found[0]) for v in values if (found := critical_slack(v, target)) is not None),
+                  key=lambda t: t[0])
+    if not over:
+        return (f"--layerwise {slack:g} adds no constraint: every layer already fits "
+                f"{', '.join(m.name for m in target.layerwise_levels)}")
+    c, v, level = over[0]
+    need = float(layer_bytes(v, target, target.level(level)))
+    return (f"--layerwise {slack:g} adds no constraint: no layer overflows {level} by at most "
+            f"{slack * 100:g} %; the smallest C that makes a layer critical is {math.ceil(c * 1000 - 1e-9) / 1000:g} "
+            f"('{v.term.name}', {need:,.0f} B against {target.level(level).usable:,.0f} B usable)")
 
 
 def optimize(model: nn.Module, example_inputs: Sequence[Any], train_loader: Iterable[Any], val_loader: Iterable[Any],

@@ -88,3 +88,63 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int)
             m.num_batches_tracked.copy_(count)
     model.train(was)
     return used
+
+
+def _shapes(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}[{','.join(map(str, value.shape))}]"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def check_first_batch(model: nn.Module, loader: Iterable[Any], name: str, example: tuple[Any, ...],
+                      loss_fn: LossFn) -> None:
+    """Refuse, before any training, a loader whose batches do not fit the example input (the costs are
+    computed for the example's shape) or that the model and loss cannot take (e.g. labels out of range)."""
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise DuccioError(f"{name}() yielded no batches", where=f"{name}()",
+                          fix="return a loader over a non-empty dataset") from None
+    x, y = split_batch(batch)
+    inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    where = f"first batch of {name}(): inputs {_shapes(x)}, targets {_shapes(y)}"
+    if len(inputs) != len(example):
+        raise DuccioError(f"{name}() batches hold {len(inputs)} input(s), but example_input has {len(example)}",
+                          where=where, fix="yield (inputs, targets) with inputs shaped like example_input")
+    for i, (got, want) in enumerate(zip(inputs, example)):
+        if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.shape[1:] != want.shape[1:]:
+            raise DuccioError(
+                f"{name}() yields samples of shape {list(got.shape[1:])}, but example_input has "
+                f"{list(want.shape[1:])}: the costs and constraints are computed for example_input's shape",
+                where=where + (f" (input {i})" if len(inputs) > 1 else ""),
+                fix="make example_input one sample of the loader's shape (batch dim first), or resize the data")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_model(model, x)
+    except Exception as err:
+        raise DuccioError(f"the model failed on the first batch of {name}(): {_first_line(err)}", where=where,
+                          fix="yield inputs the model accepts, shaped like example_input") from None
+    finally:
+        model.train(was)
+    try:
+        loss_fn(out, y)
+    except Exception as err:
+        hint = ""
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and isinstance(y, torch.Tensor) \
+                and not y.is_floating_point() and y.numel():
+            n = out.shape[1] if out.dim() > 1 else out.shape[0]
+            hint = (f"; the targets range over [{int(y.min())}, {int(y.max())}], but the model has {n} outputs, "
+                    f"so class indices must lie in [0, {n - 1}]")
+        raise DuccioError(f"the loss failed on the first batch of {name}(): {_first_line(err)}{hint}",
+                          where=f"{where}, model output {_shapes(out)}",
+                          fix="yield targets the loss accepts (class indices for the default cross-entropy), "
+                              "or define loss_fn(output, target) in the model file") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0].rstrip('.')}" if text else type(err).__name__
