@@ -30,6 +30,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 import duccio_fx
+from duccio_fx.cli.inspect_view import inspect_report
 from duccio_fx.search.masks import MaskBank
 from duccio_fx.ir.meta import ChannelLayout, channel_layout
 from tests.test_properties import EVERY_BLOCK, Plan, build, plans
@@ -139,6 +140,12 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def check_export(model: nn.Module, x: torch.Tensor, draw_mask: Any) -> dict[str, int]:
     sm = duccio_fx.make_searchable(model, x)
     sm.eval()
+
+    # every conv / linear counts, frozen or searchable: costs() == inspect == the seed's own modules
+    seed_costs = sm.costs()
+    totals = inspect_report(duccio_fx.analyze(model, x), "generated")["totals"]
+    assert (exact_int(seed_costs["params"], "params"), exact_int(seed_costs["macs"], "MACs")) \
+        == (totals["params"], totals["macs"]) == counted_costs(model, x)
     banked = sm.channel_groups
     wanted = {g.id: draw_mask(g) for g in banked}
     sm.set_masks(wanted)

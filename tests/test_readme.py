@@ -41,3 +41,16 @@ def test_readme_commands_name_files_that_exist():
             if re.fullmatch(r"runs/\w+", word) and word not in made:
                 missing.append(f"{line!r}: {word} (no earlier line makes it)")
     assert not missing, "README examples that fail when pasted:\n" + "\n".join(missing)
+
+
+def test_no_file_points_to_documents_outside_the_repository():
+    """Docs and comments cite sources a reader can open (the README, papers, upstream repositories)."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:  # not a git checkout (e.g. an sdist): nothing to check
+        return
+    offenders = [f for f in files if f.endswith((".py", ".md", ".toml"))
+                 and re.search(r"DESIGN\.md|\.\./shared", (ROOT / f).read_text(errors="ignore"))
+                 and f != "tests/test_readme.py"]
+    assert not offenders, offenders
