@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import textwrap
 from pathlib import Path
@@ -357,6 +358,8 @@ def test_optimize_cli_writes_model_onnx_and_report(tmp_path):
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--max-ops", "60%",
                                  "--epochs", "1,2,1", "--out", str(out), "--no-cache", "--seed", "1"])
     assert result.exit_code == 0, result.output
+    assert re.search(r"constraint: size <= [\d,]+ B \(50% of seed\) \(seed [\d,]+ B, smallest possible [\d,]+ B\)",
+                     result.output) and "e+0" not in result.output  # numbers with units, never 9.34592e+06
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "met" and all(c["met"] for c in report["constraints"])
     assert {c["metric"] for c in report["constraints"]} == {"size", "macs"}
