@@ -230,3 +230,25 @@ def test_channel_shuffle_says_precisely_why_its_channels_stay():
     model, x = zoo.build("shufflenet_like", batch=1)
     reasons = " ".join(g.reason for g in duccio_fx.make_searchable(model, x).all_groups)
     assert "a channel shuffle or attention heads" in reasons and "same number kept in every part" in reasons
+
+
+class _ScaleTwice(nn.Module):
+    """One per-channel scale applied to two branches with different producers: they share its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 6, 3), nn.Conv2d(3, 6, 3), nn.Conv2d(12, 2, 1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6).view(1, 6, 1, 1))
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x) * self.scale, self.b(x) * self.scale], 1))
+
+
+def test_a_per_channel_parameter_used_twice_couples_its_users():
+    x = torch.randn(2, 3, 6, 6)
+    sm = duccio_fx.make_searchable(_ScaleTwice(), x)
+    group = group_with(sm.all_groups, "a")
+    assert not group.frozen and set(group.producers) == {"a", "b"}
+    sm.set_masks({group.id: torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.bool)})
+    exported = check_exact(sm, x)
+    assert tuple(exported.scale.shape) == (1, 3, 1, 1) and exported.head.in_channels == 6

@@ -168,6 +168,9 @@ def rule_couples(ctx: RuleContext, node: Node) -> RawValue:
         if not (0 <= k < len(info.shape) and info.shape[k] > 1):
             continue
         if _per_channel_attribute(arg, info, k, ref.width):  # a layer scale or per-channel bias: sliced on export
+            earlier = ctx.layout(arg)
+            if isinstance(earlier, RawLayout):  # the same parameter used twice: the same channels both times
+                ctx.couple(earlier, ref, node)
             ctx.layouts[arg] = ref.with_dim(k)
             ctx.consume(ref, arg)
         else:
