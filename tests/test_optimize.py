@@ -585,3 +585,51 @@ def test_optimize_dory_refuses_an_op_dory_cannot_run_before_training(tmp_path):
                                  "--out", str(out), "--no-cache"])
     assert result.exit_code == 1 and "replace hardswish with ReLU6" in result.output
     assert "warmup" not in result.output and not out.exists()
+
+
+# -- devices -------------------------------------------------------------------------------------------
+
+def test_device_auto_picks_what_torch_sees_and_a_missing_gpu_is_a_clear_error(tmp_path):
+    from duccio_fx.common.device import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--device", "cuda",
+                                 "--out", str(out)])
+    assert result.exit_code == 1 and "torch sees no CUDA GPU" in result.output and "--device cpu" in result.output
+    assert not out.exists()
+    bad = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--amp", "fp16", "--device",
+                              "cpu", "--out", str(out)])
+    assert bad.exit_code == 1 and "fp16 needs a CUDA device" in bad.output
+
+
+def test_bf16_autocast_runs_the_recipe_and_keeps_costs_exact(tmp_path):
+    result = Recipe(*_tiny_args(tmp_path), device="cpu", amp="bf16").run()
+    assert result.met
+    measured = duccio_fx.measure_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    assert result.final_costs["size_bytes"] == measured["size_bytes"]
+
+
+def test_checkpoints_and_the_warmup_cache_load_onto_the_run_device(tmp_path, monkeypatch):
+    """Files saved on one device load with map_location set to the run's device (here the CPU)."""
+    seen = []
+    original = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    recipe(tmp_path, checkpoint=tmp_path / "a.pt", cache=tmp_path / "cache").run()
+    recipe(tmp_path, cache=tmp_path / "cache").run()  # warmup from the cache
+    assert recipe(tmp_path, checkpoint=tmp_path / "a.pt").checkpoint.load() is not None
+    assert len(seen) == 2 and all(m == torch.device("cpu") for m in seen)
+
+
+def _tiny_args(tmp_path):
+    ns = namespace(tmp_path)
+    s = SearchSettings(warmup_epochs=1, search_epochs=2, finetune_epochs=1, seed=3)
+    return (ns["model"], (ns["example_input"],), ns["train_loader"](), ns["val_loader"](),
+            [Constraint.parse("size", "40%")], GAP8, s)

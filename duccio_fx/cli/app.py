@@ -22,6 +22,7 @@ from duccio_fx.cli.optimize_cmd import run_optimize
 from duccio_fx.cli.path_view import path_report, render_path_report
 from duccio_fx.cli.target_report import render_target_report, target_report
 from duccio_fx.cli.target_view import render_target
+from duccio_fx.common.device import resolve_amp, resolve_device
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.pass_manager import DumpIR, Instrument, PassContext, PrintIR, TimePasses
 from duccio_fx.lower.backend import backends
@@ -192,6 +193,10 @@ def optimize(
                                       "the first search epoch"),
     temperature_decay: float = typer.Option(0.8, "--temperature-decay", help="--method path: the temperature "
                                             "multiplies by this every search epoch (1: constant)"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
+                               "cuda, cuda:N or mps"),
+    amp: Optional[str] = typer.Option(None, "--amp", help="autocast the model's forward pass: bf16 or fp16 "
+                                      "(fp16 on CUDA only); costs stay in float64"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -210,6 +215,7 @@ def optimize(
         for name, value in (("--lr", lr), ("--arch-lr", arch_lr), ("--constant-lambda", constant_lambda)):
             if value is not None and not value > 0:
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
+        resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
         method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay)
         w, s, f = _epochs(epochs)
         if max_search_epochs is not None and max_search_epochs < s:
@@ -230,7 +236,7 @@ def optimize(
         code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
                             resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
                             instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend,
-                            dory=dory, calib_batches=calib_batches, qat_epochs=qat_epochs)
+                            dory=dory, calib_batches=calib_batches, qat_epochs=qat_epochs, device=device, amp=amp)
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
@@ -263,13 +269,15 @@ def lower_cmd(
     as_json: bool = typer.Option(False, "--json", help="print lowering.json on stdout instead of tables"),
     print_between_passes: bool = typer.Option(False, "--print-between-passes", help="print the IR after each pass"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass to DIR/NNN_<pass>.txt"),
+    device: str = typer.Option("auto", "--device", help="where calibration and --qat-epochs run: auto, cpu, cuda, "
+                               "cuda:N or mps (the integer network is built on the CPU)"),
 ) -> None:
     """Lower a model to an 8-bit integer network that DORY turns into GAP8 C code (Quantlab ONNX, config.json,
     input.txt, out_layer{i}.txt golden activations, lowering.json), calibrated post-training on the model
     file's train_loader(). Exit 1, with nothing written, on a layer DORY cannot run."""
     try:
         code = run_lower(source=source, target=load_target(target), out=out, calib_batches=calib_batches,
-                         percentile=percentile, qat_epochs=qat_epochs, as_json=as_json,
+                         percentile=percentile, qat_epochs=qat_epochs, as_json=as_json, device=resolve_device(device),
                          instruments=_ir_instruments(print_between_passes, dump_ir,
                                                      sys.stderr if as_json else sys.stdout))
     except DuccioError as err:

@@ -126,7 +126,8 @@ def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> N
 
 
 def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, percentile: float, qat_epochs: int = 0,
-              instruments: Sequence[Instrument] = (), as_json: bool = False, console: Console | None = None) -> int:
+              instruments: Sequence[Instrument] = (), as_json: bool = False, console: Console | None = None,
+              device: torch.device | None = None) -> int:
     console = console or Console(width=max(Console().width, 140), stderr=as_json)
     if calib_batches < 1:
         raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
@@ -136,6 +137,8 @@ def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, per
     if qat_epochs < 0:
         raise DuccioError(f"--qat-epochs {qat_epochs} must be 0 or more", where="--qat-epochs")
     model, spec, described = load_source(source)
+    if device is not None:
+        model.to(device)  # calibration and QAT run there; batches follow the model's parameters
     bundle, _ = lower_model(model, spec, target, calib_batches=calib_batches, percentile=percentile,
                             context=PassContext(instruments), console=console, qat_epochs=qat_epochs)
     bundle.report["source"] = described

@@ -96,7 +96,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                  out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
                  instruments: Sequence[Instrument] = (), backends: Sequence[str] = ("onnx",),
                  dory: bool = False, calib_batches: int = 8, qat_epochs: int = 0,
-                 console: Console | None = None) -> int:
+                 console: Console | None = None, device: str = "auto", amp: str | None = None) -> int:
     """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
     console = console or Console(width=max(Console().width, 140))
     if dory and calib_batches < 1:
@@ -118,7 +118,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     recipe = Recipe(spec.model, spec.example_inputs, train, val, constraints, target, settings, loss_fn=loss_fn,
                     metric_fn=metric_fn, leaf_modules=spec.leaf_modules, checkpoint=checkpoint,
                     cache_dir=(cache or default_cache_dir()) if use_cache else None, progress=live,
-                    context=context)
+                    context=context, device=device, amp=amp)
+    console.print(f"device: {recipe.device}" + (f", autocast {amp}" if recipe.amp else ""), highlight=False)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input (e.g. an infeasible bound) leaves nothing behind
     for note in recipe.notes:
         console.print(f"note: {note}", highlight=False)
@@ -132,6 +133,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     except KeyboardInterrupt:
         console.print(interrupted_message(recipe, out, checkpoint), highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    result.model.cpu()  # model.pt loads anywhere; the backends (ONNX, DORY's integer network) work on the CPU
 
     seed_rep = target_report(result.searchable.seed_terms, target)
     final_rep = target_report(result.final_terms, target)

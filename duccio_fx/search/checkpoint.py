@@ -16,9 +16,11 @@ class Checkpoint:
     what must agree (each setting, the constraints, the target, a hash of the model) so a mismatch can say
     which of them differs."""
 
-    def __init__(self, path: Path | None, signature: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, signature: dict[str, Any],
+                 map_location: torch.device | str | None = None) -> None:
         self.path = path
         self.signature = signature
+        self.map_location = map_location  # resume on another device than the one that saved it
 
     def save(self, state: dict[str, Any]) -> None:
         if self.path is not None:
@@ -28,7 +30,7 @@ class Checkpoint:
         """The saved state, or None when there is none; refuses a checkpoint of another run."""
         if self.path is None or not self.path.exists():
             return None
-        state = torch.load(self.path, weights_only=False)
+        state = torch.load(self.path, weights_only=False, map_location=self.map_location)
         saved = state.get("signature")
         if saved != self.signature:
             if isinstance(saved, dict):

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from duccio_fx.common.device import resolve_amp, resolve_device, to_device
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.memory import critical_layers, critical_slack, layer_bytes
 from duccio_fx.costs.model import Costs
@@ -104,8 +105,11 @@ class Recipe:
                  settings: SearchSettings | None = None, *, loss_fn: LossFn = cross_entropy,
                  metric_fn: MetricFn = top1, leaf_modules: Sequence[LeafSpec] = (), checkpoint: Path | None = None,
                  cache_dir: Path | None = None, progress: Progress | None = None,
-                 context: PassContext | None = None) -> None:
+                 context: PassContext | None = None, device: str | torch.device | None = "cpu",
+                 amp: str | None = None) -> None:
         self.settings = settings or SearchSettings()
+        self.device = resolve_device(device)
+        self.amp = resolve_amp(amp, self.device)
         self.model, self.example = model, tuple(example_inputs)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.target = target
@@ -117,8 +121,10 @@ class Recipe:
         torch.manual_seed(s.seed)
         self.space = make_searchable(model, self.example, s.method, leaf_modules=leaf_modules, context=self.context,
                                      **s.method_options)
+        self.space.to(self.device)  # the model, its masks or choices, and so its costs
+        self.example = to_device(self.example, self.device)
         for loader, name in ((train_loader, "train_loader"), (val_loader, "val_loader")):
-            check_first_batch(self.space, loader, name, self.example, loss_fn)
+            check_first_batch(self.space, loader, name, self.example, loss_fn, self.device)
         self.seed_costs = self.space.cost_values(target)
         self.critical: dict[str, str] = {}
         self.notes: list[str] = []  # what the user should know before training (printed by the CLI)
@@ -143,7 +149,7 @@ class Recipe:
                                          constant_lambda=s.constant_lambda)
         self.history: list[EpochRecord] = []
         self.phase_seconds = {p: 0.0 for p in PHASES}
-        self.checkpoint = Checkpoint(checkpoint, self.signature())
+        self.checkpoint = Checkpoint(checkpoint, self.signature(), self.device)
 
     # -- training -----------------------------------------------------------------------------------
     def _weight_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -153,16 +159,19 @@ class Recipe:
         model.train()
         total = loss_sum = 0.0
         steps = max(len(self.train_loader), 1) if hasattr(self.train_loader, "__len__") else None
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         for i, batch in enumerate(self.train_loader):
-            x, y = split_batch(batch)
-            task = self.loss_fn(call_model(model, x), y)
-            loss = task
-            if phase == "search":
+            x, y = to_device(split_batch(batch), self.device)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                task = self.loss_fn(call_model(model, x), y)
+            loss = task.float()
+            if phase == "search":  # the costs stay in float64, outside autocast
                 frac = epoch + (i / steps if steps else 0.0)
-                loss = task + self.objective.penalty(self.space.costs(self.target), frac).float()
+                loss = loss + self.objective.penalty(self.space.costs(self.target), frac).float()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += float(task.detach()) * len(y)
             total += len(y)
             self.progress("step", {"phase": phase, "epoch": epoch, "step": i, "steps": steps,
@@ -174,8 +183,8 @@ class Recipe:
     def _record(self, phase: str, epoch: int, train_loss: float, model: nn.Module, started: float,
                 costs: Costs | None = None) -> EpochRecord:
         if phase == "search":
-            recalibrate_batchnorm(model, self.train_loader, self.settings.bn_recalibration_batches)
-        val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn)
+            recalibrate_batchnorm(model, self.train_loader, self.settings.bn_recalibration_batches, self.device)
+        val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn, self.device)
         rec = EpochRecord(phase, epoch, train_loss, val_loss, val_metric, time.perf_counter() - started)
         if costs is not None:
             rec.costs = {c.label: float(c.value(costs)) for c in self.constraints}
@@ -194,9 +203,9 @@ class Recipe:
         s = self.settings
         cache = None
         if self.cache_dir is not None and s.warmup_epochs > 0 and state is None:
-            cache = WarmupCache(self.cache_dir, fingerprint(self.model, self.train_loader, s, self.example,
-                                                            self.space.structure(),
-                                                            getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))))
+            key = fingerprint(self.model, self.train_loader, s, self.example, self.space.structure(),
+                              getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)))
+            cache = WarmupCache(self.cache_dir, key, map_location=self.device)
             cached = cache.load()
             if cached is not None:
                 self.space.load_state(cached["searchable"])
@@ -222,7 +231,7 @@ class Recipe:
         for p in self.space.arch_parameters():
             p.requires_grad_(True)
         if s.warmup_epochs == 0:
-            loss, _ = evaluate_model(self.space, self.train_loader, self.loss_fn, self.metric_fn)
+            loss, _ = evaluate_model(self.space, self.train_loader, self.loss_fn, self.metric_fn, self.device)
         if cache is not None:
             cache.store(self.space.state(), loss, [asdict(r) for r in self.history if r.phase == "warmup"])
         return loss, False
@@ -268,7 +277,7 @@ class Recipe:
         if state is None or state["phase"] == "warmup":
             lhat, cached = self._warmup(state)
             state = None
-            _, seed_metric = evaluate_model(self.space, self.val_loader, self.loss_fn, self.metric_fn)
+            _, seed_metric = evaluate_model(self.space, self.val_loader, self.loss_fn, self.metric_fn, self.device)
             self.objective.calibrate(lhat, self.space.cost_values(self.target))
         else:
             self.space.load_state(state["searchable"])
@@ -304,7 +313,8 @@ class Recipe:
             if best is not None:
                 self.space.load_state(best)
             exported = self.space.export(self.context)
-            search_loss, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn)
+            search_loss, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn,
+                                                        self.device)
             ft_start, ft_opt = 0, self._weight_optimizer(exported.parameters())
             ft_best, ft_best_loss = copy.deepcopy(exported.state_dict()), search_loss
         else:
@@ -327,7 +337,7 @@ class Recipe:
                         "ft_best": ft_best, "ft_best_loss": ft_best_loss})
         self.progress("done", {"phase": "finetune", "epochs": s.finetune_epochs})
         exported.load_state_dict(ft_best)
-        _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn)
+        _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn, self.device)
         exported.eval()
         final = analyze(exported, tuple(x[:1] for x in self.example), context=self.context)  # costs of the result
         final_terms = layer_terms(final)

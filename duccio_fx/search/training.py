@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from duccio_fx.common.device import to_device
 from duccio_fx.common.errors import DuccioError
 
 PHASES = ("warmup", "search", "finetune")
@@ -27,6 +28,10 @@ def seed_everything(seed: int, phase: str, epoch: int) -> None:
     torch.manual_seed(seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch)
 
 
+def _on(value: Any, device: torch.device | None) -> Any:
+    return value if device is None else to_device(value, device)
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise DuccioError("a data loader batch must be an (inputs, targets) pair", where="train_loader()/val_loader()",
@@ -38,14 +43,15 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
-def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, metric_fn: MetricFn) -> tuple[float, float]:
-    """Sample-weighted mean loss and metric over a loader, in eval mode."""
+def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, metric_fn: MetricFn,
+                   device: torch.device | None = None) -> tuple[float, float]:
+    """Sample-weighted mean loss and metric over a loader, in eval mode (batches moved to `device`)."""
     was = model.training
     model.eval()
     total = loss_sum = metric_sum = 0.0
     with torch.no_grad():
         for batch in loader:
-            x, y = split_batch(batch)
+            x, y = _on(split_batch(batch), device)
             out = call_model(model, x)
             n = len(y)
             loss_sum += float(loss_fn(out, y)) * n
@@ -57,7 +63,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, met
     return loss_sum / total, metric_sum / total
 
 
-def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int) -> int:
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int,
+                          device: torch.device | None = None) -> int:
     """Re-estimate every BatchNorm's running statistics on `batches` training batches, the rest of the model
     in eval mode (masks binarized, each choice at its argmax), without gradients. During a search the
     statistics lag behind the architecture, which changes every step; validating with stale ones makes the
@@ -78,7 +85,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int)
         for batch in loader:
             if used == batches:
                 break
-            call_model(model, split_batch(batch)[0])
+            call_model(model, _on(split_batch(batch)[0], device))
             used += 1
     for m, momentum, (mean, var, count) in zip(norms, momenta, saved):
         m.momentum = momentum
@@ -99,7 +106,7 @@ def _shapes(value: Any) -> str:
 
 
 def check_first_batch(model: nn.Module, loader: Iterable[Any], name: str, example: tuple[Any, ...],
-                      loss_fn: LossFn) -> None:
+                      loss_fn: LossFn, device: torch.device | None = None) -> None:
     """Refuse, before any training, a loader whose batches do not fit the example input (the costs are
     computed for the example's shape) or that the model and loss cannot take (e.g. labels out of range)."""
     try:
@@ -107,7 +114,7 @@ def check_first_batch(model: nn.Module, loader: Iterable[Any], name: str, exampl
     except StopIteration:
         raise DuccioError(f"{name}() yielded no batches", where=f"{name}()",
                           fix="return a loader over a non-empty dataset") from None
-    x, y = split_batch(batch)
+    x, y = _on(split_batch(batch), device)
     inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     where = f"first batch of {name}(): inputs {_shapes(x)}, targets {_shapes(y)}"
     if len(inputs) != len(example):

@@ -49,11 +49,13 @@ def fingerprint(model: nn.Module, loader: Iterable[Any], settings: SearchSetting
 class WarmupCache:
     """One cached warmup: `DIR/warmup/<key>.pt` holding the search space's state, L̂ and the epoch history."""
 
-    def __init__(self, directory: Path, key: str) -> None:
+    def __init__(self, directory: Path, key: str, map_location: torch.device | str | None = None) -> None:
         self.path = Path(directory) / "warmup" / f"{key}.pt"
+        self.map_location = map_location  # a warmup stored on a GPU loads on the CPU, and back
 
     def load(self) -> dict[str, Any] | None:
-        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+        return torch.load(self.path, weights_only=False, map_location=self.map_location) if self.path.exists() \
+            else None
 
     def store(self, state: dict[str, Any], loss: float, history: list[dict[str, Any]]) -> None:
         save_atomic({"searchable": state, "loss": loss, "history": history}, self.path)
