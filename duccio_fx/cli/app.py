@@ -20,6 +20,8 @@ from duccio_fx.cli.lower_cmd import run_lower
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_cmd import run_optimize
 from duccio_fx.cli.path_view import path_report, render_path_report
+from duccio_fx.cli.plots import plot_path, plot_sweep, plots_available
+from duccio_fx.cli.sweep_cmd import SweepSpec, build_grid, ray_executor, run_sweep
 from duccio_fx.cli.target_report import render_target_report, target_report
 from duccio_fx.cli.target_view import render_target
 from duccio_fx.common.device import resolve_amp, resolve_device
@@ -283,6 +285,71 @@ def lower_cmd(
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument(..., help="model file (see README: the model.py contract) or zoo:NAME"),
+    target: str = typer.Option("gap8", "--target", help="built-in target name or a TOML path"),
+    size: str = typer.Option("25%,50%,75%", "--size", help="size targets, comma-separated (none: no size bound)"),
+    ops: str = typer.Option("none", "--ops", help="MAC targets, comma-separated, e.g. none,25%,50%,75%"),
+    ops_of: str = typer.Option("size-only", "--ops-of", help="an ops %% is of the size-only run's MACs "
+                               "(size-only, the paper's protocol) or of the seed's (seed)"),
+    method: str = typer.Option("mask", "--method", help="search methods, comma-separated: mask,path"),
+    seeds: str = typer.Option("0", "--seeds", help="random seeds, comma-separated"),
+    epochs: str = typer.Option("5,10,5", "--epochs", help="W,S,F of every point"),
+    workers: int = typer.Option(1, "--workers", help="points run at once (each is one optimize process)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default runs/sweep-<model name>)"),
+    device: str = typer.Option("auto", "--device", help="device of every point: auto, cpu, cuda, cuda:N"),
+    layerwise: Optional[float] = typer.Option(None, "--layerwise", help="slack C for every point"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run the points as Ray tasks: auto (a local Ray, or "
+                                      "the cluster this machine belongs to) or a cluster ADDRESS"),
+) -> None:
+    """Run a grid of searches (methods x seeds x size x ops targets), sharing one warmup per method and
+    seed; skip finished points when run again; write sweep.json, sweep.csv and pareto.png.
+
+    Exit 0 when every point met its bounds, 3 when a point violated them or failed (the others still ran)."""
+    try:
+        if workers < 1:
+            raise DuccioError(f"--workers {workers} must be at least 1", where="--workers")
+        for m in method.split(","):
+            if m.strip() not in search_methods():
+                raise DuccioError(f"unknown search method {m.strip()!r}", where="--method",
+                                  fix=f"use one of: {', '.join(search_methods())}")
+        _epochs(epochs)
+        resolve_device(device)
+        load_target(target)
+        points = build_grid(method, seeds, size, ops, ops_of)
+        for s in {p.size for p in points} - {None}:
+            Constraint.parse("size", s, option="--size")
+        for o in {p.ops for p in points} - {None}:
+            Constraint.parse("macs", o, option="--ops")
+        executor = ray_executor(ray) if ray else None
+        out = out or Path("runs") / f"sweep-{Path(model.removeprefix('zoo:')).stem}"
+        extra = ["--layerwise", str(layerwise)] if layerwise is not None else []
+        spec = SweepSpec(model=model, out=out, target=target, epochs=epochs, ops_of=ops_of, workers=workers,
+                         device=device, extra=extra)
+        console = Console()
+        console.print(f"sweep: {len(points)} points, {workers} at a time, into {out}", highlight=False)
+        code = run_sweep(spec, points, console, executor)
+        console.print(f"wrote {out / 'sweep.json'} and {out / 'sweep.csv'}", highlight=False)
+        if plots_available() and any(p.status in ("met", "violated") for p in points):
+            console.print(f"wrote {', '.join(str(p) for p in plot_sweep(out))}", highlight=False)
+    except DuccioError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def plot(
+    directory: Path = typer.Argument(..., help="a finished optimize run directory or a sweep directory"),
+) -> None:
+    """Draw a run (history.png, layers.png) or a sweep (pareto.png) as PNG files next to its reports."""
+    try:
+        for path in plot_path(directory):
+            Console().print(f"wrote {path}", highlight=False)
+    except DuccioError as err:
+        raise _fail(err) from None
 
 
 targets_app = typer.Typer(no_args_is_help=True, help="List, show and validate hardware target descriptions.")

@@ -17,6 +17,7 @@ from rich.console import Console
 from duccio_fx.cli.lower_cmd import lower_model, render_lowering
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_view import LiveProgress, build_report, render_summary
+from duccio_fx.cli.plots import plot_run, plots_available
 from duccio_fx.cli.target_report import target_report
 from duccio_fx.common.atomic import save_atomic, write_bytes_atomic, write_text_atomic
 from duccio_fx.common.errors import DuccioError, ModelFileError
@@ -172,6 +173,11 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))  # last: marks the run finished
     checkpoint.unlink(missing_ok=True)
     render_summary(report, console)
+    if plots_available():  # the pictures are a bonus: a plotting problem must not cost the run
+        try:
+            console.print(f"plots: {', '.join(str(path) for path in plot_run(out))}", highlight=False)
+        except Exception as err:  # noqa: BLE001 (any matplotlib failure)
+            console.print(f"[yellow]note:[/] no plots ({type(err).__name__}: {err})", highlight=False)
     if bundle is not None:
         render_lowering(bundle, out / "dory", console)
     elif dory:
