@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 
 from duccio_fx.common.atomic import write_text_atomic
+from duccio_fx.common.device import resolve_device
 from duccio_fx.common.errors import DuccioError
 
 OPS_OF = ("size-only", "seed")
@@ -117,6 +119,11 @@ class SweepSpec:
     workers: int
     device: str
     extra: Sequence[str] = ()  # further optimize options, passed through
+    threads: int = 0  # CPU threads per point (0: torch's default); local workers split the cores
+
+    def __post_init__(self) -> None:
+        if not self.threads and self.workers > 1 and resolve_device(self.device).type == "cpu":
+            self.threads = max(1, (os.cpu_count() or 1) // self.workers)
 
 
 def _command(spec: SweepSpec, p: Point, resume: bool) -> list[str]:
@@ -136,8 +143,11 @@ def run_point(spec: SweepSpec, p: Point) -> Point:
     resume = (p.run_dir / "checkpoint.pt").exists()
     p.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    env = dict(os.environ)
+    if spec.threads:  # workers share the cores instead of each taking all of them
+        env.setdefault("OMP_NUM_THREADS", str(spec.threads))
     with open(p.run_dir / "optimize.log", "a") as log:
-        code = subprocess.run(_command(spec, p, resume), stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(_command(spec, p, resume), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     p.seconds = time.perf_counter() - started
     _read(p)
     if p.status == "pending":
