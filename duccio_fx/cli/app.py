@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from importlib.metadata import version as _package_version
 from pathlib import Path
@@ -199,6 +201,8 @@ def optimize(
                                "cuda, cuda:N or mps"),
     amp: Optional[str] = typer.Option(None, "--amp", help="autocast the model's forward pass: bf16 or fp16 "
                                       "(fp16 on CUDA only); costs stay in float64"),
+    nproc: int = typer.Option(1, "--nproc", help="data-parallel processes on this machine (torch.distributed: "
+                              "gloo on CPUs, NCCL with one GPU each); the loaders' batch size is per process"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -206,6 +210,8 @@ def optimize(
     much); 1 on bad input (2 on a malformed command line).
     """
     try:
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            raise typer.Exit(_launch(nproc))
         if method not in search_methods():
             raise DuccioError(f"unknown search method {method!r}", where="--method",
                               fix=f"use one of: {', '.join(search_methods())}")
@@ -242,6 +248,22 @@ def optimize(
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
+
+
+def _launch(nproc: int) -> int:
+    """`optimize --nproc N`: the same command under torchrun, N processes on this machine."""
+    if "optimize" not in sys.argv:
+        raise DuccioError("--nproc starts processes from the command line only", where="--nproc",
+                          fix="from Python, start your script with `torchrun --nproc-per-node N`")
+    args, skip = [], False
+    for a in sys.argv[sys.argv.index("optimize"):]:
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc" and not skip
+            continue
+        args.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "duccio_fx", *args]
+    return subprocess.run(command).returncode
 
 
 def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str, temperature: float,

@@ -25,6 +25,7 @@ from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.lower.backend import lower
 from duccio_fx.lower.dory import check_lowerable
 from duccio_fx.search.constraints import Constraint
+from duccio_fx.search.distributed import launched_world
 from duccio_fx.search.recipe import Recipe
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.training import cross_entropy, top1
@@ -100,6 +101,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                  console: Console | None = None, device: str = "auto", amp: str | None = None) -> int:
     """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
     console = console or Console(width=max(Console().width, 140))
+    if not launched_world().main:
+        console = Console(file=io.StringIO())  # one rank of a torchrun launch: rank 0 speaks and writes
     if dory and calib_batches < 1:
         raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
     if qat_epochs < 0 or (qat_epochs and not dory):
@@ -134,6 +137,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     except KeyboardInterrupt:
         console.print(interrupted_message(recipe, out, checkpoint), highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    if not recipe.world.main:
+        return 0 if result.met else VIOLATED_EXIT
     result.model.cpu()  # model.pt loads anywhere; the backends (ONNX, DORY's integer network) work on the CPU
 
     seed_rep = target_report(result.searchable.seed_terms, target)

@@ -38,6 +38,8 @@ from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.pipeline import analyze, graph_costs
 from duccio_fx.search.checkpoint import Checkpoint
 from duccio_fx.search.constraints import Constraint, ConstraintError, ResolvedConstraint, layerwise_constraints
+from duccio_fx.search.distributed import (ShardedLoader, average_gradients, broadcast_module, init_world,
+                                          rank_device, sum_over_ranks)
 from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.settings import SearchSettings
@@ -109,9 +111,14 @@ class Recipe:
                  amp: str | None = None) -> None:
         self.settings = settings or SearchSettings()
         self.device = resolve_device(device)
+        self.world = init_world(self.device)  # a single process, or one rank of a torchrun launch
+        self.device = rank_device(self.device, self.world)
         self.amp = resolve_amp(amp, self.device)
         self.model, self.example = model, tuple(example_inputs)
         self.train_loader, self.val_loader = train_loader, val_loader
+        # the batches this rank trains on (all of them in a single process)
+        self.train_batches = ShardedLoader(train_loader, self.world, self.settings.seed) if self.world.active \
+            else train_loader
         self.target = target
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.cache_dir = cache_dir
@@ -122,6 +129,7 @@ class Recipe:
         self.space = make_searchable(model, self.example, s.method, leaf_modules=leaf_modules, context=self.context,
                                      **s.method_options)
         self.space.to(self.device)  # the model, its masks or choices, and so its costs
+        broadcast_module(self.space, self.world)
         self.example = to_device(self.example, self.device)
         for loader, name in ((train_loader, "train_loader"), (val_loader, "val_loader")):
             check_first_batch(self.space, loader, name, self.example, loss_fn, self.device)
@@ -158,9 +166,10 @@ class Recipe:
     def _train_epoch(self, model: nn.Module, opt: torch.optim.Optimizer, phase: str, epoch: int) -> float:
         model.train()
         total = loss_sum = 0.0
-        steps = max(len(self.train_loader), 1) if hasattr(self.train_loader, "__len__") else None
+        steps = max(len(self.train_batches), 1) if hasattr(self.train_batches, "__len__") else None
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
-        for i, batch in enumerate(self.train_loader):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, batch in enumerate(self.train_batches):
             x, y = to_device(split_batch(batch), self.device)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 task = self.loss_fn(call_model(model, x), y)
@@ -170,6 +179,7 @@ class Recipe:
                 loss = loss + self.objective.penalty(self.space.costs(self.target), frac).float()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            average_gradients(params, self.world)  # every rank applies the same update
             scaler.step(opt)
             scaler.update()
             loss_sum += float(task.detach()) * len(y)
@@ -178,6 +188,7 @@ class Recipe:
                                    "loss": float(task.detach())})
         if total == 0:
             raise DuccioError("the training loader yielded no batches", where="train_loader()")
+        loss_sum, total = sum_over_ranks([loss_sum, total], self.world, self.device)
         return loss_sum / total
 
     def _record(self, phase: str, epoch: int, train_loss: float, model: nn.Module, started: float,
@@ -203,7 +214,8 @@ class Recipe:
         s = self.settings
         cache = None
         if self.cache_dir is not None and s.warmup_epochs > 0 and state is None:
-            key = fingerprint(self.model, self.train_loader, s, self.example, self.space.structure(),
+            key = fingerprint(self.model, self.train_loader, s, self.example,
+                              self.space.structure() + f"|ranks {self.world.size}",  # the global batch differs
                               getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)))
             cache = WarmupCache(self.cache_dir, key, map_location=self.device)
             cached = cache.load()
@@ -232,7 +244,7 @@ class Recipe:
             p.requires_grad_(True)
         if s.warmup_epochs == 0:
             loss, _ = evaluate_model(self.space, self.train_loader, self.loss_fn, self.metric_fn, self.device)
-        if cache is not None:
+        if cache is not None and self.world.main:
             cache.store(self.space.state(), loss, [asdict(r) for r in self.history if r.phase == "warmup"])
         return loss, False
 
@@ -242,7 +254,7 @@ class Recipe:
         about 4 over the minimum search, within [1e-3, 5e-2]."""
         if self.settings.arch_lr is not None:
             return self.settings.arch_lr
-        steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else 100
+        steps = len(self.train_batches) if hasattr(self.train_batches, "__len__") else 100
         return min(5e-2, max(1e-3, 4.0 / max(1, steps * self.settings.search_epochs)))
 
     def _search_optimizer(self) -> torch.optim.Optimizer:
@@ -253,6 +265,8 @@ class Recipe:
         ])
 
     def _save(self, state: dict[str, Any]) -> None:
+        if not self.world.main:
+            return  # rank 0 writes; the others hold the same state
         self.checkpoint.save(dict(state, history=[asdict(r) for r in self.history],
                                   phase_seconds=dict(self.phase_seconds)))
 
@@ -263,7 +277,7 @@ class Recipe:
         return {**asdict(self.settings),
                 "constraints": [(c.label, c.bound, c.constraint.relative) for c in self.constraints],
                 "target": self.target.name if self.target is not None else None,
-                "model": model[:16]}
+                "model": model[:16], "ranks": self.world.size}
 
     def run(self, resume: bool = False) -> SearchResult:
         s = self.settings

@@ -1,0 +1,54 @@
+"""Data-parallel search with torch.distributed (gloo, 2 CPU processes under torchrun) against one process
+with the same global batch: the same updates, so the same history and the same exported weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    env_cmd = [sys.executable, str(WORKER)]
+    one = subprocess.run(env_cmd + [str(tmp_path / "one"), "32"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(WORKER), str(tmp_path / "two"), "16"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (a["ranks"], b["ranks"]) == (1, 2) and a["met"] and b["met"]
+    assert [h[:2] for h in a["history"]] == [h[:2] for h in b["history"]]  # same epochs, same decisions
+    for (_, _, ta, va), (_, _, tb, vb) in zip(a["history"], b["history"]):
+        assert ta == pytest.approx(tb, rel=1e-4) and va == pytest.approx(vb, rel=1e-4)
+    wa, wb = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}  # the same architecture
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_optimize_nproc_launches_torchrun_and_rank_0_writes_the_run(tmp_path):
+    from tests.test_optimize import MODEL_FILE
+    import textwrap
+
+    model = tmp_path / "tiny.py"
+    model.write_text(textwrap.dedent(MODEL_FILE))
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "duccio_fx", "optimize", str(model), "--max-size", "50%",
+                          "--epochs", "1,2,1", "--nproc", "2", "--device", "cpu", "--no-cache", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.count("constraints") == 1  # one summary: rank 1 is quiet
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "met" and (out / "model.onnx").exists()
