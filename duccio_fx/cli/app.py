@@ -315,7 +315,7 @@ def sweep(
     target: str = typer.Option("gap8", "--target", help="built-in target name or a TOML path"),
     size: str = typer.Option("25%,50%,75%", "--size", help="size targets, comma-separated (none: no size bound)"),
     ops: str = typer.Option("none", "--ops", help="MAC targets, comma-separated, e.g. none,25%,50%,75%"),
-    ops_of: str = typer.Option("size-only", "--ops-of", help="an ops %% is of the size-only run's MACs "
+    ops_of: str = typer.Option("size-only", "--ops-of", help="an ops % is of the size-only run's MACs "
                                "(size-only, the paper's protocol) or of the seed's (seed)"),
     method: str = typer.Option("mask", "--method", help="search methods, comma-separated: mask,path"),
     seeds: str = typer.Option("0", "--seeds", help="random seeds, comma-separated"),
