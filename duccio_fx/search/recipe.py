@@ -107,7 +107,7 @@ class Recipe:
                  settings: SearchSettings | None = None, *, loss_fn: LossFn = cross_entropy,
                  metric_fn: MetricFn = top1, leaf_modules: Sequence[LeafSpec] = (), checkpoint: Path | None = None,
                  cache_dir: Path | None = None, progress: Progress | None = None,
-                 context: PassContext | None = None, device: str | torch.device | None = "cpu",
+                 context: PassContext | None = None, device: str | torch.device | None = "auto",
                  amp: str | None = None) -> None:
         self.settings = settings or SearchSettings()
         self.device = resolve_device(device)
