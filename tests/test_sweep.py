@@ -87,3 +87,16 @@ def test_bad_grids_and_directories_are_refused():
     assert bad.exit_code == 1 and "unknown search method" in bad.output
     bad = runner.invoke(app, ["plot", "/nonexistent-dir"])
     assert bad.exit_code == 1 and "neither a finished run" in bad.output
+
+
+def test_points_run_as_ray_tasks(tmp_path):
+    """Only where Ray is installed (`pip install "duccio-fx[ray]"`): a local Ray runs the points."""
+    pytest.importorskip("ray")
+    model = tmp_path / "tiny.py"
+    model.write_text(textwrap.dedent(MODEL_FILE))
+    result = runner.invoke(app, ["sweep", str(model), "--size", "40%,60%", "--epochs", "0,1,0", "--out",
+                                 str(tmp_path / "out"), "--device", "cpu", "--ray", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "as Ray tasks (auto)" in result.output
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]
+    assert [r["status"] for r in rows] == ["met", "met"]

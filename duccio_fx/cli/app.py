@@ -352,7 +352,8 @@ def sweep(
         spec = SweepSpec(model=model, out=out, target=target, epochs=epochs, ops_of=ops_of, workers=workers,
                          device=device, extra=extra)
         console = Console()
-        console.print(f"sweep: {len(points)} points, {workers} at a time, into {out}", highlight=False)
+        console.print(f"sweep: {len(points)} points, " + (f"as Ray tasks ({ray})" if ray else f"{workers} at a time")
+                      + f", into {out}", highlight=False)
         code = run_sweep(spec, points, console, executor)
         console.print(f"wrote {out / 'sweep.json'} and {out / 'sweep.csv'}", highlight=False)
         if plots_available() and any(p.status in ("met", "violated") for p in points):
