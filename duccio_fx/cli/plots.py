@@ -164,6 +164,8 @@ def plot_sweep(sweep: Path) -> list[Path]:
         if seed.get(f"seed_{key}") is not None and seed.get("seed_val_metric") is not None:
             ax.scatter(seed[f"seed_{key}"], seed["seed_val_metric"], color="black", marker="s", s=60, zorder=4)
         ax.set_xlabel(label)
+        scale, suffix = (1e6, " M") if key == "macs" else (1e3, " kB")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _, s=scale, u=suffix: f"{v / s:g}{u}"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (after fine-tuning)")
     for s in sizes:  # the size bounds, from the constraints each point recorded
@@ -177,8 +179,10 @@ def plot_sweep(sweep: Path) -> list[Path]:
     handles += [plt.Line2D([], [], color="black", marker="s", ls="", label="seed (after warmup)"),
                 plt.Line2D([], [], color="white", marker="o", markeredgecolor="red", ls="", label="bound violated")]
     axes[1].legend(handles=handles, fontsize=8, loc="best", framealpha=0.8)
-    fig.suptitle(f"{Path(data['model']).name} on {data['target']}: {len(points)} searches "
-                 f"(ops targets relative to the {data['ops_of']} run)", fontsize=11)
+    failed = len(data["points"]) - len(points)
+    fig.suptitle(f"{Path(data['model']).name} on {data['target']}: {len(points)} searches"
+                 + (f" ({failed} failed: see sweep.json)" if failed else "")
+                 + f", ops targets relative to the {data['ops_of']} run", fontsize=11)
     fig.tight_layout()
     path = Path(sweep) / "pareto.png"
     fig.savefig(path, dpi=110)
