@@ -85,7 +85,8 @@ def _history(report: dict[str, Any], path: Path) -> Path:
         ax.plot([i for i, v in values if v is not None], [v for _, v in values if v is not None], "o-",
                 color="tab:blue", label=c["constraint"])
         unit = _unit(c["metric"])
-        ax.axhline(c["bound"], color="tab:red", ls="--", label=f"bound {c['bound']:,.4g}{' ' + unit if unit else ''}")
+        shown = f"{c['bound'] * 1e3:.4g} ms" if unit == "s" else f"{c['bound']:,.0f}{' ' + unit if unit else ''}"
+        ax.axhline(c["bound"], color="tab:red", ls="--", label=f"bound {shown}")
         ax.set_ylabel(f"{c['constraint']}" + (f" ({unit})" if unit else ""))
         lambdas = [(i, r["lambdas"][k]) for i, r in zip(x, history) if r.get("lambdas") and len(r["lambdas"]) > k]
         if lambdas:
