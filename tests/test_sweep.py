@@ -100,3 +100,24 @@ def test_points_run_as_ray_tasks(tmp_path):
     assert "as Ray tasks (auto)" in result.output
     rows = json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]
     assert [r["status"] for r in rows] == ["met", "met"]
+
+
+def test_ctrl_c_starts_no_new_point(monkeypatch, tmp_path):
+    """After Ctrl-C the running points stop (they got the signal too) and the queued ones never start."""
+    from duccio_fx.cli import sweep_cmd
+
+    started = []
+
+    def fake(spec, p):
+        started.append(p.label)
+        if len(started) == 1:
+            raise KeyboardInterrupt
+        return p
+
+    monkeypatch.setattr(sweep_cmd, "run_point", fake)
+    spec = sweep_cmd.SweepSpec(model="m.py", out=tmp_path, target="gap8", epochs="1,1,1", ops_of="seed", workers=1,
+                               device="cpu")
+    points = build_grid("mask", "0", "20%,40%,60%,80%", "none", "seed")
+    with pytest.raises(KeyboardInterrupt):
+        sweep_cmd.local_executor(spec, points)
+    assert started == [points[0].label]

@@ -354,7 +354,13 @@ def sweep(
         console = Console()
         console.print(f"sweep: {len(points)} points, " + (f"as Ray tasks ({ray})" if ray else f"{workers} at a time")
                       + f", into {out}", highlight=False)
-        code = run_sweep(spec, points, console, executor)
+        try:
+            code = run_sweep(spec, points, console, executor)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: finished points are kept in {out / 'points'} and interrupted ones "
+                          f"resume from their checkpoints; run the same command again to finish the rest",
+                          highlight=False)
+            raise typer.Exit(130) from None
         console.print(f"wrote {out / 'sweep.json'} and {out / 'sweep.csv'}", highlight=False)
         if plots_available() and any(p.status in ("met", "violated") for p in points):
             console.print(f"wrote {', '.join(str(p) for p in plot_sweep(out))}", highlight=False)

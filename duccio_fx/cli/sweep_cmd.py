@@ -167,8 +167,15 @@ Executor = Callable[[SweepSpec, list[Point]], list[Point]]
 
 
 def local_executor(spec: SweepSpec, points: list[Point]) -> list[Point]:
-    with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:  # each thread waits on one process
-        return list(pool.map(lambda p: run_point(spec, p), points))
+    pool = ThreadPoolExecutor(max_workers=max(1, spec.workers))  # each thread waits on one process
+    futures = [pool.submit(run_point, spec, p) for p in points]
+    try:
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:  # Ctrl-C reached the running points too: they save a checkpoint and stop
+        pool.shutdown(wait=True, cancel_futures=True)  # and no new point starts
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def ray_executor(address: str) -> Executor:
@@ -201,16 +208,16 @@ def run_sweep(spec: SweepSpec, points: list[Point], console: Console, executor: 
         todo = []
         for p in wave:
             _read(p)
+            if _relative_ops(p, spec.ops_of):
+                ref = _reference(p, points)
+                if ref is not None and ref.report:
+                    p.max_ops = str(max(1, int(ref.report["final"]["macs"] * float(p.ops.rstrip("%")) / 100)))
+                elif p.status == "pending":
+                    p.status, p.error = "failed", f"its size-only run {ref.label if ref else '?'} did not finish"
+                    continue
             if p.status != "pending":
                 console.print(f"{p.label}: finished earlier ({p.status}), skipped", highlight=False)
                 continue
-            if _relative_ops(p, spec.ops_of):
-                ref = _reference(p, points)
-                if ref is None or not ref.report:
-                    p.status, p.error = "failed", f"its size-only run {ref.label if ref else '?'} did not finish"
-                    continue
-                macs = ref.report["final"]["macs"] * float(p.ops.rstrip("%")) / 100
-                p.max_ops = str(max(1, int(macs)))
             todo.append(p)
         for p in executor(spec, todo) if todo else []:
             original = next(q for q in points if q.label == p.label)
