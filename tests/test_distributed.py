@@ -52,3 +52,25 @@ def test_optimize_nproc_launches_torchrun_and_rank_0_writes_the_run(tmp_path):
     assert run.stdout.count("constraints") == 1  # one summary: rank 1 is quiet
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "met" and (out / "model.onnx").exists()
+
+
+def test_sharded_loaders_partition_the_data_and_repeat_an_epoch_exactly():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from duccio_fx.search.distributed import ShardedLoader, World
+
+    data = TensorDataset(torch.arange(40).float().unsqueeze(1), torch.zeros(40, dtype=torch.long))
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    ranks = [ShardedLoader(loader, World(r, 2), seed=7) for r in (0, 1)]
+
+    def seen(shard, epoch):
+        shard.set_epoch(epoch)
+        return [int(v) for x, _ in shard for v in x.flatten()]
+
+    for epoch in (0, 1):
+        a, b = seen(ranks[0], epoch), seen(ranks[1], epoch)
+        assert sorted(a + b) == list(range(40)) and len(a) == len(b) == 20 == 4 * len(ranks[0])
+    assert seen(ranks[0], 3) == seen(ranks[0], 3) != seen(ranks[0], 4)  # set_epoch picks the shuffle
+    odd = [(torch.full((1, 1), float(i)), torch.zeros(1, dtype=torch.long)) for i in range(7)]  # 7 batches
+    dealt = [[int(x) for x, _ in ShardedLoader(odd, World(r, 2), seed=0)] for r in (0, 1)]
+    assert dealt == [[0, 2, 4], [1, 3, 5]]  # full rounds only: both ranks take 3 steps

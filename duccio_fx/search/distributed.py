@@ -108,7 +108,7 @@ def sum_over_ranks(values: list[float], world: World, device: torch.device) -> l
 
 
 class ShardedLoader:
-    """This rank's share of a training loader; a new epoch (a new shuffle) at every iteration."""
+    """This rank's share of a training loader; `set_epoch` picks the shuffle, as with a DistributedSampler."""
 
     def __init__(self, loader: Iterable[Any], world: World, seed: int) -> None:
         self.loader, self.world, self.epoch = loader, world, 0
@@ -125,10 +125,13 @@ class ShardedLoader:
             return len(self.sharded)  # type: ignore[arg-type]
         return len(self.loader) // self.world.size  # type: ignore[arg-type]
 
+    def set_epoch(self, epoch: int) -> None:
+        """The shuffle of this epoch (the recipe numbers epochs per phase, so a resumed run repeats them)."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[Any]:
         if self.sharded is not None:
             self.sampler.set_epoch(self.epoch)
-            self.epoch += 1
             yield from self.sharded
             return
         round_: list[Any] = []

@@ -169,6 +169,8 @@ class Recipe:
         steps = max(len(self.train_batches), 1) if hasattr(self.train_batches, "__len__") else None
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         params = [p for group in opt.param_groups for p in group["params"]]
+        if isinstance(self.train_batches, ShardedLoader):
+            self.train_batches.set_epoch(PHASES.index(phase) * 10_007 + epoch)
         for i, batch in enumerate(self.train_batches):
             x, y = to_device(split_batch(batch), self.device)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
