@@ -17,10 +17,9 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
@@ -29,6 +28,7 @@ from duccio_fx.costs.terms import is_head
 from duccio_fx.ir.meta import (ChoiceInfo, ChoiceOption, LayerTerm, TensorInfo, layer_term, layer_terms,
                                set_choice_info, set_tensor_info, source_line, tensor_info)
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.ir.registry import REGISTRY, OpRegistry
 from duccio_fx.search.alternatives import BUILDERS, NONE, AlternativeSelection, BlockSpec, NotApplicable, seed_block
 from duccio_fx.search.choice import Choice
 from duccio_fx.search.choice_point import ChoicePoint
@@ -36,12 +36,6 @@ from duccio_fx.search.choice_point import ChoicePoint
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ADDS = {operator.add, operator.iadd, torch.add}
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Mish,
-                nn.Tanh, nn.Sigmoid, nn.PReLU)
-_ACT_FUNCTIONS: dict[Any, type] = {torch.relu: nn.ReLU, F.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
-                                   F.gelu: nn.GELU, F.hardswish: nn.Hardswish, torch.tanh: nn.Tanh,
-                                   torch.sigmoid: nn.Sigmoid}
-_ACT_METHODS: dict[str, type] = {"relu": nn.ReLU, "relu_": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
 @dataclass
@@ -55,6 +49,7 @@ class SupernetInsertion(Pass):
     selection: AlternativeSelection = field(default_factory=AlternativeSelection)
     declared: dict[str, Choice] = field(default_factory=dict)  # the model's own Choices, by qualified name
     estimator: str = "all"
+    registry: OpRegistry = field(default_factory=lambda: REGISTRY)  # its "activation" hooks name activations
     points: list[str] = field(default_factory=list)
     fixed: dict[str, str] = field(default_factory=dict)
     name = "supernet-insertion"
@@ -118,7 +113,7 @@ class SupernetInsertion(Pass):
         source = conv.args[0]
         if not isinstance(source, Node) or not isinstance(tensor_info(source), TensorInfo):
             return "its input is not a single tensor"
-        chain = _block_chain(gm, conv)
+        chain = _block_chain(gm, conv, self.registry)
         if _is_shortcut(source, chain[-1]):
             return "shortcut: a one-layer branch into a residual add"
         names, rule = self.selection.for_layer(str(conv.target))
@@ -127,7 +122,8 @@ class SupernetInsertion(Pass):
         bn_node = next((n for n in chain[1:] if n.op == "call_module" and
                         isinstance(gm.get_submodule(str(n.target)), _NORMS)), None)
         bn = gm.get_submodule(str(bn_node.target)) if bn_node is not None else None
-        act = _activation_module(gm, chain[-1]) if chain[-1] is not conv and chain[-1] is not bn_node else None
+        act = _activation_module(gm, chain[-1], self.registry) if chain[-1] is not conv and chain[-1] is not bn_node \
+            else None
         block = BlockSpec(str(conv.target), module, bn, act, _one(tensor_info(source).shape),
                           _one(tensor_info(chain[-1]).shape))
         options: dict[str, nn.Module] = {block.seed_name(): seed_block(block)}
@@ -250,14 +246,14 @@ def _layer_reach(gm: GraphModule) -> tuple[set[Node], set[Node]]:
     return upstream, downstream
 
 
-def _block_chain(gm: GraphModule, conv: Node) -> list[Node]:
+def _block_chain(gm: GraphModule, conv: Node, registry: OpRegistry) -> list[Node]:
     """conv, then its BatchNorm and activation when each is the only user of what precedes it."""
     chain = [conv]
     nxt = _only_user(conv)
     if nxt is not None and nxt.op == "call_module" and isinstance(gm.get_submodule(str(nxt.target)), _NORMS):
         chain.append(nxt)
         nxt = _only_user(nxt)
-    if nxt is not None and _activation_module(gm, nxt) is not None and nxt.args and nxt.args[0] is chain[-1]:
+    if nxt is not None and _activation_module(gm, nxt, registry) is not None and nxt.args and nxt.args[0] is chain[-1]:
         chain.append(nxt)
     return chain
 
@@ -266,19 +262,10 @@ def _only_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _activation_module(gm: GraphModule, node: Node) -> nn.Module | None:
-    """A module computing the activation `node` computes (a copy of it), or None if it is not one we know."""
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        return copy.deepcopy(module) if isinstance(module, _ACT_MODULES) else None
-    if node.op == "call_function" and node.target in _ACT_FUNCTIONS and len(node.args) == 1:
-        return _ACT_FUNCTIONS[node.target]()
-    if node.op == "call_function" and node.target is F.hardtanh:
-        params = list(node.args[1:3]) + [node.kwargs.get(k) for k in ("min_val", "max_val") if k in node.kwargs]
-        return nn.Hardtanh(*[float(p) for p in params]) if all(isinstance(p, (int, float)) for p in params) else None
-    if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1:
-        return _ACT_METHODS[str(node.target)]()
-    return None
+def _activation_module(gm: GraphModule, node: Node, registry: OpRegistry) -> nn.Module | None:
+    """A module computing the activation `node` computes (from the op's "activation" hook), or None."""
+    hook = registry.hook(gm, node, "activation")
+    return hook(gm, node) if hook is not None else None
 
 
 def _is_shortcut(source: Node, end: Node) -> bool:

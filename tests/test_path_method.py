@@ -377,3 +377,43 @@ def test_all_estimator_gradients_equal_running_every_alternative_in_the_graph():
     sum(alt(x) * g[i] for i, alt in enumerate(point.children())).square().sum().backward()
     for a, b in zip(ours, [p.grad for p in point.parameters()]):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class _SwishNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = _Swish()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_block_activation_is_whatever_the_registry_says_is_one():
+    """The supernet pass asks the op registry's "activation" hooks: a user's activation joins the block (and
+    is copied into every alternative) once it has one."""
+    from duccio_fx.ir.activation_hooks import copy_module
+    from duccio_fx.ir.registry import REGISTRY
+
+    x = torch.randn(1, 3, 8, 8)
+
+    def swishes() -> int:
+        space = duccio_fx.make_searchable(_SwishNet(), x, method="path")
+        return sum(isinstance(m, _Swish) for m in space.modules())
+
+    duccio_fx.register_module(_Swish, "follows")  # acts on each channel, but no activation hook yet
+    try:
+        assert swishes() == 1  # it stays outside the choice point
+        duccio_fx.add_hook(_Swish, "activation", copy_module)
+        assert swishes() > 2  # the seed block's, and a copy in every other alternative
+    finally:
+        REGISTRY.modules.pop(_Swish)
+        REGISTRY.leaf_modules.discard(_Swish)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from duccio_fx.ir.registry import (REGISTRY, Hook, OpRegistry, register_function, register_method,
+from duccio_fx.ir.activation_hooks import as_module, copy_module, hardtanh_module
+from duccio_fx.ir.registry import (REGISTRY, Hook, OpRegistry, add_hook, register_function, register_method,
                                    register_module)
 from duccio_fx.ir.rule_api import RawValue, RuleContext
 from duccio_fx.ir.rules import (dim_rule, rule_blocks, rule_concat, rule_conv, rule_couples, rule_follows,
@@ -30,10 +31,11 @@ Rule = Callable[[RuleContext, Node], RawValue]
 # registrations
 # --------------------------------------------------------------------------------------------------
 def register_builtins(registry: OpRegistry) -> None:
-    def mod(types: tuple[type, ...], rule: Rule, role: str, shrink: Hook | None = None) -> None:
+    def mod(types: tuple[type, ...], rule: Rule, role: str, shrink: Hook | None = None,
+            activation: Hook | None = None) -> None:
+        hooks = {k: h for k, h in (("shrink", shrink), ("activation", activation)) if h is not None}
         for cls in types:
-            register_module(cls, rule, role=role, leaf=False, hooks={"shrink": shrink} if shrink else None,
-                            registry=registry)
+            register_module(cls, rule, role=role, leaf=False, hooks=hooks or None, registry=registry)
 
     def fns(targets: tuple[Any, ...], rule: Rule, role: str, shrink: Hook | None = None) -> None:
         for fn in targets:
@@ -45,8 +47,8 @@ def register_builtins(registry: OpRegistry) -> None:
 
     activations = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
-                   nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Identity,
-                   nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+                   nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink)
+    passthrough = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
     pools = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
@@ -56,10 +58,12 @@ def register_builtins(registry: OpRegistry) -> None:
             nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
     # any other module whose channels shrink (e.g. a user's per-channel leaf) has its per-channel tensors sliced
     registry.module_hooks["shrink"] = shrink_layer
-    mod(activations + pools, rule_follows, "follows")
+    mod(activations, rule_follows, "follows", activation=copy_module)
+    mod(passthrough + pools, rule_follows, "follows")
     mod(pads, rule_keeps_channels, "follows")
-    mod((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU),
+    mod((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm),
         rule_follows_with_params, "follows", shrink_layer)
+    mod((nn.PReLU,), rule_follows_with_params, "follows", shrink_layer, activation=copy_module)
     mod((nn.modules.conv._ConvNd,), rule_conv, "defines", shrink_layer)
     mod((nn.Linear,), rule_linear, "defines", shrink_layer)
     mod((nn.Flatten, nn.Unflatten), rule_reshape, "reshapes")
@@ -134,6 +138,14 @@ def register_builtins(registry: OpRegistry) -> None:
     methods("expand", rule_keeps_channels, "follows", shrink_shape)
     methods("expand_as repeat", rule_keeps_channels, "follows")
     methods("size dim numel nelement stride", rule_no_channels, "no-channels")
+
+    # activation calls a pass can rebuild as modules (supernet insertion copies them into alternatives)
+    for op, cls in ((torch.relu, nn.ReLU), (F.relu, nn.ReLU), (F.relu6, nn.ReLU6), (F.silu, nn.SiLU),
+                    (F.gelu, nn.GELU), (F.hardswish, nn.Hardswish), (torch.tanh, nn.Tanh), (F.tanh, nn.Tanh),
+                    (torch.sigmoid, nn.Sigmoid), (F.sigmoid, nn.Sigmoid), ("relu", nn.ReLU), ("relu_", nn.ReLU),
+                    ("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("hardswish", nn.Hardswish)):
+        add_hook(op, "activation", as_module(cls), registry)
+    add_hook(F.hardtanh, "activation", hardtanh_module, registry)
     methods("matmul bmm mm roll flip gather index_select sort topk argmax argmin", rule_blocks, "blocks")
 
 

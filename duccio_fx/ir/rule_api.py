@@ -47,6 +47,13 @@ class RuleContext:
     def where(self, node: Node) -> str:
         return f"{describe_target(self.gm, node)} at node '{node.name}'"
 
+    def setting(self, node: Node, name: str, index: int, default: Any = None) -> Any:
+        """An op's setting: the module's attribute `name` for a module call, else argument `index` / `name`
+        (`dim` of nn.Softmax vs F.softmax, `normalized_shape` of nn.LayerNorm vs F.layer_norm)."""
+        if node.op == "call_module":
+            return getattr(self.module(node), name, default)
+        return self.arg(node, index, name, default)
+
     @staticmethod
     def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
         if len(node.args) > index:

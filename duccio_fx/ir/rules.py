@@ -58,11 +58,8 @@ def rule_layer_norm(ctx: RuleContext, node: Node) -> RawValue:
     ctx.set_role(node, "follows")
     if lay is None or shape is None:
         return lay
-    if node.op == "call_module":
-        normalized = tuple(ctx.module(node).normalized_shape)
-    else:
-        normalized = ctx.arg(node, 1, "normalized_shape", ())
-        normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    normalized = ctx.setting(node, "normalized_shape", 1, ())
+    normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
     if lay.dim >= len(shape) - len(normalized):
         ctx.freeze(lay, f"{ctx.where(node)} normalises over the channels (dims {list(normalized)}): removing "
                         f"a channel changes the mean and variance every other channel is divided by, so its "
@@ -80,7 +77,7 @@ def rule_group_norm(ctx: RuleContext, node: Node) -> RawValue:
     ctx.set_role(node, "follows")
     if lay is None:
         return None
-    groups = ctx.module(node).num_groups if node.op == "call_module" else ctx.arg(node, 1, "num_groups")
+    groups = ctx.setting(node, "num_groups", 1)
     ctx.consume(lay, node)
     if groups != lay.width:
         ctx.freeze(lay, f"{ctx.where(node)} normalises {lay.width // max(groups, 1)} channels per group "
@@ -460,10 +457,7 @@ def dim_rule(default_dim: int | None, attr: str = "dim") -> Callable[[RuleContex
         ctx.set_role(node, "follows")
         if lay is None or shape is None:
             return lay
-        if node.op == "call_module":
-            dim = getattr(ctx.module(node), attr, default_dim)
-        else:
-            dim = ctx.arg(node, 1, attr, default_dim)
+        dim = ctx.setting(node, attr, 1, default_dim)
         if dim is None or norm_dim(dim, len(shape)) == lay.dim:
             return ctx.block(node, "works across the channels (its dim is the channel dim)")
         return lay
