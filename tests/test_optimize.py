@@ -606,10 +606,14 @@ def test_device_auto_picks_what_torch_sees_and_a_missing_gpu_is_a_clear_error(tm
 
 
 def test_bf16_autocast_runs_the_recipe_and_keeps_costs_exact(tmp_path):
+    full = Recipe(*_tiny_args(tmp_path), device="cpu").run()
     result = Recipe(*_tiny_args(tmp_path), device="cpu", amp="bf16").run()
     assert result.met
     measured = duccio_fx.measure_costs(result.model, (torch.randn(1, 1, 8, 8),), GAP8)
     assert result.final_costs["size_bytes"] == measured["size_bytes"]
+    # the forward pass really ran in bf16: the same seed and data give other training losses
+    assert result.history[0].train_loss != full.history[0].train_loss
+    assert result.history[0].train_loss == pytest.approx(full.history[0].train_loss, rel=0.05)
 
 
 def test_checkpoints_and_the_warmup_cache_load_onto_the_run_device(tmp_path, monkeypatch):
