@@ -21,6 +21,7 @@ from duccio_fx.cli.inspect_view import inspect_report, render_inspect
 from duccio_fx.cli.lower_cmd import run_lower
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_cmd import run_optimize
+from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.path_view import path_report, render_path_report
 from duccio_fx.cli.plots import plot_path, plot_sweep, plots_available
 from duccio_fx.cli.sweep_cmd import SweepSpec, build_grid, ray_executor, run_sweep
@@ -352,18 +353,17 @@ def sweep(
         spec = SweepSpec(model=model, out=out, target=target, epochs=epochs, ops_of=ops_of, workers=workers,
                          device=device, extra=extra)
         console = Console()
-        console.print(f"sweep: {len(points)} points, " + (f"as Ray tasks ({ray})" if ray else f"{workers} at a time")
-                      + f", into {out}", highlight=False)
+        say(console, f"sweep: {len(points)} points, " + (f"as Ray tasks ({ray})" if ray else f"{workers} at a time")
+            + f", into {path_text(out)}")
         try:
             code = run_sweep(spec, points, console, executor)
         except KeyboardInterrupt:
-            console.print(f"interrupted: finished points are kept in {out / 'points'} and interrupted ones "
-                          f"resume from their checkpoints; run the same command again to finish the rest",
-                          highlight=False)
+            say(console, f"interrupted: finished points are kept in {path_text(out / 'points')} and interrupted ones "
+                         f"resume from their checkpoints; run the same command again to finish the rest")
             raise typer.Exit(130) from None
-        console.print(f"wrote {out / 'sweep.json'} and {out / 'sweep.csv'}", highlight=False)
+        say(console, f"wrote {path_text(out / 'sweep.json')} and {path_text(out / 'sweep.csv')}")
         if plots_available() and any(p.status in ("met", "violated") for p in points):
-            console.print(f"wrote {', '.join(str(p) for p in plot_sweep(out))}", highlight=False)
+            say(console, f"wrote {', '.join(path_text(p) for p in plot_sweep(out))}")
     except DuccioError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
@@ -375,8 +375,9 @@ def plot(
 ) -> None:
     """Draw a run (history.png, layers.png) or a sweep (pareto.png) as PNG files next to its reports."""
     try:
+        console = Console()
         for path in plot_path(directory):
-            Console().print(f"wrote {path}", highlight=False)
+            say(console, f"wrote {path_text(path)}")
     except DuccioError as err:
         raise _fail(err) from None
 
@@ -419,8 +420,8 @@ def targets_validate(path: Path = typer.Argument(..., help="a target TOML file")
         hw = load_target_file(path)
     except DuccioError as err:
         raise _fail(err) from None
-    Console().print(f"[green]ok[/]: {path} describes target '{hw.name}' with memory levels "
-                    + ", ".join(f"{m.name} ({m.usable:,} B usable)" for m in hw.memory), highlight=False)
+    say(Console(), f"[green]ok[/]: {path_text(path)} describes target '{escape(hw.name)}' with memory levels "
+        + ", ".join(f"{escape(m.name)} ({m.usable:,} B usable)" for m in hw.memory))
 
 
 @app.command()
@@ -439,8 +440,9 @@ def zoo() -> None:
 @app.command()
 def methods() -> None:
     """List the search methods (optimize --method NAME) and the lowering backends (optimize --backend NAME)."""
-    Console().print(f"search methods: {', '.join(search_methods())}\nbackends: {', '.join(backends())}",
-                    highlight=False)
+    console = Console()
+    say(console, f"search methods: {', '.join(search_methods())}")
+    say(console, f"backends: {', '.join(backends())}")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from duccio_fx.cli.model_file import ModelSpec, load_model_file
+from duccio_fx.cli.output import path_text, say
 from duccio_fx.common.errors import DuccioError, ModelFileError
 from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.lower.dory import DoryBundle, lower_to_dory
@@ -121,8 +122,8 @@ def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> N
                   f"(max diff {checks['twin_max_abs_diff']:.0f}, {checks.get('checked_inputs', 1):.0f} inputs); "
                   "the Quantlab ONNX reads back to the same network", highlight=False)
     if out is not None:
-        console.print(f"wrote {out}/: network.onnx, config.json, input.txt, out_layer0..{len(report['layers']) - 1}"
-                      ".txt, network_twin.onnx, lowering.json", highlight=False)
+        say(console, f"wrote {path_text(out)}/: network.onnx, config.json, input.txt, "
+                     f"out_layer0..{len(report['layers']) - 1}.txt, network_twin.onnx, lowering.json")
 
 
 def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, percentile: float, qat_epochs: int = 0,

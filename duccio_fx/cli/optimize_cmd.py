@@ -13,9 +13,11 @@ from typing import Any, Sequence
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from duccio_fx.cli.lower_cmd import lower_model, render_lowering
 from duccio_fx.cli.model_file import load_model_file
+from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.optimize_view import LiveProgress, build_report, render_summary
 from duccio_fx.cli.plots import plot_run, plots_available
 from duccio_fx.cli.target_report import target_report
@@ -126,7 +128,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     console.print(f"device: {recipe.device}" + (f", autocast {amp}" if recipe.amp else ""), highlight=False)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input (e.g. an infeasible bound) leaves nothing behind
     for note in recipe.notes:
-        console.print(f"note: {note}", highlight=False)
+        say(console, f"note: {escape(note)}")
     for c in recipe.constraints:
         m = c.constraint.measure
         console.print(f"constraint: {c.describe()} (seed {m.describe(float(c.value(recipe.seed_costs)))}, "
@@ -135,7 +137,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
         with live.progress:
             result = recipe.run(resume=resume)
     except KeyboardInterrupt:
-        console.print(interrupted_message(recipe, out, checkpoint), highlight=False, soft_wrap=True)
+        say(console, escape(interrupted_message(recipe, out, checkpoint)))
         raise typer.Exit(130) from None
     if not recipe.world.main:
         return 0 if result.met else VIOLATED_EXIT
@@ -180,7 +182,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     render_summary(report, console)
     if plots_available():  # the pictures are a bonus: a plotting problem must not cost the run
         try:
-            console.print(f"plots: {', '.join(str(path) for path in plot_run(out))}", highlight=False)
+            say(console, f"plots: {', '.join(path_text(path) for path in plot_run(out))}")
         except Exception as err:  # noqa: BLE001 (any matplotlib failure)
             console.print(f"[yellow]note:[/] no plots ({type(err).__name__}: {err})", highlight=False)
     if bundle is not None:
@@ -189,7 +191,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
         console.print("[yellow]note:[/] --dory: nothing lowered, the search did not meet its constraints",
                       highlight=False)
     if not result.met:
-        console.print(f"[bold red]error:[/] the search ended with a violated constraint; the model is in "
-                      f"{out / 'model-violating.pt'} and is NOT a valid result", highlight=False)
+        say(console, f"[bold red]error:[/] the search ended with a violated constraint; the model is in "
+                     f"{path_text(out / 'model-violating.pt')} and is NOT a valid result")
         return VIOLATED_EXIT
     return 0

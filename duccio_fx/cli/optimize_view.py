@@ -11,6 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.path_view import render_choices
 from duccio_fx.search.recipe import EpochRecord, SearchResult
 from duccio_fx.search.settings import SearchSettings
@@ -37,7 +38,7 @@ class LiveProgress:
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "cached":
-            self.console.print(f"warmup: reused from the cache ({data['path']})", highlight=False)
+            say(self.console, f"warmup: reused from the cache ({path_text(data['path'])})")
             return
         if event == "resumed":
             self.console.print(f"resuming: {data['phase']} epoch {data['epoch'] + 1} was the last one saved; "
@@ -157,4 +158,4 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
     times = ", ".join(f"{k} {v:.1f} s" for k, v in report["phase_seconds"].items())
     console.print(f"time: {times}" + (" (warmup from cache)" if report["warmup_from_cache"] else ""))
     for kind, path in report["files"].items():
-        console.print(f"{kind}: {path}", highlight=False)
+        say(console, f"{kind}: {path_text(path)}")

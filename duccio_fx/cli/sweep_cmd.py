@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
+from duccio_fx.cli.output import say
 from duccio_fx.common.atomic import write_text_atomic
 from duccio_fx.common.device import resolve_device
 from duccio_fx.common.errors import DuccioError
@@ -216,14 +218,13 @@ def run_sweep(spec: SweepSpec, points: list[Point], console: Console, executor: 
                     p.status, p.error = "failed", f"its size-only run {ref.label if ref else '?'} did not finish"
                     continue
             if p.status != "pending":
-                console.print(f"{p.label}: finished earlier ({p.status}), skipped", highlight=False)
+                say(console, f"{p.label}: finished earlier ({p.status}), skipped")
                 continue
             todo.append(p)
         for p in executor(spec, todo) if todo else []:
             original = next(q for q in points if q.label == p.label)
             original.__dict__.update({k: v for k, v in p.__dict__.items() if k != "run_dir"})
-            console.print(f"{p.label}: {p.status} in {p.seconds:.0f} s" + (f" ({p.error})" if p.error else ""),
-                          highlight=False)
+            say(console, f"{p.label}: {p.status} in {p.seconds:.0f} s" + (f" ({escape(p.error)})" if p.error else ""))
     rows = [summary_row(p, spec.out) for p in points]
     write_text_atomic(spec.out / "sweep.json", json.dumps({"model": spec.model, "target": spec.target,
                                                            "epochs": spec.epochs, "ops_of": spec.ops_of,

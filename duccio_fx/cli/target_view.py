@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from duccio_fx.cli.output import say
 from duccio_fx.common.units import human_bytes
 from duccio_fx.targets import Target
 
@@ -36,4 +38,4 @@ def render_target(target: Target, console: Console) -> None:
     if target.deployment.toolchain:
         console.print(f"deployment: {target.deployment.toolchain} {target.deployment.platform}")
     for s in target.sources:
-        console.print(f"source: {s}", highlight=False)
+        say(console, f"source: {escape(s)}")
