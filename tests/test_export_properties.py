@@ -6,8 +6,11 @@ searchable, every searchable group gets a random mask, and the exported plain mo
     relative to the output scale) — with non-zero BN biases / running means and conv biases everywhere, so a
     removed channel is *not* zero downstream and only exact slicing of every per-channel tensor passes;
  2. `costs()["params"]` and `costs()["macs"]` equal, as integers, the figures counted independently on the
-    exported modules (conv / linear weight + bias elements; MACs per sample = weight elements × output
-    positions, or input positions for a transposed conv, counted with forward hooks at batch 1);
+    exported model (conv / linear weight + bias elements; MACs per sample = weight elements × output
+    positions, or input positions for a transposed conv), counted twice at batch 1: from the aten ops the model
+    runs (`tests/counting.py`, which also sees `F.linear` / `F.conv2d` / matmuls with a parameter), and with
+    forward hooks on its conv / linear modules (the generated models call every layer as a module, so the two
+    counts must agree);
  3. every exported conv / linear is exactly as wide as the masks say (output: original width minus the removed
     channels of every group member it produces; input: the kept entries of the layout it reads), and the
     exported model holds only ordinary torch modules: no mask bank, no masked twin, no mask node;
@@ -33,6 +36,7 @@ import duccio_fx
 from duccio_fx.cli.inspect_view import inspect_report
 from duccio_fx.search.masks import MaskBank
 from duccio_fx.ir.meta import ChannelLayout, channel_layout
+from tests import counting
 from tests.test_properties import EVERY_BLOCK, Plan, build, plans
 
 MAX_EXAMPLES = 300
@@ -72,7 +76,14 @@ def randomize(model: nn.Module, seed: int, add_biases: bool) -> None:
 # independent figures of the exported model
 # --------------------------------------------------------------------------------------------------
 def counted_costs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """(params, MACs per sample) of the conv / linear layers of `model`, counted from the modules themselves."""
+    """(params, MACs per sample) of every conv / linear layer `model` runs, module or functional, counted from
+    the aten ops of one batch-1 forward pass (`tests/counting.py`: no torch.fx, no duccio-fx)."""
+    return counting.counted_costs(model, x)
+
+
+def hooked_costs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(params, MACs per sample) of the conv / linear *modules* of `model`, counted with forward hooks (blind to
+    functional layers: a second, independent count for models that call every layer as a module)."""
     params, macs = 0, 0
     hooks = []
 
@@ -145,7 +156,7 @@ def check_export(model: nn.Module, x: torch.Tensor, draw_mask: Any) -> dict[str,
     seed_costs = sm.costs()
     totals = inspect_report(duccio_fx.analyze(model, x), "generated")["totals"]
     assert (exact_int(seed_costs["params"], "params"), exact_int(seed_costs["macs"], "MACs")) \
-        == (totals["params"], totals["macs"]) == counted_costs(model, x)
+        == (totals["params"], totals["macs"]) == counted_costs(model, x) == hooked_costs(model, x)
     banked = sm.channel_groups
     wanted = {g.id: draw_mask(g) for g in banked}
     sm.set_masks(wanted)
@@ -215,6 +226,7 @@ def check_export(model: nn.Module, x: torch.Tensor, draw_mask: Any) -> dict[str,
     # 2: costs are the exported model's figures, exactly
     costs = sm.costs()
     params, macs = counted_costs(exported, x)
+    assert hooked_costs(exported, x) == (params, macs), "the op-level and the module-hook counts disagree"
     assert exact_int(costs["params"], "costs()['params']") == params, (costs["params"], params)
     assert exact_int(costs["macs"], "costs()['macs']") == macs, (costs["macs"], macs)
 

@@ -9,7 +9,10 @@ import torch
 import duccio_fx
 from duccio_fx import zoo
 from duccio_fx.ir.meta import TensorInfo, tensor_info
+from duccio_fx.pipeline import graph_costs
+from tests import counting
 from tests.conftest import group_with
+from tests.test_export_properties import hooked_costs
 
 ALL = zoo.names()
 
@@ -49,6 +52,29 @@ def totals(gm) -> tuple[int, int]:
     return sum(c.params for c in costs), sum(c.macs for c in costs)
 
 
+def per_layer(costs) -> dict[str, tuple[int, int]]:
+    """{layer: (params, MACs)} of the analysis, the calls of a module called twice (`b`, `b#2`) summed."""
+    out: dict[str, tuple[int, int]] = {}
+    for layer, params in costs.layer_params.items():
+        p, m = out.get(layer.split("#")[0], (0, 0))
+        out[layer.split("#")[0]] = (p + int(params), m + int(costs.layer_macs[layer]))
+    return {k: v for k, v in out.items() if v != (0, 0)}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_layer_costs_what_the_independent_counters_count(name):
+    """Each conv / linear layer's params and MACs, as the analysis costs them, equal those counted from the aten
+    ops the model runs (tests/counting.py: modules, F.linear, F.conv2d and matmuls with a parameter alike,
+    without torch.fx or duccio-fx); the totals also equal a forward-hook count over the conv / linear modules."""
+    model, x = zoo.build(name, batch=1)
+    model.eval()
+    count = counting.count(model, x)
+    assert not count.unhandled and not count.other
+    costs = graph_costs(duccio_fx.analyze(model, x))
+    assert per_layer(costs) == count.per_layer
+    assert (int(costs.params), int(costs.macs)) == (count.params, count.macs) == hooked_costs(model, x)
+
+
 @pytest.mark.parametrize("name, macs, approx", [
     ("resnet8", 12_501_632, "12.5 M"),
     ("dscnn", 2_656_768, "2.66 M"),
@@ -56,8 +82,9 @@ def totals(gm) -> tuple[int, int]:
     ("fc_autoencoder", 264_192, "264 k"),
 ])
 def test_mlperf_tiny_seeds_have_the_published_macs(name, macs, approx):
-    _, gm = analysed(name)
+    model, gm = analysed(name)
     assert totals(gm)[1] == macs
+    assert counting.count(model, zoo.build(name, batch=1)[1]).macs == macs  # and so does the op-level count
     value, unit = approx.split()
     scale = {"M": 1e6, "k": 1e3}[unit]
     assert f"{macs / scale:.{len(value.split('.')[-1]) if '.' in value else 0}f}" == value
