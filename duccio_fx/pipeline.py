@@ -19,6 +19,7 @@ from duccio_fx.ir.meta import GROUPS_KEY, layer_terms, tensor_info
 from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.ir.tracer import LeafSpec, as_input_tuple, locate_errors, symbolic_trace
 from duccio_fx.passes.channel_analysis import ChannelAnalysis
+from duccio_fx.passes.functional_layers import FunctionalLayers
 from duccio_fx.passes.layer_costs import LayerCosts
 from duccio_fx.passes.shape_propagation import ShapePropagation
 from duccio_fx.targets import Target
@@ -37,7 +38,10 @@ def trace(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[LeafSpec
     """
     gm = symbolic_trace(model, leaf_modules)
     with locate_errors(model, leaf_modules):
-        _context(instruments, context).run(gm, [ShapePropagation(as_input_tuple(example_inputs))])
+        _context(instruments, context).run(gm, [
+            ShapePropagation(as_input_tuple(example_inputs)),  # shapes and dtypes of every value
+            FunctionalLayers(),                                # F.conv/F.linear/F.batch_norm on parameters -> modules
+        ])
     return gm
 
 
@@ -48,6 +52,7 @@ def analyze(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[LeafSp
     with locate_errors(model, leaf_modules):
         _context(instruments, context).run(gm, [
             ShapePropagation(as_input_tuple(example_inputs)),  # shapes and dtypes of every value
+            FunctionalLayers(),                                # F.conv/F.linear/F.batch_norm on parameters -> modules
             ChannelAnalysis(),                                 # coupled channels → channel groups
             LayerCosts(),                                      # per-layer terms: params, MACs, activation bytes
         ])

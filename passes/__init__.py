@@ -1,8 +1,9 @@
 """duccio-fx passes, one per file. The kebab-case pass name matches the file name (`shape-propagation`
-lives in `shape_propagation.py`). Analysis: shape-propagation, channel-analysis, layer-costs; transform:
+lives in `shape_propagation.py`). Analysis: shape-propagation, functional-layers, channel-analysis, layer-costs; transform:
 mask-insertion, supernet-insertion; export: shrink-export, choice-export; lowering to DORY: fold-batchnorm, dory-layers, calibrate, integerize."""
 
 from duccio_fx.passes.shape_propagation import ShapePropagation
+from duccio_fx.passes.functional_layers import FunctionalLayers
 from duccio_fx.passes.channel_analysis import ChannelAnalysis
 from duccio_fx.passes.layer_costs import LayerCosts
 from duccio_fx.passes.mask_insertion import MaskInsertion
@@ -14,5 +15,5 @@ from duccio_fx.passes.dory_layers import DoryLayers
 from duccio_fx.passes.calibrate import Calibrate
 from duccio_fx.passes.integerize import Integerize
 
-__all__ = ["Calibrate", "ChannelAnalysis", "ChoiceExport", "DoryLayers", "FoldBatchNorm", "Integerize", "LayerCosts", "MaskInsertion",
+__all__ = ["Calibrate", "ChannelAnalysis", "ChoiceExport", "DoryLayers", "FoldBatchNorm", "FunctionalLayers", "Integerize", "LayerCosts", "MaskInsertion",
            "ShapePropagation", "ShrinkExport", "SupernetInsertion"]

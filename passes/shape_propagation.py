@@ -1,7 +1,9 @@
 """shape-propagation: run the graph once on the example inputs and record every value's shape and dtype.
 
 Runs under `torch.no_grad()` with every module in eval mode, so BatchNorm running statistics and
-dropout RNG of the user's model are left exactly as they were.
+dropout RNG of the user's model are left exactly as they were. A node that may hide conv or linear work
+(a function torch.fx did not trace into, a leaf module with weights other than Conv/Linear, a call that
+reads a parameter) runs under `WeightedWorkMode`, and what it measured becomes `duccio_weighted_work`.
 """
 
 from __future__ import annotations
@@ -9,12 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import operator
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
 from duccio_fx.common.errors import ShapePropagationError
-from duccio_fx.ir.meta import TensorInfo, ValueInfo, set_tensor_info
+from duccio_fx.ir.meta import TensorInfo, ValueInfo, set_tensor_info, set_weighted_work
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.ir.registry import REGISTRY
+from duccio_fx.ir.weighted_work import WeightedWorkMode
+
+# calls that multiply by a weight even when no parameter is a direct argument (a computed weight)
+_WEIGHTED_CALLS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                   F.conv_transpose3d, torch.matmul, torch.mm, torch.bmm, torch.einsum, operator.matmul}
 
 
 def describe_value(value: Any) -> ValueInfo:
@@ -25,10 +37,39 @@ def describe_value(value: Any) -> ValueInfo:
     return None
 
 
+def _may_hide_work(gm: GraphModule, n: Node) -> bool:
+    """Could this node multiply by the model's weights without being a Conv/Linear module call?"""
+    if n.op == "call_module":
+        module = gm.get_submodule(str(n.target))
+        return not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) \
+            and next(module.parameters(), None) is not None
+    if n.op == "call_function":
+        return n.target in _WEIGHTED_CALLS or n.target not in REGISTRY.functions \
+            or any(a.op == "get_attr" for a in n.all_input_nodes)
+    if n.op == "call_method":
+        return n.target in ("matmul", "mm", "bmm", "addmm", "baddbmm") \
+            or any(a.op == "get_attr" for a in n.all_input_nodes)
+    return False
+
+
 class _Recorder(Interpreter):
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__(gm)
+        self.parameters = {p.untyped_storage().data_ptr(): name for name, p in gm.named_parameters()}
+        placeholder = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+        self.batch = 1 if placeholder is None else 0
+
     def run_node(self, n: Node) -> Any:
         try:
-            result = super().run_node(n)
+            if _may_hide_work(self.module, n):
+                with WeightedWorkMode(self.parameters) as mode:
+                    result = super().run_node(n)
+                if mode.weights or mode.macs:
+                    set_weighted_work(n, mode.work(self.batch or 1))
+            else:
+                result = super().run_node(n)
+            if n.op == "placeholder" and not self.batch and isinstance(result, torch.Tensor) and result.dim():
+                self.batch = result.shape[0]
         except Exception as err:
             args = ", ".join(str(describe_value(self.env[a]) if isinstance(a, Node) else a)
                              for a in n.args)

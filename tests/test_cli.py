@@ -62,7 +62,7 @@ def test_inspect_json_is_machine_readable(tmp_path):
     assert len(coupled) == 1 and not coupled[0]["frozen"] and coupled[0]["channels"] == 8
     a = next(layer for layer in report["layers"] if layer["name"] == "a")
     assert a["out_shape"] == [1, 8, 8, 8] and a["output_bytes"] == 8 * 64 * 4 and a["role"] == "defines"
-    assert set(report["pass_seconds"]) == {"shape-propagation", "channel-analysis", "layer-costs"}
+    assert set(report["pass_seconds"]) == {"shape-propagation", "functional-layers", "channel-analysis", "layer-costs"}
 
 
 def test_inspect_dump_ir_and_print_between_passes(tmp_path):

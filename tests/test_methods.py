@@ -101,9 +101,9 @@ def test_unknown_method_is_refused_on_the_command_line(tmp_path):
     assert result.exit_code == 1 and "unknown search method 'paths'" in result.output and "mask" in result.output
 
 
-FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_channel-analysis.txt", "003_layer-costs.txt",
-        "004_mask-insertion.txt", "005_shrink-export.txt", "006_shape-propagation.txt", "007_channel-analysis.txt",
-        "008_layer-costs.txt"]
+FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_functional-layers.txt", "003_channel-analysis.txt",
+        "004_layer-costs.txt", "005_mask-insertion.txt", "006_shrink-export.txt", "007_shape-propagation.txt",
+        "008_functional-layers.txt", "009_channel-analysis.txt", "010_layer-costs.txt"]
 
 
 def test_optimize_dumps_the_ir_after_every_pass_of_the_flow(tmp_path):
@@ -112,12 +112,12 @@ def test_optimize_dumps_the_ir_after_every_pass_of_the_flow(tmp_path):
                                  "--out", str(out), "--no-cache", "--dump-ir", str(dump), "--print-between-passes"])
     assert result.exit_code in (0, 3), result.output
     assert sorted(p.name for p in dump.iterdir()) == FLOW
-    inserted = (dump / "004_mask-insertion.txt").read_text()
+    inserted = (dump / "005_mask-insertion.txt").read_text()
     assert "MaskBank 'duccio_masks'()" in inserted and "mask(g" in inserted
-    exported = (dump / "005_shrink-export.txt").read_text()
+    exported = (dump / "006_shrink-export.txt").read_text()
     assert "duccio_mask" not in exported and "mask(g" not in exported
-    final = (dump / "008_layer-costs.txt").read_text()  # the exported model, analysed: its own (smaller) widths
-    assert "params=" in final and final != (dump / "003_layer-costs.txt").read_text()
+    final = (dump / "010_layer-costs.txt").read_text()  # the exported model, analysed: its own (smaller) widths
+    assert "params=" in final and final != (dump / "004_layer-costs.txt").read_text()
     assert "// ----- after mask-insertion -----" in result.output
     assert "// ----- after shrink-export -----" in result.output
 
@@ -210,9 +210,9 @@ def test_an_export_that_cannot_be_saved_is_a_clear_error(tmp_path, keep_seed, mo
     assert "Traceback" not in result.output and not (out / "model.pt").exists()
 
 
-PATH_FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_channel-analysis.txt", "003_layer-costs.txt",
-             "004_supernet-insertion.txt", "005_choice-export.txt", "006_shape-propagation.txt",
-             "007_channel-analysis.txt", "008_layer-costs.txt"]
+PATH_FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_functional-layers.txt", "003_channel-analysis.txt",
+             "004_layer-costs.txt", "005_supernet-insertion.txt", "006_choice-export.txt", "007_shape-propagation.txt",
+             "008_functional-layers.txt", "009_channel-analysis.txt", "010_layer-costs.txt"]
 
 
 def test_optimize_path_dumps_supernet_insertion_and_choice_export(tmp_path):
@@ -221,5 +221,5 @@ def test_optimize_path_dumps_supernet_insertion_and_choice_export(tmp_path):
                                  "--epochs", "1,1,0", "--out", str(out), "--no-cache", "--dump-ir", str(dump)])
     assert result.exit_code in (0, 3), result.output
     assert sorted(p.name for p in dump.iterdir()) == PATH_FLOW
-    assert "choice(" in (dump / "004_supernet-insertion.txt").read_text()
-    assert "choice(" not in (dump / "005_choice-export.txt").read_text()
+    assert "choice(" in (dump / "005_supernet-insertion.txt").read_text()
+    assert "choice(" not in (dump / "006_choice-export.txt").read_text()

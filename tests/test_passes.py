@@ -24,7 +24,7 @@ def test_pass_names_are_kebab_case_and_match_their_files():
     import duccio_fx.passes as passes
 
     every = [getattr(passes, name) for name in passes.__all__]
-    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 11
+    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 12
     for cls in every:
         module = cls.__module__.rsplit(".", 1)[-1]
         assert cls.name == module.replace("_", "-")
@@ -37,12 +37,13 @@ def test_dump_ir_writes_one_numbered_file_per_pass(tmp_path):
     timer = duccio_fx.TimePasses()
     duccio_fx.PassManager(pipeline(x), [duccio_fx.DumpIR(tmp_path), timer]).run(gm)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["000_input.txt", "001_shape-propagation.txt", "002_channel-analysis.txt", "003_layer-costs.txt"]
+    assert files == ["000_input.txt", "001_shape-propagation.txt", "002_functional-layers.txt",
+                     "003_channel-analysis.txt", "004_layer-costs.txt"]
     assert "float32[1,16,32,32]" not in (tmp_path / "000_input.txt").read_text()
     assert "float32[1,16,32,32]" in (tmp_path / "001_shape-propagation.txt").read_text()
-    assert "d1:g1[0:16]" in (tmp_path / "002_channel-analysis.txt").read_text()
-    assert "macs=442368" in (tmp_path / "003_layer-costs.txt").read_text()
-    assert list(timer.seconds) == ["shape-propagation", "channel-analysis", "layer-costs"]
+    assert "d1:g1[0:16]" in (tmp_path / "003_channel-analysis.txt").read_text()
+    assert "macs=442368" in (tmp_path / "004_layer-costs.txt").read_text()
+    assert list(timer.seconds) == ["shape-propagation", "functional-layers", "channel-analysis", "layer-costs"]
     assert all(s >= 0 for s in timer.seconds.values())
 
 
@@ -51,7 +52,7 @@ def test_print_ir_between_passes():
     stream = io.StringIO()
     duccio_fx.analyze(model, x, instruments=[duccio_fx.PrintIR(stream)])
     text = stream.getvalue()
-    assert text.count("// -----") == 4 and "after channel-analysis" in text
+    assert text.count("// -----") == 5 and "after functional-layers" in text and "after channel-analysis" in text
 
 
 def test_printer_is_deterministic_and_shows_duccio_meta():

@@ -55,6 +55,8 @@ def gap8_cycles(v: LayerValues, target: Target) -> Number:
         return 4 * ceil_ste(v.cout / 4) * ho * wo * t.kernel
     if t.kind == "linear":
         return ceil_ste(v.cin / 2) * ceil_ste(v.cout / 4) * ho
+    if t.kind == "fixed":  # measured work of an opaque op, at the rate of the linear kernel (8 MACs a cycle)
+        return v.macs / 8
     cin = v.cin / t.groups
     per_block = 2 * t.kernel * cin + ceil_ste(v.cout / 4) * (5 + 14 * ceil_ste(t.kernel * cin / 4) + 10)
     return math.ceil(ho / 2) * math.ceil(wo / 8) * per_block
@@ -62,7 +64,7 @@ def gap8_cycles(v: LayerValues, target: Target) -> Number:
 
 @register_latency_model("mac-rate")
 def mac_rate_cycles(v: LayerValues, target: Target) -> Number:
-    kind = "conv" if v.term.kind == "grouped" else v.term.kind
+    kind = {"grouped": "conv", "fixed": "linear"}.get(v.term.kind, v.term.kind)
     return v.macs / target.latency.macs_per_cycle[kind]
 
 

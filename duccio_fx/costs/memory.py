@@ -34,6 +34,8 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
     bits = target.bits
     grouped = target.accounting.grouped_factor if accounting and v.term.kind in ("depthwise", "grouped") else 1
     total = _bytes(v.weights, bits.weights) * grouped
+    if v.term.kind == "fixed":  # an opaque op: its biases as they are, no per-channel requantization known
+        return total + _bytes(v.term.fixed_biases, bits.bias)
     if v.term.requant and bits.requant > 0:
         total = total + _bytes(2 * v.cout, bits.requant)
     elif v.term.bias:

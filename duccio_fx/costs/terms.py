@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from duccio_fx.ir.meta import ChannelSpec, LayerTerm, TensorInfo, channel_layout, op_role, spec_of, tensor_info
+from duccio_fx.ir.meta import (ChannelSpec, LayerTerm, TensorInfo, channel_layout, op_role, spec_of, tensor_info,
+                               weighted_work)
 
 Number = Union[torch.Tensor, int, float]
 KeptChannels = Mapping[int, torch.Tensor]  # group id -> 0/1 vector of its kept channels (absent: all kept)
@@ -55,12 +56,11 @@ def is_head(node: Node) -> bool:
 
 
 def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
-    """The cost term of a conv/linear module call of an analysed graph (shapes and channels), else None."""
-    if node.op != "call_module":
-        return None
-    module = gm.get_submodule(str(node.target))
+    """The cost term of a conv/linear module call of an analysed graph (shapes and channels), of an opaque
+    op that did conv/linear work on the model's weights (measured by shape propagation), else None."""
+    module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        return None
+        return _fixed_term(node)
     src = node.args[0]
     in_info, out_info = tensor_info(src), tensor_info(node)
     if not isinstance(in_info, TensorInfo) or not isinstance(out_info, TensorInfo):
@@ -86,6 +86,30 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
             positions = in_positions  # MACs of a transposed conv scale with its input
     return LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
                      module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions)
+
+
+def _fixed_term(node: Node) -> LayerTerm | None:
+    """A "fixed" layer: conv/linear work hidden in an op the search does not resize (a wrapped function, a
+    leaf module with weights, a functional layer on computed weights), costed as measured. Its activations
+    are the tensors it reads and writes, one channel per element."""
+    work = weighted_work(node)
+    if work is None:
+        return None
+    elements = [sum(i.numel // max(i.shape[0], 1) for i in _tensors(tensor_info(a)))
+                for a in dict.fromkeys(node.all_input_nodes) if a.op != "get_attr"]
+    out = sum(i.numel // max(i.shape[0], 1) for i in _tensors(tensor_info(node)))
+    name = str(node.target) if node.op == "call_module" else node.name
+    return LayerTerm(name, "fixed", ((-1, 0, sum(elements), 1),), ((-1, 0, out, 1),), 1, (1, 1), 1, 1,
+                     work.biases > 0, 1, work.weights, not is_head(node), fixed_macs=work.macs,
+                     fixed_biases=work.biases)
+
+
+def _tensors(info: object) -> list[TensorInfo]:
+    if isinstance(info, TensorInfo):
+        return [info] if info.shape else []
+    if isinstance(info, tuple):
+        return [t for i in info for t in _tensors(i)]
+    return []
 
 
 def _features(node: Node, info: TensorInfo, dim: int) -> ChannelSpec:
@@ -116,6 +140,8 @@ class LayerValues:
         """Stored parameters (0 for a module's repeated call: its first call holds them)."""
         if self.term.shares_weights_of:
             return 0
+        if self.term.kind == "fixed":
+            return self.weights + self.term.fixed_biases
         return self.weights + (self.cout if self.term.bias else 0)
 
 
@@ -125,6 +151,8 @@ def evaluate_term(t: LayerTerm, kept: KeptChannels) -> LayerValues:
         weights = cin * cout * t.kernel
     elif t.kind == "depthwise":
         weights = cout * t.kernel
+    elif t.kind == "fixed":
+        return LayerValues(t, cin, cout, t.fixed_weights, t.fixed_macs)
     else:
         weights = t.fixed_weights
     return LayerValues(t, cin, cout, weights, weights * t.positions)

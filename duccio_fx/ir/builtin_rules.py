@@ -18,7 +18,7 @@ from duccio_fx.ir.registry import (REGISTRY, Hook, OpRegistry, add_hook, registe
                                    register_module)
 from duccio_fx.ir.rule_api import RawValue, RuleContext
 from duccio_fx.ir.rules import (dim_rule, rule_blocks, rule_concat, rule_conv, rule_couples, rule_follows,
-                                rule_follows_with_params, rule_getitem, rule_group_norm, rule_keeps_channels,
+                                rule_follows_with_params, rule_functional_norm, rule_getitem, rule_group_norm, rule_keeps_channels,
                                 rule_layer_norm, rule_linear,
                                 rule_max_min, rule_narrow, rule_no_channels, rule_permute, rule_reduce,
                                 rule_reshape, rule_split, rule_stack, rule_unbind)
@@ -113,10 +113,12 @@ def register_builtins(registry: OpRegistry) -> None:
     fns((F.normalize,), dim_rule(1), "follows")
     fns((F.layer_norm,), rule_layer_norm, "follows")
     fns((F.glu,), dim_rule(-1), "follows")
-    fns((getattr, len, torch.numel), rule_no_channels, "no-channels")
+    fns((getattr, len, torch.numel, torch._assert), rule_no_channels, "no-channels")
+    # what functional-layers left functional: norms on statistics computed in the graph (or none at all)
+    fns((F.batch_norm, F.instance_norm), rule_functional_norm, "follows")
+    fns((F.group_norm,), rule_group_norm, "follows")
     fns((torch.matmul, torch.bmm, torch.mm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-         F.conv_transpose2d, F.linear, F.bilinear, F.batch_norm, F.group_norm, F.instance_norm,
-         F.embedding, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.scaled_dot_product_attention,
+         F.conv_transpose2d, F.linear, F.bilinear, F.embedding, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.scaled_dot_product_attention,
          torch.roll, torch.flip, torch.gather, torch.index_select, torch.sort, torch.topk, torch.argmax,
          torch.argmin), rule_blocks, "blocks")
 

@@ -26,6 +26,7 @@ DORY_KEY = "duccio_dory"  # after dory-layers: the DORY layer a node belongs to,
 QUANT_KEY = "duccio_quant"  # after calibrate: integer type and scale of a DORY layer's output (and the input)
 INTNET_KEY = "duccio_intnet"  # on GraphModule.meta after integerize: the integer network (lower.intnet.IntNet)
 CHOICE_KEY = "duccio_choice"  # after supernet-insertion: a choice point's alternatives and their layers
+WORK_KEY = "duccio_weighted_work"  # after shape-propagation: conv/linear work done inside an opaque op
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class LayerTerm:
     for any set of kept channels: the same term serves `inspect`, the search and the exported model."""
 
     name: str
-    kind: str  # "conv" | "depthwise" | "grouped" (frozen) | "linear"
+    kind: str  # "conv" | "depthwise" | "grouped" (frozen) | "linear" | "fixed" (measured opaque op, frozen)
     in_spec: ChannelSpec
     out_spec: ChannelSpec
     kernel: int  # kernel elements (1 for linear)
@@ -135,10 +136,24 @@ class LayerTerm:
     requant: bool  # followed by requantization (False for a head whose output is a model output)
     out_positions: int = 0  # output positions per sample (activations); 0: same as `positions`
     shares_weights_of: str = ""  # a module's second and later calls (named `<module>#k`) store no weights
+    fixed_macs: int = 0  # "fixed" layers: MACs per sample as measured
+    fixed_biases: int = 0  # "fixed" layers: bias entries
 
     @property
     def output_positions(self) -> int:
         return self.out_positions or self.positions
+
+
+@dataclass(frozen=True)
+class WeightedWork:
+    """The conv and linear work an opaque op (a wrapped function, a leaf module, a matmul with a parameter)
+    did on the example input, measured by shape propagation: weights and biases of the parameters it
+    multiplied by, named once each, and MACs per sample."""
+
+    weights: int
+    biases: int
+    macs: int
+    tensors: tuple[str, ...]  # qualified names of the parameters counted (a second call shares them)
 
 
 @dataclass(frozen=True)
@@ -263,6 +278,14 @@ def set_layer_term(node: Node, term: LayerTerm) -> None:
 def layer_terms(gm: GraphModule) -> list[LayerTerm]:
     """The cost terms of every conv/linear layer of an analysed graph, in graph order."""
     return [t for n in gm.graph.nodes if (t := layer_term(n)) is not None]
+
+
+def weighted_work(node: Node) -> WeightedWork | None:
+    return node.meta.get(WORK_KEY)
+
+
+def set_weighted_work(node: Node, work: WeightedWork) -> None:
+    node.meta[WORK_KEY] = work
 
 
 def choice_info(node: Node) -> ChoiceInfo | None:

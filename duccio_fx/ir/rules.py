@@ -48,6 +48,21 @@ def rule_follows_with_params(ctx: RuleContext, node: Node) -> RawValue:
     return lay
 
 
+def rule_functional_norm(ctx: RuleContext, node: Node) -> RawValue:
+    """F.batch_norm / F.instance_norm left functional by functional-layers: without per-channel tensors each
+    channel is normalised on its own (follows); per-channel tensors computed in the graph cannot be sliced on
+    export, so the channels stay."""
+    lay = first_layout(ctx, node)
+    if lay is not None and lay.dim != 1:
+        return ctx.block(node, f"normalises dim 1, but the channels are on dim {lay.dim}")
+    ctx.set_role(node, "follows")
+    tensors = [a for a in iter_nodes((node.args[1:], node.kwargs)) if isinstance(ctx.info(a), TensorInfo)]
+    if tensors:
+        ctx.freeze(lay, f"{ctx.where(node)} normalises with per-channel tensors computed in the graph "
+                        f"({', '.join(a.name for a in tensors)}), which the export cannot slice, so its channels stay")
+    return lay
+
+
 def rule_layer_norm(ctx: RuleContext, node: Node) -> RawValue:
     """LayerNorm (module or F.layer_norm) over its last dims. Over the channels, its mean and variance mix
     them: the search-time model would have to renormalise over the kept channels alone to match the pruned
