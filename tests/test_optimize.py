@@ -401,6 +401,53 @@ def test_loaders_that_do_not_fit_are_refused_before_training(tmp_path, change, m
     assert not out.exists()  # nothing half-written
 
 
+BAD_LATER_BATCH = MODEL_FILE + """
+def train_loader():  # the first batch is fine (the check before training passes); batch 3 is not
+    batches = [(X[i:i + 32], Y[i:i + 32].clone()) for i in range(0, 192, 32)]
+    batches[2][1][5] = 7
+    return batches
+"""
+BAD_METRIC = MODEL_FILE + """
+calls = [0]
+
+def metric_fn(output, target):
+    calls[0] += 1
+    if calls[0] == FAILING_CALL:
+        raise ValueError("the metric cannot take this batch")
+    return float((output.argmax(1) == target).float().mean())
+"""
+
+
+@pytest.mark.parametrize("text, message, where", [
+    (BAD_LATER_BATCH, "the loss failed on a batch: IndexError: Target 7 is out of bounds; the targets range over "
+                      "[0, 7], but the model has 4 outputs, so class indices must lie in [0, 3]",
+     "where: warmup epoch 1, batch 3 of 6 of train_loader(): inputs float32[32,1,8,8], targets int64[32], "
+     "model output float32[32,4]"),
+    (BAD_METRIC.replace("FAILING_CALL", "1"), "the metric failed on batch 1 of val_loader(): ValueError: the metric "
+     "cannot take this batch", "where: warmup epoch 1, batch 1 of 1 of val_loader(): inputs float32[64,1,8,8], "
+     "targets int64[64], model output float32[64,4]"),
+], ids=["label-in-batch-3", "metric"])
+def test_a_bad_batch_during_training_is_a_clear_error_and_leaves_no_run_dir(tmp_path, text, message, where):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path, text), "--max-size", "50%", "--epochs", "1,1,0",
+                                 "--out", str(out), "--no-cache"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and where in result.output and "how to fix" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()  # created for this run, nothing finished in it: removed
+
+
+def test_a_bad_batch_after_a_finished_epoch_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path, BAD_METRIC.replace("FAILING_CALL", "2")),
+                                 "--max-size", "50%", "--epochs", "1,1,0", "--out", str(out), "--no-cache"])
+    assert result.exit_code == 1, result.output
+    assert "where: the seed's validation after warmup, batch 1 of 1 of val_loader()" in result.output
+    assert f"the finished epochs are saved in {out / 'checkpoint.pt'}" in result.output
+    assert "continue with --resume" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
 def test_layerwise_that_adds_nothing_says_so_and_which_slack_would():
     """Two convs on 64x64 maps whose L2 footprints overflow GAP8's usable L2 by more than 30 %, so
     --layerwise 0.3 finds no critical layer; the note gives the exact smallest C that would."""

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,12 +70,19 @@ def _check_out(out: Path, resume: bool) -> Path:
     return checkpoint
 
 
+def _remove_unfinished(out: Path, created: bool, checkpoint: Path) -> None:
+    """A run directory this run created and that holds nothing finished (no checkpoint of a finished epoch,
+    no report) is removed when the run fails."""
+    if created and out.is_dir() and not checkpoint.exists() and not (out / "report.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def interrupted_message(recipe: Recipe, out: Path, checkpoint: Path) -> str:
     """What Ctrl-C leaves behind, and the command that continues it."""
     done = recipe.history[-1] if recipe.history else None
     if done is None or not checkpoint.exists():
-        return (f"interrupted before the first epoch ended: nothing to resume. Run the same command again "
-                f"(without --resume); {out} may be deleted.")
+        return ("interrupted before the first epoch ended: nothing to resume. Run the same command again "
+                "(without --resume).")
     program = Path(sys.argv[0]).name if sys.argv else ""
     if program in ("duccio-fx", "__main__.py") and "optimize" in sys.argv:
         args = [a for a in sys.argv[sys.argv.index("optimize"):] if a != "--resume"]
@@ -126,19 +134,28 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
                     cache_dir=(cache or default_cache_dir()) if use_cache else None, progress=live,
                     context=context, device=device, amp=amp)
     console.print(f"device: {recipe.device}" + (f", autocast {amp}" if recipe.amp else ""), highlight=False)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input (e.g. an infeasible bound) leaves nothing behind
-    for note in recipe.notes:
-        say(console, f"note: {escape(note)}")
-    for c in recipe.constraints:
-        m = c.constraint.measure
-        console.print(f"constraint: {c.describe()} (seed {m.describe(float(c.value(recipe.seed_costs)))}, "
-                      f"smallest possible {m.describe(recipe.minima[c.label])})", highlight=False)
     try:
+        for note in recipe.notes:
+            say(console, f"note: {escape(note)}")
+        for c in recipe.constraints:
+            m = c.constraint.measure
+            console.print(f"constraint: {c.describe()} (seed {m.describe(float(c.value(recipe.seed_costs)))}, "
+                          f"smallest possible {m.describe(recipe.minima[c.label])})", highlight=False)
         with live.progress:
             result = recipe.run(resume=resume)
     except KeyboardInterrupt:
+        _remove_unfinished(out, created, checkpoint)
         say(console, escape(interrupted_message(recipe, out, checkpoint)))
         raise typer.Exit(130) from None
+    except BaseException as err:  # e.g. a bad label in batch 3: no half-written run directory stays behind
+        _remove_unfinished(out, created, checkpoint)
+        if isinstance(err, DuccioError) and checkpoint.exists() and recipe.world.main:
+            err.fix = (f"{err.fix}; " if err.fix else "") + (
+                f"the finished epochs are saved in {checkpoint}: after fixing, continue with --resume")
+            err.args = (err.render(),)
+        raise
     if not recipe.world.main:
         return 0 if result.met else VIOLATED_EXIT
     result.model.cpu()  # model.pt loads anywhere; the backends (ONNX, DORY's integer network) work on the CPU

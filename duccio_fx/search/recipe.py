@@ -44,8 +44,9 @@ from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import SearchSpace, make_searchable
-from duccio_fx.search.training import (PHASES, LossFn, MetricFn, call_model, check_first_batch, cross_entropy,
-                                       evaluate_model, recalibrate_batchnorm, seed_everything, split_batch, top1)
+from duccio_fx.search.training import (PHASES, LossFn, MetricFn, batch_where, check_first_batch, cross_entropy,
+                                       evaluate_model, loss_on_batch, recalibrate_batchnorm, seed_everything,
+                                       split_batch, top1)
 from duccio_fx.search.warmup_cache import WarmupCache, fingerprint
 from duccio_fx.targets import Target, load_target
 
@@ -174,7 +175,8 @@ class Recipe:
         for i, batch in enumerate(self.train_batches):
             x, y = to_device(split_batch(batch), self.device)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                task = self.loss_fn(call_model(model, x), y)
+                _, task = loss_on_batch(model, x, y, self.loss_fn, where=batch_where(
+                    f"{phase} epoch {epoch + 1}", i, steps, "train_loader()", x, y))
             loss = task.float()
             if phase == "search":  # the costs stay in float64, outside autocast
                 frac = epoch + (i / steps if steps else 0.0)
@@ -197,7 +199,8 @@ class Recipe:
                 costs: Costs | None = None) -> EpochRecord:
         if phase == "search":
             recalibrate_batchnorm(model, self.train_loader, self.settings.bn_recalibration_batches, self.device)
-        val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+        val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn, self.device,
+                                              during=f"{phase} epoch {epoch + 1}")
         rec = EpochRecord(phase, epoch, train_loss, val_loss, val_metric, time.perf_counter() - started)
         if costs is not None:
             rec.costs = {c.label: float(c.value(costs)) for c in self.constraints}
@@ -245,7 +248,8 @@ class Recipe:
         for p in self.space.arch_parameters():
             p.requires_grad_(True)
         if s.warmup_epochs == 0:
-            loss, _ = evaluate_model(self.space, self.train_loader, self.loss_fn, self.metric_fn, self.device)
+            loss, _ = evaluate_model(self.space, self.train_loader, self.loss_fn, self.metric_fn, self.device,
+                                     name="train_loader()", during="the task loss after warmup")
         if cache is not None and self.world.main:
             cache.store(self.space.state(), loss, [asdict(r) for r in self.history if r.phase == "warmup"])
         return loss, False
@@ -293,7 +297,8 @@ class Recipe:
         if state is None or state["phase"] == "warmup":
             lhat, cached = self._warmup(state)
             state = None
-            _, seed_metric = evaluate_model(self.space, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+            _, seed_metric = evaluate_model(self.space, self.val_loader, self.loss_fn, self.metric_fn, self.device,
+                                            during="the seed's validation after warmup")
             self.objective.calibrate(lhat, self.space.cost_values(self.target))
         else:
             self.space.load_state(state["searchable"])
@@ -330,7 +335,7 @@ class Recipe:
                 self.space.load_state(best)
             exported = self.space.export(self.context)
             search_loss, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn,
-                                                        self.device)
+                                                        self.device, during="the exported model's validation")
             ft_start, ft_opt = 0, self._weight_optimizer(exported.parameters())
             ft_best, ft_best_loss = copy.deepcopy(exported.state_dict()), search_loss
         else:
@@ -353,7 +358,8 @@ class Recipe:
                         "ft_best": ft_best, "ft_best_loss": ft_best_loss})
         self.progress("done", {"phase": "finetune", "epochs": s.finetune_epochs})
         exported.load_state_dict(ft_best)
-        _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+        _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn, self.device,
+                                         during="the final validation")
         exported.eval()
         final = analyze(exported, tuple(x[:1] for x in self.example), context=self.context)  # costs of the result
         final_terms = layer_terms(final)

@@ -44,23 +44,72 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 def evaluate_model(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, metric_fn: MetricFn,
-                   device: torch.device | None = None) -> tuple[float, float]:
-    """Sample-weighted mean loss and metric over a loader, in eval mode (batches moved to `device`)."""
+                   device: torch.device | None = None, *, name: str = "val_loader()",
+                   during: str = "") -> tuple[float, float]:
+    """Sample-weighted mean loss and metric over a loader, in eval mode (batches moved to `device`). A batch
+    the model, the loss or the metric fails on is a DuccioError naming `during` (e.g. "search epoch 3"), the
+    batch and its shapes."""
     was = model.training
     model.eval()
     total = loss_sum = metric_sum = 0.0
+    steps = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     with torch.no_grad():
-        for batch in loader:
+        for i, batch in enumerate(loader):
             x, y = _on(split_batch(batch), device)
-            out = call_model(model, x)
+            out, loss = loss_on_batch(model, x, y, loss_fn, where=batch_where(during, i, steps, name, x, y))
             n = len(y)
-            loss_sum += float(loss_fn(out, y)) * n
-            metric_sum += float(metric_fn(out, y)) * n
+            loss_sum += float(loss) * n
+            try:
+                metric_sum += float(metric_fn(out, y)) * n
+            except Exception as err:
+                raise DuccioError(f"the metric failed on batch {i + 1} of {name}: {_first_line(err)}",
+                                  where=batch_where(during, i, steps, name, x, y) + f", model output {_shapes(out)}",
+                                  fix="make metric_fn(output, target) in the model file accept these batches "
+                                      "(it returns a number; the default is top-1 accuracy)") from None
             total += n
     model.train(was)
     if total == 0:
-        raise DuccioError("the validation loader yielded no batches", where="val_loader()")
+        raise DuccioError(f"{name} yielded no batches", where=name)
     return loss_sum / total, metric_sum / total
+
+
+def batch_where(during: str, index: int, steps: int | None, name: str, x: Any, y: Any) -> str:
+    """`search epoch 2, batch 3 of 6 of train_loader(): inputs float32[32,1,8,8], targets int64[32]`."""
+    batch = f"batch {index + 1}" + (f" of {steps}" if steps else "") + f" of {name}"
+    return (f"{during}, " if during else "") + f"{batch}: inputs {_shapes(x)}, targets {_shapes(y)}"
+
+
+def loss_on_batch(model: nn.Module, x: Any, y: Any, loss_fn: LossFn, *, where: str) -> tuple[Any, torch.Tensor]:
+    """The model's output and the loss on one batch. A batch the model or the loss fails on (a class index out
+    of range in batch 3, a sample of another shape) is a DuccioError saying where, not a traceback."""
+    try:
+        out = call_model(model, x)
+    except DuccioError:
+        raise
+    except Exception as err:
+        raise DuccioError(f"the model failed on a batch: {_first_line(err)}", where=where,
+                          fix="every batch must hold inputs the model accepts, shaped like example_input") from None
+    try:
+        loss = loss_fn(out, y)
+    except DuccioError:
+        raise
+    except Exception as err:
+        raise DuccioError(f"the loss failed on a batch: {_first_line(err)}{_target_hint(out, y)}",
+                          where=f"{where}, model output {_shapes(out)}",
+                          fix="every batch must hold targets the loss accepts (class indices for the default "
+                              "cross-entropy): check the data of this batch, or define loss_fn(output, target) "
+                              "in the model file") from None
+    return out, loss
+
+
+def _target_hint(out: Any, y: Any) -> str:
+    """For class-index targets: their range against the model's number of outputs."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and isinstance(y, torch.Tensor) \
+            and not y.is_floating_point() and y.numel():
+        n = out.shape[1] if out.dim() > 1 else out.shape[0]
+        return (f"; the targets range over [{int(y.min())}, {int(y.max())}], but the model has {n} outputs, "
+                f"so class indices must lie in [0, {n - 1}]")
+    return ""
 
 
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int,
@@ -140,13 +189,7 @@ def check_first_batch(model: nn.Module, loader: Iterable[Any], name: str, exampl
     try:
         loss_fn(out, y)
     except Exception as err:
-        hint = ""
-        if isinstance(out, torch.Tensor) and out.dim() >= 1 and isinstance(y, torch.Tensor) \
-                and not y.is_floating_point() and y.numel():
-            n = out.shape[1] if out.dim() > 1 else out.shape[0]
-            hint = (f"; the targets range over [{int(y.min())}, {int(y.max())}], but the model has {n} outputs, "
-                    f"so class indices must lie in [0, {n - 1}]")
-        raise DuccioError(f"the loss failed on the first batch of {name}(): {_first_line(err)}{hint}",
+        raise DuccioError(f"the loss failed on the first batch of {name}(): {_first_line(err)}{_target_hint(out, y)}",
                           where=f"{where}, model output {_shapes(out)}",
                           fix="yield targets the loss accepts (class indices for the default cross-entropy), "
                               "or define loss_fn(output, target) in the model file") from None
