@@ -37,6 +37,7 @@ from duccio_fx.lower.intnet import (NETWORK_INPUT, Add, Branch, Conv, IntLayer, 
                                     Pool, Requant)
 from duccio_fx.passes.calibrate import head_layers
 from duccio_fx.passes.dory_layers import producing_layer
+from duccio_fx.passes.fold_batchnorm import FOLDED_FROM
 
 FLOAT32_EXACT = 1 << 24
 
@@ -140,7 +141,8 @@ class Integerize(Pass):
         return source, spec
 
     def _note(self, node: Node, scale: float | None, shift: int | None, bound: float) -> None:
-        module = str(node.target) if node.op == "call_module" else ""
+        # a per-call copy made by fold-batchnorm is reported (and costed) as the module it was made from
+        module = str(node.meta.get(FOLDED_FROM, node.target)) if node.op == "call_module" else ""
         self.notes.append(LayerNote(node.name, module, scale, shift, bound))
 
     def _layer(self, index: int, node: Node, kind: str, spec: QuantSpec | None) -> tuple[IntLayer, float | None]:
