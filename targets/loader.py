@@ -155,3 +155,45 @@ def list_targets() -> list[TargetInfo]:
             dist = getattr(ep, "dist", None)
             out.append(TargetInfo(name, f"entry point ({dist.name if dist else ep.value})", ""))
     return out
+
+
+def target_record(spec: str | Path | Target) -> dict[str, Any]:
+    """What a report stores to load the same target again (`target_from_record`): its name and origin, and
+    for a TOML file its path and text (the run may be lowered or plotted after the file changed, or on
+    another machine); a `Target` object or an entry point's target also keeps its validated data."""
+    if isinstance(spec, Target):
+        return {"name": spec.name, "origin": "object", "data": spec.model_dump(mode="json")}
+    if isinstance(spec, Path) or _looks_like_path(spec):
+        path = Path(spec)
+        target = load_target_file(path)
+        return {"name": target.name, "origin": "file", "path": str(path.resolve()),
+                "toml": path.read_text(encoding="utf-8")}
+    if spec in _builtin_files():
+        return {"name": spec, "origin": "built-in"}
+    target = load_target(spec)
+    return {"name": spec, "origin": "entry point", "data": target.model_dump(mode="json")}
+
+
+def target_from_record(record: dict[str, Any], where: str = "report.json") -> Target:
+    """The target a `target_record` describes: a file's recorded TOML text (whatever the file holds now), a
+    built-in or entry point by name, else the recorded data."""
+    origin = record.get("origin")
+    if origin == "file" and record.get("toml") is not None:
+        source = f"{record.get('path', 'a target file')} (as recorded in {where})"
+        try:
+            data = tomllib.loads(record["toml"])
+        except tomllib.TOMLDecodeError as exc:
+            raise TargetError(f"the target recorded in {where} is not valid TOML: {exc}", where=source,
+                              fix="pass --target explicitly") from None
+        return validate_target_data(data, source)
+    if origin == "file" and record.get("path"):
+        return load_target_file(record["path"])
+    if origin in ("built-in", "entry point") and record.get("name"):
+        try:
+            return load_target(record["name"])
+        except TargetError:
+            if record.get("data") is None:
+                raise
+    if record.get("data") is not None:
+        return validate_target_data(record["data"], f"the target recorded in {where}")
+    return load_target(record.get("name") or "")

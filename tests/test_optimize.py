@@ -625,6 +625,39 @@ def test_optimize_dory_writes_the_integer_network_and_lower_reads_the_run(tmp_pa
     assert relowered["source"].startswith(str(out))
 
 
+def test_a_run_on_a_target_file_records_it_and_lower_and_plot_use_it(tmp_path):
+    """The user's board (a TOML file, here GAP8 with another name and 300 000 B of L2 reserved) is recorded in
+    report.json with its text; `lower RUN` and the plots use it by default, even after the file changed."""
+    from importlib import resources
+
+    from duccio_fx.cli.plots import _layerwise_budget
+
+    board = tmp_path / "my_board.toml"
+    text = (resources.files("duccio_fx.targets") / "gap8.toml").read_text()
+    board.write_text(text.replace('name = "gap8"', 'name = "my_board"').replace("reserved = 132000",
+                                                                                "reserved = 300000"))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--target", str(board), "--max-size", "50%",
+                                 "--epochs", "0,1,0", "--out", str(out), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    spec = report["target_spec"]
+    assert report["target"] == "my_board" and spec["origin"] == "file" and spec["path"] == str(board.resolve())
+    assert spec["toml"] == board.read_text()
+    board.write_text(text)  # the file changes after the run: the run's target is still the recorded one
+    assert _layerwise_budget(report) == ("L2", 512_000 - 300_000)  # layers.png's L2 line
+    lowered = runner.invoke(app, ["lower", str(out), "--out", str(tmp_path / "dory"), "--calib-batches", "1"])
+    assert lowered.exit_code == 0, lowered.output
+    assert f"target: my_board (the run's own, {board.resolve()}, as its report.json records it)" in lowered.output
+    config = json.loads((tmp_path / "dory" / "config.json").read_text())
+    assert config["code reserved space"] == 300_000
+    builtin = runner.invoke(app, ["lower", str(out), "--target", "gap8", "--out", str(tmp_path / "dory8"),
+                                  "--calib-batches", "1"])
+    assert builtin.exit_code == 0 and "the run's own" not in builtin.output
+    assert json.loads((tmp_path / "dory8" / "config.json").read_text())["code reserved space"] == 132_000
+    assert _layerwise_budget({"target": "gap8"}) == ("L2", 512_000 - 132_000)  # a report without target_spec
+
+
 def test_optimize_dory_refuses_an_op_dory_cannot_run_before_training(tmp_path):
     text = MODEL_FILE.replace("nn.BatchNorm2d(32), nn.ReLU())", "nn.BatchNorm2d(32), nn.Hardswish())")
     out = tmp_path / "run"

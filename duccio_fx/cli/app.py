@@ -242,7 +242,7 @@ def optimize(
                                   schedule="ramp" if constant_lambda is None else "constant",
                                   constant_lambda=constant_lambda or 1.0, seed=seed, layerwise=layerwise,
                                   method=method, method_options=method_options)
-        code = run_optimize(model=model, target=hw, constraints=constraints, settings=settings, out=out,
+        code = run_optimize(model=model, target=hw, target_spec=target, constraints=constraints, settings=settings, out=out,
                             resume=resume, cache=None if no_cache else cache, use_cache=not no_cache,
                             instruments=_ir_instruments(print_between_passes, dump_ir, sys.stdout), backends=backend,
                             dory=dory, calib_batches=calib_batches, qat_epochs=qat_epochs, device=device, amp=amp)
@@ -285,7 +285,8 @@ def _path_options(method: str, alternatives: list[str] | None, estimator: str, p
 @app.command("lower")
 def lower_cmd(
     source: str = typer.Argument(..., help="a finished `optimize` run directory, a model file or zoo:NAME"),
-    target: str = typer.Option("gap8", "--target", help="a DORY target: gap8, gap9 or a TOML path"),
+    target: Optional[str] = typer.Option(None, "--target", help="a DORY target: gap8, gap9 or a TOML path "
+                                         "(default: a run's own target, as its report.json records it; else gap8)"),
     out: Path = typer.Option(..., "--out", help="directory for DORY's inputs (network.onnx, config.json, goldens)"),
     calib_batches: int = typer.Option(8, "--calib-batches", help="training batches used to calibrate the scales"),
     percentile: float = typer.Option(99.99, "--percentile", help="percentile of the activations taken as range"),
@@ -301,7 +302,7 @@ def lower_cmd(
     input.txt, out_layer{i}.txt golden activations, lowering.json), calibrated post-training on the model
     file's train_loader(). Exit 1, with nothing written, on a layer DORY cannot run."""
     try:
-        code = run_lower(source=source, target=load_target(target), out=out, calib_batches=calib_batches,
+        code = run_lower(source=source, target=load_target(target) if target is not None else None, out=out, calib_batches=calib_batches,
                          percentile=percentile, qat_epochs=qat_epochs, as_json=as_json, device=resolve_device(device),
                          instruments=_ir_instruments(print_between_passes, dump_ir,
                                                      sys.stderr if as_json else sys.stdout))

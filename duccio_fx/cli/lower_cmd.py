@@ -10,15 +10,17 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from duccio_fx.cli.model_file import ModelSpec, load_model_file
 from duccio_fx.cli.output import path_text, say
+from duccio_fx.cli.plots import report_target
 from duccio_fx.common.errors import DuccioError, ModelFileError
 from duccio_fx.ir.pass_manager import Instrument, PassContext
 from duccio_fx.lower.dory import DoryBundle, lower_to_dory
 from duccio_fx.search.training import call_model, cross_entropy, split_batch
-from duccio_fx.targets import Target
+from duccio_fx.targets import Target, load_target
 
 RANDOM_CALIBRATION_BATCHES = 4
 QAT_LR = 1e-4  # Adam: a small step, the weights are already trained
@@ -35,20 +37,22 @@ def _loader(spec: ModelSpec, name: str) -> Iterable[Any] | None:
                              fix=f"fix {name}() in {spec.source}") from err
 
 
-def load_source(source: str) -> tuple[torch.nn.Module, ModelSpec, str]:
-    """The model to lower and its model file: a finished optimize run directory, a model file or zoo:NAME."""
+def load_source(source: str) -> tuple[torch.nn.Module, ModelSpec, str, dict[str, Any] | None]:
+    """The model to lower, its model file, a description and, for a finished optimize run directory, its
+    report (a run directory, a model file or zoo:NAME)."""
     path = Path(source)
     if path.is_dir():
         report_file, model_file = path / "report.json", path / "model.pt"
         if not report_file.exists() or not model_file.exists():
             raise DuccioError(f"{path} is not a finished optimize run (no report.json and model.pt)", where=str(path),
                               fix="give a run directory whose search met its constraints, or a model file")
-        model_source = json.loads(report_file.read_text()).get("source", "")
+        report = json.loads(report_file.read_text())
+        model_source = report.get("source", "")
         spec = load_model_file(model_source)
         model = torch.load(model_file, weights_only=False)
-        return model, spec, f"{path} (the result of {model_source})"
+        return model, spec, f"{path} (the result of {model_source})", report
     spec = load_model_file(source)
-    return spec.model, spec, spec.source
+    return spec.model, spec, spec.source, None
 
 
 def _fine_tune(train: Iterable[Any], loss_fn: Any, epochs: int, console: Console) -> Callable[[nn.Module], None]:
@@ -126,9 +130,10 @@ def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> N
                      f"out_layer0..{len(report['layers']) - 1}.txt, network_twin.onnx, lowering.json")
 
 
-def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, percentile: float, qat_epochs: int = 0,
-              instruments: Sequence[Instrument] = (), as_json: bool = False, console: Console | None = None,
-              device: torch.device | None = None) -> int:
+def run_lower(*, source: str, target: Target | None, out: Path, calib_batches: int, percentile: float,
+              qat_epochs: int = 0, instruments: Sequence[Instrument] = (), as_json: bool = False,
+              console: Console | None = None, device: torch.device | None = None) -> int:
+    """`duccio-fx lower`. `target` None: the run's own target (recorded in its report.json), else gap8."""
     console = console or Console(width=max(Console().width, 140), stderr=as_json)
     if calib_batches < 1:
         raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
@@ -137,7 +142,15 @@ def run_lower(*, source: str, target: Target, out: Path, calib_batches: int, per
                           fix="e.g. 99.99 (100 is the plain maximum)")
     if qat_epochs < 0:
         raise DuccioError(f"--qat-epochs {qat_epochs} must be 0 or more", where="--qat-epochs")
-    model, spec, described = load_source(source)
+    model, spec, described, report = load_source(source)
+    if target is None:
+        target = report_target(report, strict=True) if report is not None else None
+        if target is not None:
+            recorded = report.get("target_spec") or {}  # type: ignore[union-attr]
+            origin = f", {path_text(recorded['path'])}" if recorded.get("path") else ""
+            say(console, f"target: {escape(target.name)} (the run's own{origin}, as its report.json records it)")
+        else:
+            target = load_target("gap8")
     if device is not None:
         model.to(device)  # calibration and QAT run there; batches follow the model's parameters
     bundle, _ = lower_model(model, spec, target, calib_batches=calib_batches, percentile=percentile,

@@ -34,6 +34,7 @@ from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.training import cross_entropy, top1
 from duccio_fx.search.warmup_cache import default_cache_dir
 from duccio_fx.targets import Target
+from duccio_fx.targets.loader import target_record
 
 VIOLATED_EXIT = 3  # 1: bad input (ours), 2: usage errors (typer/click)
 
@@ -105,11 +106,14 @@ def _save_model(model: torch.nn.Module, path: Path) -> None:
 
 
 def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint], settings: SearchSettings,
+                 target_spec: str | Path | None = None,
                  out: Path | None, resume: bool, cache: Path | None, use_cache: bool,
                  instruments: Sequence[Instrument] = (), backends: Sequence[str] = ("onnx",),
                  dory: bool = False, calib_batches: int = 8, qat_epochs: int = 0,
                  console: Console | None = None, device: str = "auto", amp: str | None = None) -> int:
-    """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError."""
+    """The whole command; returns its exit code (0 met, 3 violated). Bad input raises DuccioError.
+    `target_spec` is the --target the user gave (a name or a TOML path), recorded in report.json so that
+    `lower RUN` and `plot RUN` use the same target."""
     console = console or Console(width=max(Console().width, 140))
     if not launched_world().main:
         console = Console(file=io.StringIO())  # one rank of a torchrun launch: rank 0 speaks and writes
@@ -185,7 +189,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
         files = {"violating_model": str(out / "model-violating.pt")}
         _save_model(result.model, out / "model-violating.pt")
     files.update(report=str(out / "report.json"), summary=str(out / "summary.txt"))
-    report = build_report(result, spec.source, target, seed_rep, final_rep, checks, files)
+    report = build_report(result, spec.source, target, seed_rep, final_rep, checks, files,
+                          target_spec=target_record(target_spec if target_spec is not None else target))
     if bundle is not None:
         report["dory"] = {"dir": str(out / "dory"), "accuracy": bundle.report.get("accuracy"),
                           "layers": len(bundle.net.layers), "bnrelu_bits": bundle.report["bnrelu_bits"]}

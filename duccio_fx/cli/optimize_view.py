@@ -88,7 +88,8 @@ def _summary(costs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_report(result: SearchResult, source: str, target: Target | None, seed_target: dict[str, Any] | None,
-                 final_target: dict[str, Any] | None, checks: dict[str, float], files: dict[str, str]) -> dict[str, Any]:
+                 final_target: dict[str, Any] | None, checks: dict[str, float], files: dict[str, str], *,
+                 target_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     constraints = []
     for c in result.constraints:
         constraints.append({"constraint": c.label, "metric": c.metric, "scope": c.scope, "as_written": c.text,
@@ -98,6 +99,7 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
     return {
         "source": source,
         "target": target.name if target is not None else None,
+        "target_spec": target_spec,  # how to load it again (a TOML file's path and text): lower and plot read it
         "method": result.searchable.method,
         "architecture": result.searchable.architecture(),
         "status": "met" if result.met else "violated",

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.targets import load_target
+from duccio_fx.targets import Target, load_target
+from duccio_fx.targets.loader import target_from_record
 
 MARKERS = {"mask": "o", "path": "^"}
 PHASE_COLOURS = {"warmup": "#bbbbbb", "search": "#fde9c9", "finetune": "#d8ecd3"}
@@ -135,14 +136,24 @@ def _unit(metric: str) -> str:
     return {"size": "B", "layer_memory": "B", "latency": "s", "macs": "MAC"}.get(metric, "")
 
 
-def _layerwise_budget(report: dict[str, Any]) -> tuple[str, float] | None:
-    target = report.get("target")
-    if not target:
-        return None
+def report_target(report: dict[str, Any], *, strict: bool = False) -> Target | None:
+    """The target a run was searched on: `target_spec` (a user's TOML file as recorded), else the name of a
+    report written before it existed; None when the run had none (or, unless `strict`, it cannot be loaded)."""
     try:
-        levels = load_target(target).layerwise_levels
+        if report.get("target_spec"):
+            return target_from_record(report["target_spec"])
+        return load_target(report["target"]) if report.get("target") else None
     except DuccioError:
+        if strict:
+            raise
         return None
+
+
+def _layerwise_budget(report: dict[str, Any]) -> tuple[str, float] | None:
+    target = report_target(report)
+    if target is None:
+        return None
+    levels = target.layerwise_levels
     return (levels[0].name, float(levels[0].usable)) if levels else None
 
 
