@@ -6,6 +6,7 @@ the lowering backends, which start from what it returns.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
@@ -22,7 +23,7 @@ from duccio_fx.passes.channel_analysis import ChannelAnalysis
 from duccio_fx.passes.functional_layers import FunctionalLayers
 from duccio_fx.passes.layer_costs import LayerCosts
 from duccio_fx.passes.shape_propagation import ShapePropagation
-from duccio_fx.targets import Target
+from duccio_fx.targets import Target, load_target
 
 
 def _context(instruments: Sequence[Instrument], context: PassContext | None) -> PassContext:
@@ -70,13 +71,17 @@ def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
     return list(gm.meta[GROUPS_KEY])
 
 
-def graph_costs(gm: GraphModule, target: Target | None = None) -> Costs:
-    """The costs of an analysed graph with every channel kept (numbers, not tensors)."""
+def graph_costs(gm: GraphModule, target: Target | str | Path | None = None) -> Costs:
+    """The costs of an analysed graph with every channel kept (numbers, not tensors). `target`: a Target, a
+    target name (`"gap8"`) or a TOML path."""
     terms = layer_terms(gm)
-    return build_costs(evaluate(terms), target).floats()
+    return build_costs(evaluate(terms), load_target(target) if target is not None else None).floats()
 
 
-def measure_costs(model: nn.Module, example_inputs: Sequence[Any], target: Target | None = None, *,
+def measure_costs(model: nn.Module, example_inputs: Any, target: Target | str | Path | None = None, *,
                   context: PassContext | None = None) -> Costs:
-    """Costs of a plain (e.g. exported) model, measured on its own graph: what constraints are checked on."""
-    return graph_costs(analyze(model, tuple(x[:1] for x in example_inputs), context=context), target)
+    """Costs of a plain (e.g. exported) model, measured on its own graph: what constraints are checked on.
+    `example_inputs`: a tensor or a tuple of tensors; `target` as for graph_costs."""
+    hw = load_target(target) if target is not None else None  # a bad name fails before the analysis
+    inputs = tuple(x[:1] for x in as_input_tuple(example_inputs))
+    return graph_costs(analyze(model, inputs, context=context), hw)

@@ -9,12 +9,14 @@ from typing import Sequence
 
 from duccio_fx.search.constraints import ConstraintError, ResolvedConstraint
 from duccio_fx.search.space import SearchSpace
-from duccio_fx.targets import Target
+from duccio_fx.targets import Target, load_target
 
 
 def check_feasible(space: SearchSpace, constraints: Sequence[ResolvedConstraint],
-                   target: Target | None = None) -> dict[str, float]:
-    """The minimum of every constrained metric; raises ConstraintError naming the first bound below it."""
+                   target: Target | str | None = None) -> dict[str, float]:
+    """The minimum of every constrained metric; raises ConstraintError naming the first bound below it.
+    `target`: a Target, a target name or a TOML path."""
+    target = load_target(target) if target is not None else None
     low_costs = space.minimum_costs(target)
     seed_costs = space.cost_values(target)
     minima = {}

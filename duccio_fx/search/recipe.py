@@ -104,7 +104,7 @@ class Recipe:
     """Runs the recipe on one model; see `optimize()` for the arguments."""
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], train_loader: Iterable[Any],
-                 val_loader: Iterable[Any], constraints: Sequence[Constraint], target: Target | None = None,
+                 val_loader: Iterable[Any], constraints: Sequence[Constraint], target: Target | str | None = None,
                  settings: SearchSettings | None = None, *, loss_fn: LossFn = cross_entropy,
                  metric_fn: MetricFn = top1, leaf_modules: Sequence[LeafSpec] = (), checkpoint: Path | None = None,
                  cache_dir: Path | None = None, progress: Progress | None = None,
@@ -120,7 +120,7 @@ class Recipe:
         # the batches this rank trains on (all of them in a single process)
         self.train_batches = ShardedLoader(train_loader, self.world, self.settings.seed) if self.world.active \
             else train_loader
-        self.target = target
+        self.target = target = load_target(target) if target is not None else None  # a name or a TOML path too
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.cache_dir = cache_dir
         self.progress = progress or (lambda event, data: None)
