@@ -133,6 +133,10 @@ class FunctionalLayers(Pass):
             return False
         for key, tensor in tensors.items():
             setattr(module, key, tensor)  # the very parameter and buffer objects: shared, not copied
+        if getattr(module, "num_batches_tracked", None) is not None:  # the owner's counter, or a new one
+            anchor_owner = str(attrs["running_mean"].target).rpartition(".")[0]
+            counter = getattr(gm.get_submodule(anchor_owner) if anchor_owner else gm, "num_batches_tracked", None)
+            module.num_batches_tracked = counter if isinstance(counter, torch.Tensor) else torch.tensor(0)
         module.train(gm.training)  # `training=` of a traced batch norm was the mode of the trace: dropped
         anchor = str(attrs.get("weight", next(iter(attrs.values()))).target)
         recipe = (node.target, tuple(sorted((k, str(v.target)) for k, v in attrs.items())),
@@ -147,8 +151,6 @@ class FunctionalLayers(Pass):
         for attr in attrs.values():
             if not attr.users:
                 gm.graph.erase_node(attr)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            _drop_counter_update(gm, name)
         self.converted[name] = getattr(node.target, "__name__", str(node.target))
         return True
 
@@ -186,18 +188,6 @@ def _exists(gm: GraphModule, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _drop_counter_update(gm: GraphModule, module_name: str) -> None:
-    """A BatchNorm traced in training mode counts its batches in the graph (`num_batches_tracked.add_(1)`);
-    the module does that itself now."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_method" and node.target == "add_" and not node.users and isinstance(node.args[0], Node) \
-                and node.args[0].op == "get_attr" and node.args[0].target == f"{module_name}.num_batches_tracked":
-            attr = node.args[0]
-            gm.graph.erase_node(node)
-            if not attr.users:
-                gm.graph.erase_node(attr)
 
 
 def _drop_asserts(gm: GraphModule) -> bool:

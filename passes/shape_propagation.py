@@ -1,7 +1,8 @@
 """shape-propagation: run the graph once on the example inputs and record every value's shape and dtype.
 
-Runs under `torch.no_grad()` with every module in eval mode, so BatchNorm running statistics and
-dropout RNG of the user's model are left exactly as they were. A node that may hide conv or linear work
+Runs under `torch.no_grad()` with every module in eval mode, and puts every buffer back afterwards (a graph
+traced in training mode updates BatchNorm statistics and counters in its own ops), so the user's model is
+left exactly as it was. A node that may hide conv or linear work
 (a function torch.fx did not trace into, a leaf module with weights other than Conv/Linear, a call that
 reads a parameter) runs under `WeightedWorkMode`, and what it measured becomes `duccio_weighted_work`.
 """
@@ -93,6 +94,7 @@ class ShapePropagation(Pass):
 
     def run(self, gm: GraphModule) -> bool:
         modes = {m: m.training for m in gm.modules()}
+        buffers = [(b, b.clone()) for b in gm.buffers()]
         gm.eval()
         try:
             with torch.no_grad():
@@ -100,4 +102,7 @@ class ShapePropagation(Pass):
         finally:
             for m, training in modes.items():
                 m.training = training
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
         return False

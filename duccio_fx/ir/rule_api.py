@@ -84,9 +84,9 @@ class RuleContext:
         for lay in iter_layouts(layout):
             self.solver.consume(lay, self.owner(node))
 
-    def opaque(self, node: Node, reason: str, info: ValueInfo = None, dim: int = 1) -> RawValue:
+    def opaque(self, node: Node, reason: str, info: Any = ..., dim: int = 1) -> RawValue:
         """Fresh frozen channel spaces for every tensor the node outputs, on channel dim `dim`."""
-        info = tensor_info(node) if info is None else info
+        info = tensor_info(node) if info is ... else info  # (a tuple value may hold None: not "unset")
         if isinstance(info, TensorInfo):
             if len(info.shape) < 2 or not 0 <= dim < len(info.shape):
                 return None
@@ -105,12 +105,15 @@ class RuleContext:
 
 
 def _kept_dim(node: Node, source: RawValue) -> int:
-    """Where the output's channels lie: the first input's channel dim when the shape is unchanged (a
-    LayerNorm on [N, H, W, C] keeps C last), else dim 1."""
+    """Where the output's channels lie: the first input's channel dim when the rank is unchanged (a
+    LayerNorm, or an unknown op that pads H and W of an [N, H, W, C] tensor, keeps C last); the last dim when
+    a channels-last input changes rank; else dim 1."""
     out, src = tensor_info(node), tensor_info(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
-    if isinstance(source, RawLayout) and isinstance(out, TensorInfo) and isinstance(src, TensorInfo) \
-            and out.shape == src.shape:
-        return source.dim
+    if isinstance(source, RawLayout) and isinstance(out, TensorInfo) and isinstance(src, TensorInfo):
+        if len(out.shape) == len(src.shape):
+            return source.dim
+        if source.dim == len(src.shape) - 1 and source.dim != 1:
+            return len(out.shape) - 1
     return 1
 
 

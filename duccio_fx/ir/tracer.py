@@ -1,10 +1,16 @@
 """Tracer: a user's `nn.Module` → IR (`torch.fx.GraphModule`); shapes come from the shape-propagation pass.
 
 Failures of torch.fx become a `DuccioTraceError` naming the module path and the source line, with a fix.
+Tracing runs the model's Python with proxies, and a module that caches a tensor during forward (timm's
+LeViT and EfficientFormer keep attention biases in a dict) would keep a proxy there, breaking the user's
+next forward or trace. So the tracer follows a copy of the module tree that shares the parameters and
+buffers, and puts the buffers' values back afterwards (a BatchNorm traced in training mode counts its batch
+on the real buffer): the user's model is never changed, and nothing large is copied.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 from contextlib import contextmanager
@@ -72,6 +78,8 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
         raise DuccioTraceError(f"expected a torch.nn.Module, got {type(model).__name__}",
                                fix="pass the model object (an nn.Module instance), not its class or output")
     tracer = _DuccioTracer(leaf_modules, registry, record_stack_traces)
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    model = _sharing_copy(model)
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -91,6 +99,10 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
                  f"model file: LEAF_MODULES = [...]) and register its channel rule with "
                  f"duccio_fx.register_module; otherwise rewrite the line without branching on tensor values"),
         ) from err
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     for node in graph.nodes:
         if isinstance(node.type, str):  # `from __future__ import annotations`: fx cannot pickle string types
             node.type = None
@@ -98,6 +110,28 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     gm = GraphModule(tracer.root, graph, name)
     gm.meta[MODEL_KEY] = name
     return gm
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the model's own objects. Each module gets
+    its own attribute dict, with its containers (dicts, lists, sets: caches) copied one level deep, so what
+    tracing writes into a module stays in the copy. Much cheaper than `copy.deepcopy`, which pickles."""
+    copies: dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in copies:  # a module reachable twice stays one module
+            return copies[id(module)]
+        new = object.__new__(module.__class__)  # not cls.__new__: GraphModule's makes a class without forward
+        copies[id(module)] = new
+        state = {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in module.__dict__.items()}
+        state["_modules"] = {k: None if m is None else clone(m) for k, m in module._modules.items()}
+        new.__dict__.update(state)
+        return new
+
+    try:
+        return clone(model)
+    except TypeError:  # a class that cannot be made this way: trace the model itself
+        return model
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:

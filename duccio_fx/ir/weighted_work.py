@@ -41,6 +41,16 @@ class WeightedWorkMode(TorchFunctionMode):
         self.biases: dict[str, int] = {}
         self.macs = 0
 
+    def __enter__(self) -> "WeightedWorkMode":
+        # nn.MultiheadAttention's inference fast path fuses its projections into one op: take the plain path
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.mha.set_fastpath_enabled(self._fastpath)
+        super().__exit__(*exc)
+
     def _name(self, t: Any) -> str | None:
         if not isinstance(t, torch.Tensor):
             return None
@@ -82,12 +92,38 @@ class WeightedWorkMode(TorchFunctionMode):
                     if func in _ADD_PRODUCTS:
                         self._bias(args[0])
                     break
+        elif func is F.multi_head_attention_forward:
+            self._attention(args, kwargs)
         elif func is torch.einsum and any(self._name(t) is not None for t in args[1:]):
             for t in args[1:]:
                 if (name := self._name(t)) is not None:
                     self._weight(t, name)
             self.macs += math.prod(out.shape) * _contracted(args[0], args[1:])
         return out
+
+    def _attention(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """F.multi_head_attention_forward is one torch function to this mode (its projections run inside it):
+        its q, k, v and output projections, from its arguments ([L, N, E] query, [S, N, E] key and value)."""
+        names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+                 "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
+        a = {**dict(zip(names, args)), **kwargs}
+        query, key, value = a["query"], a["key"], a["value"]
+        if a.get("use_separate_proj_weight"):
+            projections = [(a["q_proj_weight"], query), (a["k_proj_weight"], key), (a["v_proj_weight"], value)]
+        else:
+            e = query.shape[-1]
+            w = a["in_proj_weight"]
+            projections = [(w[:e], query), (w[e:2 * e], key), (w[2 * e:], value)]
+            self._weight(w, self._name(w))
+        for w, x in projections:
+            if a.get("use_separate_proj_weight"):
+                self._weight(w, self._name(w))
+            self.macs += x.numel() // x.shape[-1] * w.numel()
+        self._bias(a.get("in_proj_bias"))
+        out_w = a["out_proj_weight"]
+        self._weight(out_w, self._name(out_w))
+        self._bias(a.get("out_proj_bias"))
+        self.macs += query.numel() // query.shape[-1] * out_w.numel()
 
     def work(self, batch: int) -> WeightedWork:
         return WeightedWork(sum(self.weights.values()), sum(self.biases.values()), self.macs // max(batch, 1),
