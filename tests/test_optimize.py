@@ -267,6 +267,7 @@ def test_resume_after_interruption_repeats_the_uninterrupted_run(tmp_path, phase
     assert [(r.phase, r.epoch) for r in resumed.history] == [(r.phase, r.epoch) for r in whole.history]
     assert [r.val_loss for r in resumed.history] == [r.val_loss for r in whole.history]
     assert resumed.final_costs == whole.final_costs
+    assert resumed.exported_epoch == whole.exported_epoch is not None and resumed.exported_feasible
     for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -383,6 +384,28 @@ def test_optimize_cli_writes_model_onnx_and_report(tmp_path):
     assert not (out / "checkpoint.pt").exists()
     again = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--out", str(out)])
     assert again.exit_code == 1 and "already holds a finished run" in again.output
+
+
+def test_the_exported_search_epoch_is_recorded_and_epochs_count_alike_everywhere(tmp_path):
+    from duccio_fx.cli.plots import epoch_ticks
+
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "60%", "--epochs", "1,3,1",
+                                 "--out", str(out), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    history = report["history"]
+    on_console = re.findall(r"^(warmup|search|finetune) (\d+) \|", result.output, re.M)
+    assert [(r["phase"], str(r["epoch"])) for r in history] == on_console  # the same numbers, from 1
+    assert [r["epoch"] for r in history if r["phase"] == "search"][0] == 1
+    exported = report["exported_epoch"]
+    feasible = [r for r in history if r["phase"] == "search" and all(v <= 0 for v in r["violations"])]
+    assert exported["phase"] == "search" and exported["met"]
+    assert exported["epoch"] == min(feasible, key=lambda r: r["val_loss"])["epoch"]
+    assert f"exported: search epoch {exported['epoch']} (the lowest validation loss" in result.output
+    labels, at = epoch_ticks(report)
+    assert labels == [str(r["epoch"]) for r in history]
+    assert history[at - 1]["phase"] == "search" and history[at - 1]["epoch"] == exported["epoch"]
 
 
 @pytest.mark.parametrize("change,message,where", [

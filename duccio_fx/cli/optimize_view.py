@@ -114,7 +114,10 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
         "onnx_max_abs_diff": checks.get("onnx_max_abs_diff"),
         "checks": checks,
         "files": files,
-        "history": [asdict(r) for r in result.history],
+        # epochs count from 1 within each phase, as on the console and in the plots
+        "exported_epoch": None if result.exported_epoch is None else {
+            "phase": "search", "epoch": result.exported_epoch + 1, "met": result.exported_feasible},
+        "history": [dict(asdict(r), epoch=r.epoch + 1) for r in result.history],
     }
 
 
@@ -152,6 +155,11 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
     console.print(cons)
     if report.get("architecture"):
         render_choices(report["architecture"], console)
+    exported = report.get("exported_epoch")
+    if exported:
+        console.print(f"exported: search epoch {exported['epoch']} ("
+                      + ("the lowest validation loss of the epochs that met every constraint)" if exported["met"] else
+                         "no search epoch met every constraint: the last one)"), highlight=False)
     levels = report["layers"]["final"]
     moved = [f"{n}: {report['layers']['seed'][n]['level']} -> {x['level']}" for n, x in levels.items()
              if x["level"] and n in report["layers"]["seed"] and report["layers"]["seed"][n]["level"] != x["level"]]

@@ -61,10 +61,25 @@ def plot_run(run: Path) -> list[Path]:
     return [_history(report, Path(run) / "history.png"), _layers(report, Path(run) / "layers.png")]
 
 
+def epoch_ticks(report: dict[str, Any]) -> tuple[list[str], int | None]:
+    """The label of each history record on the x axis (its epoch within its phase, counted from 1, as on the
+    console and in report.json) and the position (1-based) of the exported search epoch, if recorded."""
+    history = report["history"]
+    shift = 0 if "exported_epoch" in report else 1  # reports written before counted from 0
+    labels = [str(r["epoch"] + shift) for r in history]
+    exported = report.get("exported_epoch")
+    at = None
+    if exported:
+        at = next((i for i, r in enumerate(history, 1)
+                   if r["phase"] == exported["phase"] and r["epoch"] + shift == exported["epoch"]), None)
+    return labels, at
+
+
 def _history(report: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     history = report["history"]
     x = list(range(1, len(history) + 1))
+    labels, exported_at = epoch_ticks(report)
     constraints = report["constraints"]
     fig, axes = plt.subplots(2 + len(constraints), 1, figsize=(8, 2.4 * (2 + len(constraints))), sharex=True)
     for ax in axes:  # phases as background bands
@@ -95,7 +110,14 @@ def _history(report: dict[str, Any], path: Path) -> Path:
             twin.plot([i for i, _ in lambdas], [v for _, v in lambdas], "x:", color="tab:purple", label="λ")
             twin.set_ylabel("λ", color="tab:purple", rotation=0, labelpad=10)
         ax.legend(loc="upper right", fontsize=8)
-    axes[-1].set_xlabel("epoch (grey: warmup, orange: search, green: fine-tune)")
+    step = max(1, len(x) // 40)
+    axes[-1].set_xticks(x[::step], labels[::step], fontsize=7)
+    if exported_at is not None:
+        for ax in axes:
+            ax.axvline(exported_at, color="black", ls=":", lw=1)
+        axes[0].annotate(f"exported (search epoch {labels[exported_at - 1]})", (exported_at, 1.0),
+                         xycoords=("data", "axes fraction"), fontsize=7, ha="center", va="bottom")
+    axes[-1].set_xlabel("epoch within its phase (grey: warmup, orange: search, green: fine-tune)")
     fig.suptitle(f"{Path(report['source']).name}: {report['status']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

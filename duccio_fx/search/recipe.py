@@ -80,6 +80,10 @@ class SearchResult:
     warmup_cached: bool
     critical: dict[str, str]
     final_terms: list[LayerTerm] = field(default_factory=list)  # the exported model's layers
+    # the search epoch whose architecture was exported (EpochRecord.epoch, counted from 0) and whether it met
+    # every constraint (the best feasible epoch), or the last one when no epoch did
+    exported_epoch: int | None = None
+    exported_feasible: bool = False
 
     @property
     def bounds(self) -> list[float]:
@@ -293,6 +297,7 @@ class Recipe:
         opt = self._search_optimizer()
         best: dict[str, Any] | None = None
         best_loss, since_best, start_epoch, cached = math.inf, 0, 0, False
+        best_epoch: int | None = None
         seed_metric = math.nan
         if state is None or state["phase"] == "warmup":
             lhat, cached = self._warmup(state)
@@ -307,6 +312,7 @@ class Recipe:
             if state["phase"] == "search":
                 opt.load_state_dict(state["optimizer"])
                 best, best_loss, since_best = state["best"], state["best_loss"], state["since_best"]
+                best_epoch = state.get("best_epoch")
                 start_epoch = state["epoch"] + 1
 
         if state is None or state["phase"] == "search":
@@ -323,16 +329,18 @@ class Recipe:
                 feasible = all(v <= 0 for v in rec.violations)
                 if feasible and rec.val_loss < best_loss:
                     best, best_loss, since_best = copy.deepcopy(self.space.state()), rec.val_loss, 0
+                    best_epoch = epoch
                 elif best is not None:
                     since_best += 1
                 self._save({"phase": "search", "epoch": epoch, "searchable": self.space.state(),
                             "optimizer": opt.state_dict(), "objective": self.objective.state_dict(), "best": best,
-                            "best_loss": best_loss, "since_best": since_best, "seed_metric": seed_metric,
-                            "cached": cached})
+                            "best_loss": best_loss, "since_best": since_best, "best_epoch": best_epoch,
+                            "seed_metric": seed_metric, "cached": cached})
                 epoch += 1
             self.progress("done", {"phase": "search", "epochs": epoch})  # may stop before the limit
             if best is not None:
                 self.space.load_state(best)
+            exported_epoch, exported_feasible = (best_epoch, True) if best is not None else (epoch - 1, False)
             exported = self.space.export(self.context)
             search_loss, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn,
                                                         self.device, during="the exported model's validation")
@@ -340,6 +348,7 @@ class Recipe:
             ft_best, ft_best_loss = copy.deepcopy(exported.state_dict()), search_loss
         else:
             exported, search_metric = state["exported"], state["search_metric"]
+            exported_epoch, exported_feasible = state.get("exported_epoch"), bool(state.get("exported_feasible"))
             ft_opt = self._weight_optimizer(exported.parameters())
             ft_opt.load_state_dict(state["optimizer"])
             ft_start = state["epoch"] + 1
@@ -355,7 +364,8 @@ class Recipe:
             self._save({"phase": "finetune", "epoch": epoch, "exported": exported, "optimizer": ft_opt.state_dict(),
                         "searchable": self.space.state(), "objective": self.objective.state_dict(),
                         "search_metric": search_metric, "seed_metric": seed_metric, "cached": cached,
-                        "ft_best": ft_best, "ft_best_loss": ft_best_loss})
+                        "ft_best": ft_best, "ft_best_loss": ft_best_loss, "exported_epoch": exported_epoch,
+                        "exported_feasible": exported_feasible})
         self.progress("done", {"phase": "finetune", "epochs": s.finetune_epochs})
         exported.load_state_dict(ft_best)
         _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn, self.device,
@@ -365,7 +375,8 @@ class Recipe:
         final_terms = layer_terms(final)
         return SearchResult(exported, self.space, self.constraints, self.seed_costs, graph_costs(final, self.target),
                             seed_metric, search_metric, final_metric, list(self.history), dict(self.phase_seconds),
-                            cached, self.critical, final_terms)
+                            cached, self.critical, final_terms, exported_epoch=exported_epoch,
+                            exported_feasible=exported_feasible)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         state = self.checkpoint.load()
