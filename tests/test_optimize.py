@@ -719,6 +719,21 @@ def test_bf16_autocast_runs_the_recipe_and_keeps_costs_exact(tmp_path):
     assert result.history[0].train_loss == pytest.approx(full.history[0].train_loss, rel=0.05)
 
 
+def test_the_amp_setting_keys_the_warmup_cache_and_the_checkpoint(tmp_path):
+    """A bf16 warmup trains other weights than a float32 one: it neither reuses the other's cached warmup
+    nor resumes its checkpoint."""
+    args = _tiny_args(tmp_path)
+    args[-1].finetune_epochs = 0
+    full = Recipe(*args, device="cpu", checkpoint=tmp_path / "a.pt", cache_dir=tmp_path / "cache").run()
+    assert not full.warmup_cached
+    with pytest.raises(duccio_fx.DuccioError, match=r"another run \(amp: None in the checkpoint, 'bfloat16' now\)"):
+        Recipe(*args, device="cpu", amp="bf16", checkpoint=tmp_path / "a.pt").run(resume=True)
+    half = Recipe(*args, device="cpu", amp="bf16", cache_dir=tmp_path / "cache").run()
+    assert not half.warmup_cached and len(list((tmp_path / "cache" / "warmup").glob("*.pt"))) == 2
+    again = Recipe(*args, device="cpu", amp="bf16", cache_dir=tmp_path / "cache").run()
+    assert again.warmup_cached and again.history[0].train_loss == half.history[0].train_loss
+
+
 def test_checkpoints_and_the_warmup_cache_load_onto_the_run_device(tmp_path, monkeypatch):
     """Files saved on one device load with map_location set to the run's device (here the CPU)."""
     seen = []

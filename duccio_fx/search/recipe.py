@@ -119,6 +119,7 @@ class Recipe:
         self.world = init_world(self.device)  # a single process, or one rank of a torchrun launch
         self.device = rank_device(self.device, self.world)
         self.amp = resolve_amp(amp, self.device)
+        self.amp_name = str(self.amp).removeprefix("torch.") if self.amp is not None else None  # e.g. bfloat16
         self.model, self.example = model, tuple(example_inputs)
         self.train_loader, self.val_loader = train_loader, val_loader
         # the batches this rank trains on (all of them in a single process)
@@ -225,7 +226,7 @@ class Recipe:
         if self.cache_dir is not None and s.warmup_epochs > 0 and state is None:
             key = fingerprint(self.model, self.train_loader, s, self.example,
                               self.space.structure() + f"|ranks {self.world.size}",  # the global batch differs
-                              getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)))
+                              getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)), amp=self.amp_name)
             cache = WarmupCache(self.cache_dir, key, map_location=self.device)
             cached = cache.load()
             if cached is not None:
@@ -284,10 +285,13 @@ class Recipe:
         """What a checkpoint must agree on to be resumed, one entry per setting (named as in SearchSettings)."""
         model = hashlib.sha256((self.space.structure() + repr(
             [(k, tuple(v.shape)) for k, v in self.space.state_dict().items()])).encode()).hexdigest()
-        return {**asdict(self.settings),
-                "constraints": [(c.label, c.bound, c.constraint.relative) for c in self.constraints],
-                "target": self.target.name if self.target is not None else None,
-                "model": model[:16], "ranks": self.world.size}
+        signature = {**asdict(self.settings),
+                     "constraints": [(c.label, c.bound, c.constraint.relative) for c in self.constraints],
+                     "target": self.target.name if self.target is not None else None,
+                     "model": model[:16], "ranks": self.world.size}
+        if self.amp_name is not None:  # absent for full precision, so earlier checkpoints still resume
+            signature["amp"] = self.amp_name
+        return signature
 
     def run(self, resume: bool = False) -> SearchResult:
         s = self.settings

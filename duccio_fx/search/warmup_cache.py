@@ -1,7 +1,8 @@
 """The warmup cache: the warmup does not depend on the constraints, so its result is stored and reused.
 
 The key covers what the warmed-up weights depend on: the seed's weights and traced graph, the loss, the
-data (in a fixed order, without touching the global RNG), the seed and the warmup settings.
+data (in a fixed order, without touching the global RNG), the seed, the warmup settings and the autocast
+precision (`--amp`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def default_cache_dir() -> Path:
 
 
 def fingerprint(model: nn.Module, loader: Iterable[Any], settings: SearchSettings, example: Sequence[Any],
-                graph_code: str = "", loss_name: str = "") -> str:
-    """Key of the warmup cache: seed weights, traced graph, loss, data, seed and warmup settings."""
+                graph_code: str = "", loss_name: str = "", amp: str | None = None) -> str:
+    """Key of the warmup cache: seed weights, traced graph, loss, data, seed, warmup settings and autocast
+    precision (None, the full-precision warmup, keeps the keys of earlier versions)."""
     h = hashlib.sha256()
     h.update(graph_code.encode())
     h.update(loss_name.encode())
@@ -43,6 +45,8 @@ def fingerprint(model: nn.Module, loader: Iterable[Any], settings: SearchSetting
             n += 1
     h.update(f"{n}|{settings.warmup_epochs}|{settings.lr}|{settings.weight_decay}|{settings.seed}".encode())
     h.update(str([tuple(e.shape) for e in example]).encode())
+    if amp is not None:  # a bf16 warmup trains other weights than a float32 one
+        h.update(f"|amp {amp}".encode())
     return h.hexdigest()[:24]
 
 
