@@ -117,7 +117,7 @@ def register_builtins(registry: OpRegistry) -> None:
     # what functional-layers left functional: norms on statistics computed in the graph (or none at all)
     fns((F.batch_norm, F.instance_norm), rule_functional_norm, "follows")
     fns((F.group_norm,), rule_group_norm, "follows")
-    fns((torch.matmul, torch.bmm, torch.mm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+    fns((torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
          F.conv_transpose2d, F.linear, F.bilinear, F.embedding, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.scaled_dot_product_attention,
          torch.roll, torch.flip, torch.gather, torch.index_select, torch.sort, torch.topk, torch.argmax,
          torch.argmin), rule_blocks, "blocks")

@@ -109,6 +109,8 @@ def _kept_dim(node: Node, source: RawValue) -> int:
     LayerNorm, or an unknown op that pads H and W of an [N, H, W, C] tensor, keeps C last); the last dim when
     a channels-last input changes rank; else dim 1."""
     out, src = tensor_info(node), tensor_info(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+    if isinstance(out, tuple):  # (output, attention weights) of an attention module: the output's dims
+        out = next((i for i in out if isinstance(i, TensorInfo)), None)
     if isinstance(source, RawLayout) and isinstance(out, TensorInfo) and isinstance(src, TensorInfo):
         if len(out.shape) == len(src.shape):
             return source.dim
