@@ -297,6 +297,8 @@ def lower_cmd(
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after each pass to DIR/NNN_<pass>.txt"),
     device: str = typer.Option("auto", "--device", help="where calibration and --qat-epochs run: auto, cpu, cuda, "
                                "cuda:N or mps (the integer network is built on the CPU)"),
+    force: bool = typer.Option(False, "--force", help="write into an --out directory that is not empty (its "
+                               "files of an earlier lowering are replaced)"),
 ) -> None:
     """Lower a model to an 8-bit integer network that DORY turns into GAP8 C code (Quantlab ONNX, config.json,
     input.txt, out_layer{i}.txt golden activations, lowering.json), calibrated post-training on the model
@@ -304,6 +306,7 @@ def lower_cmd(
     try:
         code = run_lower(source=source, target=load_target(target) if target is not None else None, out=out, calib_batches=calib_batches,
                          percentile=percentile, qat_epochs=qat_epochs, as_json=as_json, device=resolve_device(device),
+                         force=force,
                          instruments=_ir_instruments(print_between_passes, dump_ir,
                                                      sys.stderr if as_json else sys.stdout))
     except DuccioError as err:

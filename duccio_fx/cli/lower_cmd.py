@@ -132,8 +132,10 @@ def render_lowering(bundle: DoryBundle, out: Path | None, console: Console) -> N
 
 def run_lower(*, source: str, target: Target | None, out: Path, calib_batches: int, percentile: float,
               qat_epochs: int = 0, instruments: Sequence[Instrument] = (), as_json: bool = False,
-              console: Console | None = None, device: torch.device | None = None) -> int:
-    """`duccio-fx lower`. `target` None: the run's own target (recorded in its report.json), else gap8."""
+              console: Console | None = None, device: torch.device | None = None, force: bool = False) -> int:
+    """`duccio-fx lower`. `target` None: the run's own target (recorded in its report.json), else gap8. An
+    `out` that exists and is not empty is refused unless `force` (then the lowering's files replace those
+    there)."""
     console = console or Console(width=max(Console().width, 140), stderr=as_json)
     if calib_batches < 1:
         raise DuccioError(f"--calib-batches {calib_batches} must be at least 1", where="--calib-batches")
@@ -142,7 +144,17 @@ def run_lower(*, source: str, target: Target | None, out: Path, calib_batches: i
                           fix="e.g. 99.99 (100 is the plain maximum)")
     if qat_epochs < 0:
         raise DuccioError(f"--qat-epochs {qat_epochs} must be 0 or more", where="--qat-epochs")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DuccioError(f"{out} already exists" + (" and is not empty" if out.is_dir() else " (a file)"),
+                          where="--out", fix="choose another --out directory, or pass --force to replace the "
+                                             "lowering's files in it")
     model, spec, described, report = load_source(source)
+    if report is None:
+        weights = ("random: the zoo has no trained weights" if source.startswith("zoo:") else
+                   "as the model file builds them: untrained, unless the file loads trained weights")
+        say(console, f"[yellow]note:[/] {escape(source)} is not a finished run; its weights are {weights}, so the "
+                     "accuracy below says nothing about a trained network. To deploy a search result, lower its run "
+                     "directory (duccio-fx lower RUN_DIR).")
     if target is None:
         target = report_target(report, strict=True) if report is not None else None
         if target is not None:
@@ -156,7 +168,13 @@ def run_lower(*, source: str, target: Target | None, out: Path, calib_batches: i
     bundle, _ = lower_model(model, spec, target, calib_batches=calib_batches, percentile=percentile,
                             context=PassContext(instruments), console=console, qat_epochs=qat_epochs)
     bundle.report["source"] = described
+    bundle.report["weights"] = "trained (a finished optimize run)" if report is not None else (
+        "random (a zoo model)" if source.startswith("zoo:") else "as the model file builds them")
     bundle.save(out)
+    written = set(bundle.all_files())
+    for stale in out.glob("out_layer*.txt"):  # --force over a lowering with more layers
+        if stale.name not in written:
+            stale.unlink()
     if as_json:
         print(json.dumps(bundle.report, indent=2))
     else:

@@ -19,7 +19,7 @@ from rich.markup import escape
 from duccio_fx.cli.lower_cmd import lower_model, render_lowering
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.output import path_text, say
-from duccio_fx.cli.optimize_view import LiveProgress, build_report, render_summary
+from duccio_fx.cli.optimize_view import LiveProgress, budget_notes, build_report, render_summary
 from duccio_fx.cli.plots import plot_run, plots_available
 from duccio_fx.cli.target_report import target_report
 from duccio_fx.common.atomic import save_atomic, write_bytes_atomic, write_text_atomic
@@ -125,6 +125,11 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     torch.manual_seed(settings.seed)  # the model file may build its weights and data from the global RNG
     spec = load_model_file(model)
     out = out or Path("runs") / Path(spec.source.removeprefix("zoo:")).stem
+    if resume and (out / "report.json").exists():  # finished: nothing to continue, nothing to train again
+        status = json.loads((out / "report.json").read_text()).get("status")
+        say(console, f"{path_text(out)} holds a finished run (status: {status}): nothing to resume; its results are "
+                     f"in {path_text(out / 'report.json')}")
+        return 0 if status == "met" else VIOLATED_EXIT
     if dory:  # an op DORY cannot run is refused now, not after the search
         check_lowerable(spec.model, spec.example_inputs[0], target, spec.leaf_modules)
     checkpoint = _check_out(out, resume)
@@ -191,6 +196,7 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     files.update(report=str(out / "report.json"), summary=str(out / "summary.txt"))
     report = build_report(result, spec.source, target, seed_rep, final_rep, checks, files,
                           target_spec=target_record(target_spec if target_spec is not None else target))
+    report["notes"] = budget_notes(report, settings)
     if bundle is not None:
         report["dory"] = {"dir": str(out / "dory"), "accuracy": bundle.report.get("accuracy"),
                           "layers": len(bundle.net.layers), "bnrelu_bits": bundle.report["bnrelu_bits"]}
@@ -202,6 +208,8 @@ def run_optimize(*, model: str, target: Target, constraints: Sequence[Constraint
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))  # last: marks the run finished
     checkpoint.unlink(missing_ok=True)
     render_summary(report, console)
+    for note in report["notes"]:
+        say(console, f"[yellow]note:[/] {escape(note)}")
     if plots_available():  # the pictures are a bonus: a plotting problem must not cost the run
         try:
             say(console, f"plots: {', '.join(path_text(path) for path in plot_run(out))}")

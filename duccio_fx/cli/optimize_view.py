@@ -13,6 +13,7 @@ from rich.table import Table
 
 from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.path_view import render_choices
+from duccio_fx.costs.metrics import get_metric
 from duccio_fx.search.recipe import EpochRecord, SearchResult
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.targets import Target
@@ -119,6 +120,26 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
             "phase": "search", "epoch": result.exported_epoch + 1, "met": result.exported_feasible},
         "history": [dict(asdict(r), epoch=r.epoch + 1) for r in result.history],
     }
+
+
+UNUSED_BUDGET = 0.6  # a result below this fraction of a binding bound left budget the search could use
+
+
+def budget_notes(report: dict[str, Any], settings: SearchSettings) -> list[str]:
+    """A met bound the result stays far below (< 60 %), though the seed was above it: the search stopped
+    before it could trade the spare budget back for accuracy (a mask or path only grows again while the task
+    loss pulls it back, which takes epochs)."""
+    if report["status"] != "met":
+        return []
+    notes = []
+    for c in report["constraints"]:
+        if c["scope"] is None and c["seed"] > c["bound"] > 0 and c["final"] < UNUSED_BUDGET * c["bound"]:
+            m = get_metric(c["metric"])
+            notes.append(f"{c['constraint']} ends at {c['final'] / c['bound']:.0%} of its bound "
+                         f"({m.describe(c['final'])} of {m.describe(c['bound'])}): more search epochs "
+                         f"(a larger S in --epochs W,S,F than {settings.search_epochs}, or --max-search-epochs) "
+                         "would let the search use the budget left for accuracy")
+    return notes
 
 
 def _num(x: Any, unit: str = "") -> str:

@@ -1,0 +1,77 @@
+"""What a new user tripped over: a finished run resumed, an output folder lowered over, a seed lowered as if
+trained, a result that left most of its budget unused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from duccio_fx.cli import app
+from tests.test_optimize import model_file
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished run whose one search epoch (a huge architecture lr and λ) overshot its 90 % size bound."""
+    root = tmp_path_factory.mktemp("new-user")
+    args = ["optimize", model_file(root), "--max-size", "90%", "--epochs", "0,1,0", "--max-search-epochs", "1",
+            "--arch-lr", "2", "--constant-lambda", "5", "--out", str(root / "run"), "--no-cache"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return root, args, result
+
+
+def test_a_result_far_below_its_bound_notes_that_more_search_epochs_would_use_the_budget(run):
+    root, _, result = run
+    report = json.loads((root / "run" / "report.json").read_text())
+    (c,) = report["constraints"]
+    assert c["final"] < 0.6 * c["bound"] < c["seed"]
+    share = f"{c['final'] / c['bound']:.0%}"
+    assert report["notes"] == [
+        f"size ends at {share} of its bound ({c['final']:,.0f} B of {c['bound']:,.0f} B): more search epochs (a larger "
+        "S in --epochs W,S,F than 1, or --max-search-epochs) would let the search use the budget left for accuracy"]
+    assert f"note: {report['notes'][0]}" in result.output
+
+
+def test_resume_on_a_finished_run_says_it_is_finished(run):
+    root, args, _ = run
+    before = (root / "run" / "report.json").stat().st_mtime_ns
+    again = runner.invoke(app, args + ["--resume"])
+    assert again.exit_code == 0, again.output
+    assert f"{root / 'run'} holds a finished run (status: met): nothing to resume" in again.output
+    assert "warmup" not in again.output and "search 1" not in again.output  # nothing trained again
+    assert (root / "run" / "report.json").stat().st_mtime_ns == before
+
+
+def test_lower_refuses_an_output_folder_that_is_not_empty_unless_forced(run):
+    root, _, _ = run
+    out = root / "dory"
+    out.mkdir()
+    (out / "out_layer9.txt").write_text("0\n")  # a file of an earlier lowering with more layers
+    refused = runner.invoke(app, ["lower", str(root / "run"), "--out", str(out), "--calib-batches", "1"])
+    assert refused.exit_code == 1 and f"{out} already exists and is not empty" in refused.output
+    assert "--force" in refused.output and sorted(p.name for p in out.iterdir()) == ["out_layer9.txt"]
+    forced = runner.invoke(app, ["lower", str(root / "run"), "--out", str(out), "--calib-batches", "1", "--force"])
+    assert forced.exit_code == 0, forced.output
+    layers = len(json.loads((out / "lowering.json").read_text())["layers"])
+    assert layers < 9 and sorted(p.name for p in out.glob("out_layer*.txt")) == \
+        sorted(f"out_layer{i}.txt" for i in range(layers))  # the stale file is gone
+    assert "not a finished run" not in forced.output  # a run's weights are trained: no warning
+
+
+@pytest.mark.parametrize("source, weights", [
+    ("model", "as the model file builds them: untrained, unless the file loads trained weights"),
+    ("zoo:dscnn", "random: the zoo has no trained weights"),
+])
+def test_lower_of_a_model_file_warns_that_its_weights_are_untrained(run, source, weights):
+    root, _, _ = run
+    source = str(root / "tiny.py") if source == "model" else source
+    out = root / f"dory-{source.replace(':', '-').replace('/', '-')}"
+    result = runner.invoke(app, ["lower", source, "--out", str(out), "--calib-batches", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"note: {source} is not a finished run; its weights are {weights}" in result.output
+    assert json.loads((out / "lowering.json").read_text())["weights"].startswith(("as the model file", "random"))
