@@ -188,29 +188,6 @@ def _randomize_bn(model: Any, seed: int) -> None:
                     m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
 
 
-def layer_diff(costs: Any, count: Any, limit: int = 4) -> list[str]:
-    """The layers whose (params, MACs) differ between the analysis and the op-level count."""
-    ours: dict[str, tuple[int, int]] = {}
-    for layer, params in costs.layer_params.items():
-        key = layer.split("#")[0]
-        p, m = ours.get(key, (0, 0))
-        ours[key] = (p + int(params), m + int(costs.layer_macs[layer]))
-    ours = {k: v for k, v in ours.items() if v != (0, 0)}
-    theirs = count.per_layer
-    out = []
-    for name in sorted(set(ours) | set(theirs), key=lambda k: -max(theirs.get(k, (0, 0))[1], ours.get(k, (0, 0))[1])):
-        a, b = ours.get(name), theirs.get(name)
-        if a == b:
-            continue
-        if a is None:
-            out.append(f"{name}: not costed (counted {b[0]} params, {b[1]} MACs)")
-        elif b is None:
-            out.append(f"{name}: costed {a[0]} params, {a[1]} MACs, not counted")
-        else:
-            out.append(f"{name}: costed {a}, counted {b}")
-    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
-
-
 def run_one(source: str, name: str, size: int, seed: int = 0) -> dict[str, Any]:
     import torch
 
@@ -257,7 +234,8 @@ def run_one(source: str, name: str, size: int, seed: int = 0) -> dict[str, Any]:
         row["costs"] = {"params": int(costs.params), "macs": int(costs.macs)}
         row["costs_equal"] = row["costs"]["params"] == count.params and row["costs"]["macs"] == count.macs
         if not row["costs_equal"]:
-            row["cost_diff"] = layer_diff(costs, count)
+            row["cost_diff"] = counting.differences(
+                counting.costed_per_layer(costs.layer_params, costs.layer_macs), count)
         groups = duccio_fx.channel_groups(gm)
         total = sum(g.channels for g in groups)
         searchable = sum(g.channels for g in groups if not g.frozen)
@@ -460,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="at most this many models")
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per model (default 240)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per model (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per model (default 1: batch-1 passes gain little from more, and lose "
+                             "much when the cores are shared)")
     parser.add_argument("--no-lowering", action="store_true",
                         help="DORY verdict from the dory-layers checks only, without the whole lowering")
     parser.add_argument("--json", type=Path, help="write every row and the totals as JSON here")

@@ -311,3 +311,33 @@ def counted_costs(model: nn.Module, inputs: Any) -> tuple[int, int]:
     c = count(model, inputs)
     assert not c.unhandled, f"ops the counter does not know mix parameters into activations: {c.unhandled}"
     return c.params, c.macs
+
+
+def costed_per_layer(layer_params: dict[str, Any], layer_macs: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{layer: (params, MACs)} from another tool's per-layer tables, the calls of a layer called more than once
+    (`b`, `b#2`) summed, layers without cost left out: comparable with `Count.per_layer`."""
+    out: dict[str, tuple[int, int]] = {}
+    for layer, params in layer_params.items():
+        key = layer.split("#")[0]
+        p, m = out.get(key, (0, 0))
+        out[key] = (p + int(params), m + int(layer_macs.get(layer, 0)))
+    return {k: v for k, v in out.items() if v != (0, 0)}
+
+
+def differences(costed: dict[str, tuple[int, int]], count: Count, limit: int = 6) -> list[str]:
+    """The layers whose (params, MACs) differ between `costed` (see `costed_per_layer`) and `count`, largest
+    first. Names are the weight parameters' (a functional layer may carry another name on the other side)."""
+    counted = count.per_layer
+    out = []
+    for name in sorted(set(costed) | set(counted),
+                       key=lambda k: (-max(counted.get(k, (0, 0))[1], costed.get(k, (0, 0))[1]), k)):
+        a, b = costed.get(name), counted.get(name)
+        if a == b:
+            continue
+        if a is None:
+            out.append(f"{name}: not costed (counted {b[0]} params, {b[1]} MACs)")
+        elif b is None:
+            out.append(f"{name}: costed {a[0]} params, {a[1]} MACs, not counted")
+        else:
+            out.append(f"{name}: costed {a[0]} params, {a[1]} MACs; counted {b[0]}, {b[1]}")
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])

@@ -9,13 +9,27 @@ The first tests check the counter itself on hand-counted models, so that the two
 from __future__ import annotations
 
 import math
+import sys
+import types
+from typing import Any, Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import duccio_fx
+from duccio_fx.pipeline import graph_costs
 from tests import counting
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batch-1 forward passes of small models: one thread is faster than two fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,3 +117,115 @@ def test_tied_weights_count_once():
     count = counting.count(model, torch.randn(1, 4))
     assert (count.params, count.macs) == (16, 32)
     assert math.prod(emb.weight.shape) == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# real models: costs == the op-level count, exact export
+# --------------------------------------------------------------------------------------------------
+def _torchvision() -> Any:
+    # the model definitions do not need torchvision's compiled ops, which do not load on every CPU torch build
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    return pytest.importorskip("torchvision")
+
+
+def _timm() -> Any:
+    _torchvision()  # timm imports torchvision
+    return pytest.importorskip("timm")
+
+
+def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    return lambda: _torchvision().models.get_model(name, weights=None, num_classes=10, **kw)
+
+
+def _timm_model(name: str) -> Callable[[], nn.Module]:
+    return lambda: _timm().create_model(name, pretrained=False, num_classes=10)
+
+
+def _tiny_swin() -> nn.Module:
+    """torchvision's Swin (its attention calls F.linear with the qkv / proj weights), two small stages."""
+    swin = _torchvision().models.swin_transformer
+    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                window_size=[4, 4], num_classes=10)
+
+
+def _tiny_resnetv2() -> nn.Module:
+    """timm's ResNetV2 (BiT): StdConv2d standardises its weight in forward and calls F.conv2d with the result."""
+    _timm()
+    from functools import partial
+
+    from timm.layers import GroupNormAct
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=[1, 1], channels=(32, 64), stem_chs=16, num_classes=10,
+                    norm_layer=partial(GroupNormAct, num_groups=4))
+
+
+def _tiny_vit() -> nn.Module:
+    _timm()
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+REAL = {  # name: (builder, input size)
+    "tv_resnet18": (_tv("resnet18"), 32),
+    "tv_mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.5), 32),
+    "tv_swin_tiny": (_tiny_swin, 32),
+    "timm_mobilenetv2_050": (_timm_model("mobilenetv2_050"), 32),
+    "timm_efficientnet_lite0": (_timm_model("efficientnet_lite0"), 32),
+    "timm_mobilenetv3_small_050": (_timm_model("mobilenetv3_small_050"), 32),  # timm.layers.Linear classifier
+    "timm_resnetv2_stdconv": (_tiny_resnetv2, 32),
+    "timm_vit_tiny": (_tiny_vit, 32),
+}
+SEARCHABLE = {"timm_mobilenetv2_050": 0.9, "timm_efficientnet_lite0": 0.9}
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_models_cost_what_they_run_and_export_exactly(name):
+    builder, size = REAL[name]
+    torch.manual_seed(0)
+    model = builder().eval()
+    _randomize_bn(model)
+    x = torch.randn(1, 3, size, size)
+    count = counting.count(model, x)
+    assert not count.unhandled, count.unhandled
+
+    # the analysis costs every conv / linear the model runs, however it calls it (no leaf modules)
+    gm = duccio_fx.analyze(model, x)
+    costs = graph_costs(gm)
+    diff = counting.differences(counting.costed_per_layer(costs.layer_params, costs.layer_macs), count)
+    assert (int(costs.params), int(costs.macs)) == (count.params, count.macs), \
+        f"costed {int(costs.params)} params, {int(costs.macs)} MACs; counted {count.params}, {count.macs}: {diff}"
+
+    groups = duccio_fx.channel_groups(gm)
+    searchable = sum(g.channels for g in groups if not g.frozen) / sum(g.channels for g in groups)
+    if name in SEARCHABLE:
+        frozen = [g for g in groups if g.frozen]
+        assert searchable >= SEARCHABLE[name], \
+            f"{searchable:.1%} searchable; {len(frozen)} frozen groups, e.g. {[g.reason[:120] for g in frozen[-3:]]}"
+
+    # random masks: the exported model computes what the search computes, and costs what the search says
+    sm = duccio_fx.make_searchable(model, x)
+    gen = torch.Generator().manual_seed(1)
+    sm.set_masks({g.id: torch.rand(g.channels, generator=gen) < 0.5 for g in sm.channel_groups})
+    sm.eval()
+    with torch.no_grad():
+        want = sm(x)
+    exported = sm.export().eval()
+    with torch.no_grad():
+        got = exported(x)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    masked, after = sm.costs(), counting.count(exported, x)
+    assert (int(masked["params"]), int(masked["macs"])) == (after.params, after.macs)
+    if sm.channel_groups:
+        assert after.params < count.params  # the masks removed something

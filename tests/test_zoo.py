@@ -52,15 +52,6 @@ def totals(gm) -> tuple[int, int]:
     return sum(c.params for c in costs), sum(c.macs for c in costs)
 
 
-def per_layer(costs) -> dict[str, tuple[int, int]]:
-    """{layer: (params, MACs)} of the analysis, the calls of a module called twice (`b`, `b#2`) summed."""
-    out: dict[str, tuple[int, int]] = {}
-    for layer, params in costs.layer_params.items():
-        p, m = out.get(layer.split("#")[0], (0, 0))
-        out[layer.split("#")[0]] = (p + int(params), m + int(costs.layer_macs[layer]))
-    return {k: v for k, v in out.items() if v != (0, 0)}
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_every_layer_costs_what_the_independent_counters_count(name):
     """Each conv / linear layer's params and MACs, as the analysis costs them, equal those counted from the aten
@@ -71,7 +62,7 @@ def test_every_layer_costs_what_the_independent_counters_count(name):
     count = counting.count(model, x)
     assert not count.unhandled and not count.other
     costs = graph_costs(duccio_fx.analyze(model, x))
-    assert per_layer(costs) == count.per_layer
+    assert counting.costed_per_layer(costs.layer_params, costs.layer_macs) == count.per_layer
     assert (int(costs.params), int(costs.macs)) == (count.params, count.macs) == hooked_costs(model, x)
 
 
