@@ -54,3 +54,9 @@ def test_no_file_points_to_documents_outside_the_repository():
                  and re.search(r"DESIGN\.md|\.\./shared", (ROOT / f).read_text(errors="ignore"))
                  and f != "tests/test_readme.py"]
     assert not offenders, offenders
+
+
+def test_the_readme_never_asks_for_sudo():
+    """Install lines are pasted as they are; a root install is the user's choice, not the README's."""
+    text = (ROOT / "README.md").read_text()
+    assert not re.search(r"\bsudo\b", text), [line for line in text.splitlines() if "sudo" in line]
