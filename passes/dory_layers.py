@@ -14,7 +14,9 @@ activation must have no other user, because the integer network never materialis
 
 Everything else is refused before anything is written, with the node, the source line and what to change:
 ops DORY has no kernel for (sigmoid/hardswish gates, multiplications, concatenation or reshapes in
-mid-network), grouped but not depthwise convs, dilation, and convs that the target's L1 cannot tile.
+mid-network), grouped but not depthwise convs, dilation, and convs that the target's L1 cannot tile. Every
+such op is reported at once (a `DoryRefusal` listing each with its own fix), so one run shows all the
+changes a model needs; what only follows from a refused op (an activation after it) is not reported again.
 """
 
 from __future__ import annotations
@@ -56,6 +58,28 @@ def _err(node: Node, what: str, fix: str) -> DuccioError:
     if line:
         where += f" at {line}"
     return DuccioError(what, where=where, fix=fix, node=node.name)
+
+
+class DoryRefusal(DuccioError):
+    """Several ops DORY cannot run: `problems` holds one error per op (what, where, how to fix)."""
+
+    def __init__(self, problems: list[DuccioError]) -> None:
+        self.problems = list(problems)
+        lines = [f"DORY cannot run {len(self.problems)} ops of this model (each listed with its fix):"]
+        for i, p in enumerate(self.problems, 1):
+            lines.append(f"  {i}. {p.what}")
+            if p.where:
+                lines.append(f"     where: {p.where}")
+            if p.fix:
+                lines.append(f"     how to fix: {p.fix}")
+        nodes = ", ".join(f"'{p.node}'" for p in self.problems if p.node)
+        super().__init__("\n".join(lines), where=f"nodes {nodes}" if nodes else None,
+                         fix="change each op as its own 'how to fix' says, then lower again")
+
+
+def refusal(problems: list[DuccioError]) -> DuccioError:
+    """The error for `problems`: the one error itself, or a `DoryRefusal` listing them all."""
+    return problems[0] if len(problems) == 1 else DoryRefusal(problems)
 
 
 def _describe(gm: GraphModule, node: Node) -> str:
@@ -157,9 +181,19 @@ class DoryLayers(Pass):
         self.gm = gm
         self.kinds = []
         self.main: dict[int, Node] = {}
+        self.problems: list[DuccioError] = []
+        self.refused: set[Node] = set()  # refused nodes, and what only follows from them
         for node in gm.graph.nodes:
-            self._visit(node)
+            try:
+                self._visit(node)
+            except DuccioError as err:
+                self.problems.append(err)
+                self.refused.add(node)
         self._check_flattens(gm)
+        if self.problems:
+            order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+            self.problems.sort(key=lambda err: order.get(err.node or "", len(order)))
+            raise refusal(self.problems)
         return False
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -172,6 +206,21 @@ class DoryLayers(Pass):
 
     def _module(self, node: Node) -> nn.Module:
         return self.gm.get_submodule(str(node.target))
+
+    def _after_refused(self, value: Any) -> bool:
+        """`value` is a refused node's output, or reaches one back through flattens and no-ops (the way
+        `producing_layer` looks for its layer)."""
+        node = value
+        while isinstance(node, Node):
+            if node in self.refused:
+                return True
+            if node.op == "placeholder":
+                return False
+            part = dory_part(node)
+            if part is not None and part.layer >= 0:
+                return False
+            node = node.args[0] if node.args else None
+        return False
 
     def _layer_of(self, value: Any) -> int:
         """The layer whose output `value` is (through flattens and no-ops); -1 for the network input."""
@@ -197,7 +246,8 @@ class DoryLayers(Pass):
             outs = node.args[0]
             if not isinstance(outs, Node):
                 raise _err(node, "DORY networks have one output tensor", "return a single tensor from forward")
-            self._layer_of(outs)
+            if not self._after_refused(outs):
+                self._layer_of(outs)
             return
         if node.op == "get_attr":
             raise _err(node, f"a parameter or buffer ('{node.target}') is used as a value in mid-network",
@@ -207,7 +257,10 @@ class DoryLayers(Pass):
             self._check_layer(node, kind)
             self._new_layer(node, kind)
         elif kind == "act":
-            self._fuse(node)
+            if self._after_refused(node.args[0] if node.args else None):
+                self.refused.add(node)  # follows from the refused op: reported there
+            else:
+                self._fuse(node)
         elif kind in ("flatten", "none"):
             set_dory_part(node, DoryPart(-1, kind))
         else:
@@ -373,12 +426,17 @@ class DoryLayers(Pass):
                 continue
             out_shape = _shape(node)
             if out_shape is None or len(out_shape) != 2:
-                raise _err(node, f"a reshape to {out_shape} in mid-network: DORY ignores reshapes",
-                           "reshape only to flatten [N, C, H, W] into [N, C*H*W] right before a linear layer")
+                self.problems.append(_err(node, f"a reshape to {out_shape} in mid-network: DORY ignores reshapes",
+                                          "reshape only to flatten [N, C, H, W] into [N, C*H*W] right before a "
+                                          "linear layer"))
+                continue
             for user in self._consumers(node):
+                if user in self.refused:
+                    continue
                 if dory_part(user) is None or dory_part(user).kind != "linear":
-                    raise _err(node, "a flatten whose result does not go straight into a linear layer",
-                               "flatten only right before the linear head")
+                    self.problems.append(_err(node, "a flatten whose result does not go straight into a linear "
+                                                    "layer", "flatten only right before the linear head"))
+                    break
 
     def _consumers(self, node: Node) -> list[Node]:
         found: list[Node] = []

@@ -1,8 +1,10 @@
 """The DORY lowering: a float model + calibration data → the directory DORY generates GAP8 C code from.
 
-Flow (each step a pass, visible in `--dump-ir`): trace with shapes → `fold-batchnorm` → `dory-layers`
-(grouping, activation fusion, refusal of what DORY cannot run) → `calibrate` (8-bit types and scales) →
-`integerize` (the `IntNet`). Then the integer executor computes the golden activations, and the emitters
+Flow (each step a pass, visible in `--dump-ir`): trace with shapes → `remove-noops` (asserts, identity calls) →
+`fold-batchnorm` → `dory-layers` (grouping, activation fusion, refusal of every op DORY cannot run, all at once)
+→ `calibrate` (8-bit types and scales) → `integerize` (the `IntNet`). The float graph after these passes must
+compute what the user's model computes (checked on a calibration batch), and every float figure of the report
+(argmax agreement, logit error, `evaluate`'s float accuracy) is the user's unmodified model's. Then the integer executor computes the golden activations, and the emitters
 write the Quantlab ONNX, its standard-ops twin, DORY's config, `input.txt`, `out_layer{i}.txt` and
 `lowering.json`. Before anything is returned, onnxruntime runs the twin and must equal the executor on every
 value of every layer, and the Quantlab file must read back to the same network.
@@ -12,22 +14,25 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from duccio_fx.common.atomic import write_bytes_atomic
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.latency import layer_cycles
 from duccio_fx.costs.memory import layer_activation_bytes, layer_bytes, layer_parameter_bytes
 from duccio_fx.costs.terms import evaluate, value
-from duccio_fx.ir.meta import INTNET_KEY, layer_terms
+from duccio_fx.ir.meta import INTNET_KEY, layer_terms, source_line
 from duccio_fx.ir.pass_manager import PassContext, PassManager
-from duccio_fx.ir.tracer import LeafSpec, locate_errors
+from duccio_fx.ir.tracer import LeafSpec, locate_errors, symbolic_trace
 from duccio_fx.lower.dory_files import config_json, golden_text
 from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
 from duccio_fx.lower.intnet import Add, Conv, IntNet, Linear, Pool
@@ -36,14 +41,38 @@ from duccio_fx.lower.qat import insert_fake_quant
 from duccio_fx.lower.quantlab_onnx import read_quantlab, write_quantlab
 from duccio_fx.lower.twin_onnx import run_twin, write_twin
 from duccio_fx.passes.calibrate import Calibrate, head_layers
-from duccio_fx.passes.dory_layers import DoryLayers
+from duccio_fx.passes.dory_layers import DoryLayers, DoryRefusal
 from duccio_fx.passes.fold_batchnorm import FoldBatchNorm
 from duccio_fx.passes.integerize import Integerize, LayerNote
+from duccio_fx.passes.remove_noops import RemoveNoops
 from duccio_fx.pipeline import analyze, trace
 from duccio_fx.targets import Target, load_target
 
 ONNX_FILE = "network.onnx"
 TWIN_FILE = "network_twin.onnx"
+FLOAT_GRAPH_RTOL = 1e-3  # the float graph after the lowering's passes vs the model, relative to its largest output
+
+
+@contextmanager
+def _locate(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> Iterator[None]:
+    """Errors about a node get the user's source line; a refusal of several ops, one for each op."""
+    with locate_errors(model, leaf_modules):
+        try:
+            yield
+        except DoryRefusal as err:
+            try:
+                traced = symbolic_trace(model, leaf_modules, record_stack_traces=True)
+            except DuccioError:
+                raise err from None
+            nodes = {n.name: n for n in traced.graph.nodes}
+            for problem in err.problems:
+                line = source_line(nodes[problem.node]) if problem.node in nodes else ""
+                if line:
+                    problem.locate(line, prepend=False)
+            located = DoryRefusal(err.problems)
+            located.where = err.where
+            located.args = (located.render(),)
+            raise located from None
 
 
 def _inputs_of(item: Any) -> torch.Tensor:
@@ -81,12 +110,16 @@ def _layer_kind(layer: Any) -> str:
 
 @dataclass
 class DoryBundle:
-    """A lowered network: the integer network, the files of the DORY directory and the report."""
+    """A lowered network: the integer network, the files of the DORY directory and the report. `float_model` is
+    the user's model as given (what the float figures are measured on); `graph` the lowering's float graph
+    (folded, annotated with the DORY layers and scales; `graph.meta['duccio_intnet']` the network before
+    channel padding)."""
 
     net: IntNet
     files: dict[str, bytes]
     report: dict[str, Any]
     float_model: nn.Module = field(repr=False)
+    graph: GraphModule | None = field(default=None, repr=False)
 
     def all_files(self) -> dict[str, bytes]:
         """Every file of the DORY directory, `lowering.json` written from the current report."""
@@ -128,10 +161,10 @@ class DoryBundle:
 
 
 def _memory_rows(model: nn.Module, example: torch.Tensor, net: IntNet, shapes: list[tuple[int, ...]],
-                 target: Target) -> list[dict[str, Any]]:
+                 target: Target, leaf_modules: Sequence[LeafSpec] = ()) -> list[dict[str, Any]]:
     """Per layer: our bytes (DORY's accounting), the level DORY's tiler should pick (L2 when the whole layer fits
     L2's budget, else L3 tiling) and cycles from the target's latency model (conv/linear layers)."""
-    values = {v.term.name: v for v in evaluate(layer_terms(analyze(model, example)))}
+    values = {v.term.name: v for v in evaluate(layer_terms(analyze(model, example, leaf_modules)))}
     l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
     rows = []
     for i, layer in enumerate(net.layers):
@@ -295,8 +328,8 @@ def check_lowerable(model: nn.Module, example: torch.Tensor, target: str | Path 
     _require_dory(target)
     model = copy.deepcopy(model).eval()
     gm = trace(model, example[:1], leaf_modules)
-    with locate_errors(model, leaf_modules):
-        PassManager([FoldBatchNorm(), DoryLayers(target)]).run(gm)
+    with _locate(model, leaf_modules):
+        PassManager([RemoveNoops(), FoldBatchNorm(), DoryLayers(target)]).run(gm)
 
 
 def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target: str | Path | Target = "gap8", *,
@@ -304,7 +337,8 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
                   leaf_modules: Sequence[LeafSpec] = (), golden_input: torch.Tensor | None = None,
                   fine_tune: Callable[[nn.Module], None] | None = None, memory_checks: bool = True) -> DoryBundle:
     """Lower a float model to DORY's inputs for `target`, calibrated on the first `calib_batches` batches of
-    `calib` (a loader of `(inputs, labels)` or a tensor). The model given is not modified.
+    `calib` (a loader of `(inputs, labels)` or a tensor). The model given is not modified, and the float
+    figures of the report (and `DoryBundle.evaluate`) are its own outputs.
 
     `fine_tune(model)`, when given, trains the calibrated graph under fake quantization (quantization-aware
     fine-tuning, `lower.qat`) before it is integerized; the activation scales stay the calibrated ones.
@@ -322,13 +356,17 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     example = batches[0][:1]
     context = context or PassContext()
     bnrelu_bits = target.bits.requant
+    # the user's function: what every float figure is measured on (fine-tuning trains parameters the graph
+    # shares with `model`, so it gets its own copy then)
+    reference = copy.deepcopy(model) if fine_tune is not None else model
     gm = trace(model, example, leaf_modules, context=context)
     integerize = Integerize(bnrelu_bits=bnrelu_bits, weight_bits=target.bits.weights)
-    with locate_errors(model, leaf_modules):  # errors about a node name the user's source line
-        context.run(gm, [FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile)])
-        reference = gm
+    with _locate(model, leaf_modules):  # errors about a node name the user's source line
+        context.run(gm, [RemoveNoops(), FoldBatchNorm(), DoryLayers(target), Calibrate(batches, percentile)])
+        with torch.no_grad():
+            float_out = reference(batches[0]).float().cpu()
+            graph_diff = _check_float_graph(gm(batches[0]).float().cpu(), float_out)
         if fine_tune is not None:
-            reference = copy.deepcopy(gm)  # the accuracy report compares with the model before fine-tuning
             remove = insert_fake_quant(gm, head_layers(gm), target.bits.weights)
             try:
                 gm.train()
@@ -342,7 +380,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     net, padded = pad_add_channels(net)  # DORY's add kernel needs channels x width to be a multiple of 4
     shapes = output_shapes(net)
     _refuse_unaligned_adds(net, shapes)
-    memory = _memory_rows(model, example, net, shapes, target)
+    memory = _memory_rows(model, example, net, shapes, target, leaf_modules)
     if memory_checks:
         _refuse_untileable(memory, net, shapes, target)
 
@@ -354,6 +392,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     twin = write_twin(net, shapes)
     calib_int = quantize_input(net, batches[0].cpu())
     checks = _check(net, quantlab, twin, torch.cat([x_int, calib_int]))
+    checks["float_graph_max_abs_diff"] = graph_diff
     files: dict[str, bytes] = {ONNX_FILE: quantlab, TWIN_FILE: twin}
     files["config.json"] = config_json(ONNX_FILE, code_reserved_bytes=_reserved_l2(target), bnrelu_bits=bnrelu_bits,
                                        input_bits=net.input_type.bits, input_signed=net.input_type.signed).encode()
@@ -361,8 +400,6 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     for i, out in enumerate(outputs):
         files[f"out_layer{i}.txt"] = golden_text(f"layer{i}", out[0].numpy()).encode()
 
-    with torch.no_grad():
-        float_out = gm(batches[0]).float().cpu()
     int_out = run(net, calib_int)[-1].double()
     head_scale = net.scales[-1] if net.scales and net.scales[-1] else 1.0
     agreement = float((float_out.reshape(len(float_out), -1).argmax(1)
@@ -373,7 +410,19 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
     report["padded_channels"] = {str(i): list(change) for i, change in padded.items()}
     if isinstance(net.layers[-1], Linear) and net.layers[-1].requant is None:  # int32 head: logits comparable
         report["calibration_max_abs_logit_error"] = float((float_out.double() - int_out * head_scale).abs().max())
-    return DoryBundle(net, files, report, reference)
+    return DoryBundle(net, files, report, reference, gm)
+
+
+def _check_float_graph(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference between the lowering's float graph and the user's model on a calibration batch;
+    refuses when it is more than float rounding (a pass changed the function: nothing would be right after)."""
+    diff = float((got.double() - want.double()).abs().max()) if got.shape == want.shape else math.inf
+    if not diff <= FLOAT_GRAPH_RTOL * max(1.0, float(want.abs().max())):
+        raise DuccioError(f"the float graph the lowering integerizes differs from the model by up to {diff:.3g} on a "
+                          "calibration batch: a lowering pass changed what the model computes",
+                          where="passes 'remove-noops', 'fold-batchnorm'",
+                          fix="report this model (run with --dump-ir DIR to see the graph after each pass)")
+    return diff
 
 
 def _reserved_l2(target: Target) -> int:
