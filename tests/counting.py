@@ -237,8 +237,15 @@ class _Tracker(TorchDispatchMode):
 
 
 class _LinearBiases(TorchFunctionMode):
-    """The `bias` of `F.linear`: aten adds it with `add_` when the input is not contiguous (e.g. channels-last),
-    where no addmm carries it."""
+    """The biases of `F.linear` and of `F.multi_head_attention_forward`'s projections: aten adds a bias with
+    `add_` when the input is not contiguous (e.g. channels-last, or the [L, N, E] in-projection of attention),
+    where no addmm carries it. This mode sees the outermost torch function only, so attention's inner
+    F.linear calls are read from its own arguments."""
+
+    # function -> (bias argument, weight argument) pairs, each as (position, name)
+    PAIRS = {F.linear: (((2, "bias"), (1, "weight")),),
+             F.multi_head_attention_forward: (((6, "in_proj_bias"), (5, "in_proj_weight")),
+                                              ((12, "out_proj_bias"), (11, "out_proj_weight")))}
 
     def __init__(self, count: Count) -> None:
         super().__init__()
@@ -247,17 +254,25 @@ class _LinearBiases(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.linear or self.tracker is None:
+        if func not in self.PAIRS or self.tracker is None:
             return func(*args, **kwargs)
         before = len(self.count.layers)
         out = func(*args, **kwargs)
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        b = self.tracker.of(bias) if isinstance(bias, torch.Tensor) else frozenset()
-        new = self.count.layers[before:]
-        if b and b != ACT and new and not any(set(layer.bias) | set(layer.weight) >= b for layer in new):
-            layer = new[-1]
+        arg = lambda i, name: args[i] if len(args) > i else kwargs.get(name)  # noqa: E731
+        for bias_at, weight_at in self.PAIRS[func]:
+            bias, weight = arg(*bias_at), arg(*weight_at)
+            b = self.tracker.of(bias) if isinstance(bias, torch.Tensor) else frozenset()
+            w = self.tracker.of(weight) if isinstance(weight, torch.Tensor) else frozenset()
+            new = range(before, len(self.count.layers))
+            if not b or b == ACT or any(set(self.count.layers[i].bias) | set(self.count.layers[i].weight) >= b
+                                        for i in new):
+                continue
+            users = [i for i in new if w and set(self.count.layers[i].weight) & w] or list(new)[-1:]
+            if not users:
+                continue
+            layer = self.count.layers[users[0]]
             extra = tuple(sorted(b - set(layer.bias) - set(layer.weight)))
-            self.count.layers[before + len(new) - 1] = Layer(
+            self.count.layers[users[0]] = Layer(
                 layer.name, layer.op, layer.weight, layer.bias + extra, layer.weights,
                 layer.biases + sum(self.tracker.params.numel[n] for n in extra), layer.macs, layer.in_shape,
                 layer.out_shape)

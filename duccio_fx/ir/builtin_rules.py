@@ -14,8 +14,8 @@ from torch import nn
 from torch.fx import Node
 
 from duccio_fx.ir.activation_hooks import as_module, copy_module, hardtanh_module
-from duccio_fx.ir.registry import (REGISTRY, Hook, OpRegistry, add_hook, register_function, register_method,
-                                   register_module)
+from duccio_fx.ir.registry import (REGISTRY, Hook, OpRegistry, add_hook, register_function,
+                                   register_function_name, register_method, register_module)
 from duccio_fx.ir.rule_api import RawValue, RuleContext
 from duccio_fx.ir.rules import (dim_rule, rule_blocks, rule_concat, rule_conv, rule_couples, rule_follows,
                                 rule_follows_with_params, rule_functional_norm, rule_getitem, rule_group_norm, rule_keeps_channels,
@@ -85,6 +85,9 @@ def register_builtins(registry: OpRegistry) -> None:
              F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d,
              operator.neg, operator.pos, operator.abs)
     fns(unary, rule_follows, "follows")
+    # torchvision's residual-branch dropout (torch.fx.wrap-ped): scales whole samples, identity in eval
+    register_function_name("torchvision.ops.stochastic_depth.stochastic_depth", rule_follows, role="follows",
+                           registry=registry)
     fns((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), rule_keeps_channels, "follows")
     fns((F.pad,), rule_keeps_channels, "follows")
     binary = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,

@@ -45,6 +45,8 @@ class OpRegistry:
     functions: dict[Any, ChannelRule] = field(default_factory=dict)
     methods: dict[str, ChannelRule] = field(default_factory=dict)
     leaf_modules: set[type] = field(default_factory=set)
+    # functions of optional packages, by qualified name, so the table needs no import of them
+    function_names: dict[str, ChannelRule] = field(default_factory=dict)
     module_hooks: dict[str, Hook] = field(default_factory=dict)  # by kind: for modules whose entry has none
 
     def lookup(self, gm: GraphModule, node: Node) -> ChannelRule | None:
@@ -55,7 +57,9 @@ class OpRegistry:
                     return self.modules[cls]
             return None
         if node.op == "call_function":
-            return self.functions.get(node.target)
+            found = self.functions.get(node.target)
+            return found if found is not None or not self.function_names else \
+                self.function_names.get(function_name(node.target))
         if node.op == "call_method":
             return self.methods.get(str(node.target))
         return None
@@ -110,6 +114,13 @@ def register_function(fn: Any, rule: RoleOrRule, *, role: str | None = None,
                       hooks: Mapping[str, Hook] | None = None, registry: OpRegistry = REGISTRY) -> None:
     """Give a free function (e.g. `torch.cat`, `operator.add`, a `torch.fx.wrap`ped helper) a rule."""
     registry.functions[fn] = _as_rule(rule, role, function_name(fn), hooks)
+
+
+def register_function_name(qualified_name: str, rule: RoleOrRule, *, role: str | None = None,
+                           registry: OpRegistry = REGISTRY) -> None:
+    """Give a function a rule by its qualified name (`torchvision.ops.stochastic_depth.stochastic_depth`),
+    for functions of packages duccio-fx does not import."""
+    registry.function_names[qualified_name] = _as_rule(rule, role, qualified_name, None)
 
 
 def register_method(name: str, rule: RoleOrRule, *, role: str | None = None,
