@@ -156,6 +156,7 @@ def _inspect_totals(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return totals["params"], totals["macs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS) + zoo.names())
 def test_costs_equal_inspect_and_the_exported_model_with_every_layer_counted(name):
     """Every conv and linear counts, searchable or frozen: costs() == inspect == counts on the model."""

@@ -16,6 +16,7 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env_cmd = [sys.executable, str(WORKER)]
@@ -37,6 +38,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_optimize_nproc_launches_torchrun_and_rank_0_writes_the_run(tmp_path):
     from tests.test_optimize import MODEL_FILE

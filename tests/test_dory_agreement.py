@@ -199,6 +199,7 @@ def test_budget_is_gap8_l2() -> None:
     assert l2.usable == BUDGET
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_level_agrees_with_dory_or_differs_where_explained(name: str, lowered: dict[str, dict]) -> None:
     case, layers = CASES[name], lowered[name]["layers"]
@@ -210,6 +211,7 @@ def test_level_agrees_with_dory_or_differs_where_explained(name: str, lowered: d
             assert row["level"] == dory_says, f"{name} layer {i}: ours {row['level']}, DORY {dory_says}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_bytes_equal_dory_accounting(name: str, lowered: dict[str, dict]) -> None:
     """Our bytes are DORY's Layer_node bytes, except an add, where we also count the second input."""
@@ -243,6 +245,7 @@ def test_lowering_refuses_what_dory_rejects(name: str) -> None:
     raise AssertionError(f"{name}: lowered, but DORY rejects it")
 
 
+@pytest.mark.slow
 def test_boundary_cases_straddle_the_budget(lowered: dict[str, dict]) -> None:
     """The pairs are a few hundred bytes either side of the budget, so an off-by-one term would show."""
     for below, above in (("pointwise_below", "pointwise_above"), ("head_below", "head_above"),

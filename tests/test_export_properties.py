@@ -26,6 +26,7 @@ import io
 import math
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -267,6 +268,7 @@ def prepared(plan: Plan, seed: int, add_biases: bool) -> tuple[nn.Module, torch.
 # --------------------------------------------------------------------------------------------------
 # the tests
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(plan=plans(), seed=st.integers(0, 2**31 - 1), add_biases=st.booleans(), data=st.data())

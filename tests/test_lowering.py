@@ -66,6 +66,7 @@ def test_folding_a_linear_batchnorm1d_pair_is_exact():
 
 # -- real models ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kinds", [
     ("resnet8", {"conv": 9, "add": 3, "pool": 1, "linear": 1}),
     ("dscnn", {"conv": 9, "add": 0, "pool": 1, "linear": 1}),
@@ -154,6 +155,7 @@ class _Net(nn.Module):
         return self.fc(self.hidden(torch.flatten(self.gap(self.pool(self.blocks(self.stem(x)))), 1)))
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(channels=st.sampled_from([4, 8, 12]),
        blocks=st.lists(st.tuples(st.sampled_from(["plain", "depthwise", "residual", "strided", "linear_add"]),
@@ -297,6 +299,7 @@ def test_quantlab_file_follows_dorys_naming():
 
 # -- integer accuracy on real data ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_integer_accuracy_on_mnist_is_within_one_point_of_float():
     """PTQ on the README's example: 3 training epochs of the seed, calibration on 8 batches, then the integer
     executor on all 1 000 validation digits must be within 1 percentage point of the float model."""

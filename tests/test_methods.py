@@ -152,6 +152,7 @@ def test_optimize_help_names_the_flow_instruments():
     assert "--method" in help_text and "--dump-ir" in help_text and "--print-between-passes" in help_text
 
 
+@pytest.mark.slow
 def test_a_backend_is_one_registration_and_optimize_writes_its_files(tmp_path):
     @duccio_fx.register_backend("param-count")
     def lower_counts(model: nn.Module, example_inputs: Any, target: Any, context: Any) -> duccio_fx.Lowered:
@@ -183,6 +184,7 @@ def test_unknown_backend_is_refused_before_training(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_backend_is_named_and_writes_nothing(tmp_path):
     @duccio_fx.register_backend("broken")
     def lower_broken(model: nn.Module, example_inputs: Any, target: Any, context: Any) -> duccio_fx.Lowered:
@@ -201,6 +203,7 @@ def test_a_failing_backend_is_named_and_writes_nothing(tmp_path):
         backend_module._BACKENDS.pop("broken")
 
 
+@pytest.mark.slow
 def test_an_export_that_cannot_be_saved_is_a_clear_error(tmp_path, keep_seed, monkeypatch):
     monkeypatch.setattr(KeepSeed, "export", lambda self, context=None: copy.deepcopy(self.model))  # the file's class
     out = tmp_path / "run"
@@ -215,6 +218,7 @@ PATH_FLOW = ["000_input.txt", "001_shape-propagation.txt", "002_functional-layer
              "008_functional-layers.txt", "009_channel-analysis.txt", "010_layer-costs.txt"]
 
 
+@pytest.mark.slow
 def test_optimize_path_dumps_supernet_insertion_and_choice_export(tmp_path):
     out, dump = tmp_path / "run", tmp_path / "ir"
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", "path", "--max-size", "60%",

@@ -83,6 +83,7 @@ def test_argmax_export_is_exact_and_costs_match_it(name):
     assert_costs_equal_export(space, exported, x[:1])
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(plan=plans(), seed=st.integers(0, 2**16))
 def test_random_networks_export_exactly_with_exact_costs(plan, seed):

@@ -31,6 +31,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -597,6 +598,7 @@ def check_all(plan: Plan, channel_of: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 # the tests
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(plan=plans(), data=st.data())

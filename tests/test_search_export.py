@@ -69,6 +69,7 @@ def check_exact(sm: duccio_fx.SearchableModel, x: torch.Tensor) -> nn.Module:
 HEAVY = {"resnet50", "efficientnet_b0", "mobilenet_v2", "resnet18", "mobilenet_v3_small"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.names())
 def test_every_zoo_model_exports_exactly_under_random_masks(name):
     model, x = zoo.build(name, batch=2)
@@ -177,6 +178,7 @@ def test_state_dict_checkpoint_reloads_into_a_fresh_search():
     reloaded.load_state_dict(roundtrip(exported.state_dict()))
 
 
+@pytest.mark.slow
 def test_training_with_a_size_penalty_shrinks_the_model_and_learns():
     torch.manual_seed(0)
     n, classes = 512, 4

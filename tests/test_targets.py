@@ -298,6 +298,7 @@ class ThreeConv(nn.Module):
         return self.fc(F.relu(self.c(x)).mean((2, 3)))
 
 
+@pytest.mark.slow
 def test_layerwise_search_brings_critical_layers_under_the_level():
     torch.manual_seed(0)
     x = torch.randn(64, 3, 16, 16)

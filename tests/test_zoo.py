@@ -52,6 +52,7 @@ def totals(gm) -> tuple[int, int]:
     return sum(c.params for c in costs), sum(c.macs for c in costs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_every_layer_costs_what_the_independent_counters_count(name):
     """Each conv / linear layer's params and MACs, as the analysis costs them, equal those counted from the aten
