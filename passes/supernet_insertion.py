@@ -10,14 +10,23 @@ Every conv/linear layer that stays as it is gets a reason in `fixed` (first laye
 no alternative applies, kept by a rule). Each option's layers are analysed on the block's input shape and
 recorded on the node (`ChoiceInfo`) under the names the exported model will give them, which is what makes
 the path method's costs equal to the exported model's.
+
+The seed alternative holds the seed's own conv and BatchNorm (not copies), and every other use of their
+parameters and buffers (a `get_attr`, e.g. `x.to(self.conv.weight.dtype)`) is pointed at them there.
+
+The pass scales linearly with the number of choice points: no weights are copied, output shapes are checked
+with convolutions that give only their output's shape (`_shapes_only`), and the layers of every option of every
+point are analysed in one run of the analysis pipeline, on one module holding all of them (`_OptionAnalysis`),
+not one run per option. What remains per point is building its alternatives (their weights' initialisation).
 """
 
 from __future__ import annotations
 
-import copy
 import operator
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +34,7 @@ from torch.fx import GraphModule, Node
 
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.terms import is_head
-from duccio_fx.ir.meta import (ChoiceInfo, ChoiceOption, LayerTerm, TensorInfo, layer_term, layer_terms,
+from duccio_fx.ir.meta import (GROUPS_KEY, ChannelSpec, ChoiceInfo, ChoiceOption, LayerTerm, TensorInfo, layer_term,
                                set_choice_info, set_tensor_info, source_line, tensor_info)
 from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.registry import REGISTRY, OpRegistry
@@ -42,20 +51,26 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 class SupernetInsertion(Pass):
     """Needs layer-costs. Results: `points` (choice point names, graph order) and `fixed` (layer → reason).
 
-    `analyze(module, example)` is the analysis pipeline (given by the caller, which stands above it): it
-    measures each option's layers on the block's input."""
+    `analyze(module, example_inputs)` is the analysis pipeline (given by the caller, which stands above it): it
+    measures each option's layers on the block's input. The pass calls it once for all the options of all the
+    points (`analyze_calls` counts the calls)."""
 
-    analyze: Callable[[nn.Module, torch.Tensor], GraphModule]
+    analyze: Callable[[nn.Module, Any], GraphModule]
     selection: AlternativeSelection = field(default_factory=AlternativeSelection)
     declared: dict[str, Choice] = field(default_factory=dict)  # the model's own Choices, by qualified name
     estimator: str = "all"
     registry: OpRegistry = field(default_factory=lambda: REGISTRY)  # its "activation" hooks name activations
     points: list[str] = field(default_factory=list)
     fixed: dict[str, str] = field(default_factory=dict)
+    analyze_calls: int = 0
     name = "supernet-insertion"
     requires = ("shape-propagation", "layer-costs")
 
     def run(self, gm: GraphModule) -> bool:
+        self._options = _OptionAnalysis()
+        self._nodes: dict[str, Node] = {}  # point → its node
+        self._attr_uses = _attr_uses(gm)  # module path → get_attr nodes reading inside it
+        self._order: dict[Node, int] = {}
         replaced: set[str] = set()
         for path, choice in self.declared.items():
             names, rule = self.selection.for_layer(path)
@@ -76,6 +91,8 @@ class SupernetInsertion(Pass):
             replaced.update(str(n.target) for n in region if n.op == "call_module")
         auto = self.selection.explicit or not self.declared
         upstream, downstream = _layer_reach(gm)
+        self._calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self._order = {n: i for i, n in enumerate(gm.graph.nodes)}  # lets the shortcut test stop early
         for node in list(gm.graph.nodes):
             term = layer_term(node)
             if term is None or term.name in replaced:
@@ -84,11 +101,22 @@ class SupernetInsertion(Pass):
             if reason:
                 self.fixed[term.name] = reason
         self.selection.check_all_matched()
-        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        self.points.sort(key=lambda p: order.get(_node_of(gm, p).name, 0))
+        self._options.run(self._analyze)
+        for path in self.points:
+            node = self._nodes[path]
+            info = self._options.pending[path]
+            head = is_head(node)
+            set_choice_info(node, ChoiceInfo(path, tuple(ChoiceOption(name, self._options.terms(path, name, head))
+                                                         for name in info.names), info.declared))
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.points.sort(key=lambda p: order[self._nodes[p]])
         gm.delete_all_unused_submodules()
         gm.recompile()
         return bool(self.points)
+
+    def _analyze(self, module: nn.Module, example_inputs: Any) -> GraphModule:
+        self.analyze_calls += 1
+        return self.analyze(module, example_inputs)
 
     # -- conv blocks ---------------------------------------------------------------------------------
     def _block_point(self, gm: GraphModule, conv: Node, auto: bool, upstream: set[Node], downstream: set[Node]) -> str:
@@ -108,13 +136,13 @@ class SupernetInsertion(Pass):
             return "first layer: it reads the model input"
         if conv not in downstream:
             return "head: no conv/linear layer after it"
-        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == conv.target) > 1:
+        if self._calls[conv.target] > 1:
             return "its module is called more than once"
         source = conv.args[0]
         if not isinstance(source, Node) or not isinstance(tensor_info(source), TensorInfo):
             return "its input is not a single tensor"
         chain = _block_chain(gm, conv, self.registry)
-        if _is_shortcut(source, chain[-1]):
+        if _is_shortcut(source, chain[-1], self._order):
             return "shortcut: a one-layer branch into a residual add"
         names, rule = self.selection.for_layer(str(conv.target))
         if names == (NONE,):
@@ -145,13 +173,21 @@ class SupernetInsertion(Pass):
             return "no alternative keeps its output shape (" + "; ".join(skipped) + ")" if skipped else \
                 f"only its own block is allowed by {rule.text!r}"
         self._insert(gm, block.name, options, source, chain, declared=False)
+        # the seed alternative owns the seed's conv and BatchNorm: other uses of their tensors read them there
+        seed = f"{block.name}.{next(iter(options))}"
+        for old, part in ((block.name, "conv"), (str(bn_node.target) if bn_node is not None else None, "bn")):
+            for use in self._attr_uses.get(old, []) if old is not None else []:
+                use.target = f"{seed}.{part}{str(use.target)[len(old):]}"
+        if bn_node is not None and self._calls[bn_node.target] == 1:
+            gm.delete_submodule(str(bn_node.target))  # it lives in the seed alternative now (one name per module)
         return ""
 
     # -- the model's own Choices ----------------------------------------------------------------------
     def _declared_point(self, gm: GraphModule, path: str, choice: Choice, region: list[Node]) -> None:
         inside = set(region)
         inputs = {a for n in region for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
-        outputs = [n for n in region if any(u not in inside for u in n.users)]
+        # a parameter of an alternative that the model also reads elsewhere is not an output of the Choice
+        outputs = [n for n in region if n.op != "get_attr" and any(u not in inside for u in n.users)]
         where = f"Choice '{path}'" + (f" ({source_line(region[0])})" if source_line(region[0]) else "")
         if len(inputs) != 1 or len(outputs) != 1:
             raise DuccioError(f"a Choice must take one tensor and return one; '{path}' takes {len(inputs)} and "
@@ -175,13 +211,21 @@ class SupernetInsertion(Pass):
                                   f"gives {list(out_shape)}", where=where,
                                   fix="make every alternative of a Choice produce the same output shape "
                                       "(channels, stride, padding)")
-            options[name] = copy.deepcopy(alt)
-        self._insert(gm, path, options, source, [n for n in gm.graph.nodes if n in inside], declared=True)
+            # the alternatives themselves, not copies: the point takes the Choice's place and names, so other
+            # uses of their parameters keep reading the ones the search trains
+            options[name] = alt
+        self._insert(gm, path, options, source, [n for n in gm.graph.nodes if n in inside and n.op != "get_attr"],
+                     declared=True)
+        for n in reversed(region):
+            if n.op == "get_attr" and not n.users:
+                gm.graph.erase_node(n)
 
     # -- the rewrite ------------------------------------------------------------------------------------
     def _insert(self, gm: GraphModule, path: str, options: dict[str, nn.Module], source: Node, region: list[Node],
                 declared: bool) -> None:
-        last = next(n for n in reversed(region) if any(u not in region for u in n.users))
+        """Replace `region` by a call of a ChoicePoint; the options' layers are analysed later, all at once."""
+        members = set(region)
+        last = next(n for n in reversed(region) if any(u not in members for u in n.users))
         info = tensor_info(last)
         gm.add_submodule(path, ChoicePoint(options, self.estimator))
         with gm.graph.inserting_after(last):
@@ -190,12 +234,178 @@ class SupernetInsertion(Pass):
         for n in reversed(region):
             gm.graph.erase_node(n)
         set_tensor_info(node, info)
-        head = is_head(node)
-        in_shape = _one(tensor_info(source).shape)
-        set_choice_info(node, ChoiceInfo(path, tuple(
-            ChoiceOption(name, _option_terms(self.analyze, f"{path}.{name}", alt, in_shape, head))
-            for name, alt in options.items()), declared))
+        if last in self._order:
+            self._order[node] = self._order[last]
+        self._options.add(path, options, _one(tensor_info(source).shape), declared)
+        self._nodes[path] = node
         self.points.append(path)
+
+
+@dataclass
+class _Pending:
+    names: list[str]
+    declared: bool
+
+
+class _OptionAnalysis:
+    """The layers of every option of every choice point, from one run of the analysis pipeline.
+
+    All options go into one GraphModule that feeds option i its own input `x{i}` (the block's input shape)
+    and returns every output; each option's layer terms are then those under `o{i}.`, renamed as the exported
+    model names them, with their channel groups numbered as the option's own analysis numbers them: the terms
+    equal those of analysing each option alone. The run is `_shapes_only` (no convolution computed); options
+    that need their convolutions' values are analysed with them. Options that share a module object go into
+    separate bundles (a traced module has one name)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, _Pending] = {}
+        self._entries: list[tuple[str, str, nn.Module, tuple[int, ...]]] = []  # point, option, module, input
+        self._terms: dict[tuple[str, str], tuple[LayerTerm, ...]] = {}
+
+    def add(self, point: str, options: dict[str, nn.Module], in_shape: tuple[int, ...], declared: bool) -> None:
+        self.pending[point] = _Pending(list(options), declared)
+        for name, module in options.items():
+            if any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules()):
+                self._entries.append((point, name, module, in_shape))
+            else:
+                self._terms[(point, name)] = ()
+
+    def terms(self, point: str, name: str, head: bool) -> tuple[LayerTerm, ...]:
+        # inside the option a last layer looks like a model output; in the model it is one only if the point is
+        return tuple(replace(t, requant=t.requant or not head) for t in self._terms[(point, name)])
+
+    def run(self, analyze: Callable[[nn.Module, Any], GraphModule]) -> None:
+        bundles: list[tuple[list[int], set[int]]] = []
+        for i, (_, _, module, _) in enumerate(self._entries):
+            ids = {id(m) for m in module.modules()}
+            target = next((b for b in bundles if not b[1] & ids), None)
+            if target is None:
+                bundles.append(([], set()))
+                target = bundles[-1]
+            target[0].append(i)
+            target[1].update(ids)
+        for indices, _ in bundles:
+            self._run_bundle(analyze, [self._entries[i] for i in indices])
+        self._entries = []
+
+    def _run_bundle(self, analyze: Callable[[nn.Module, Any], GraphModule],
+                    entries: Sequence[tuple[str, str, nn.Module, tuple[int, ...]]]) -> None:
+        root = nn.Module()
+        graph = torch.fx.Graph()
+        xs = [graph.placeholder(f"x{i}") for i in range(len(entries))]
+        outs = []
+        for i, (_, _, module, _) in enumerate(entries):
+            root.add_module(f"o{i}", module)
+            outs.append(graph.call_module(f"o{i}", (xs[i],)))
+        graph.output(tuple(outs))
+        bundle = GraphModule(root, graph, "SupernetOptions")
+        modules = [m for _, _, m, _ in entries]
+        try:
+            with _shapes_only(modules):
+                gm = analyze(bundle, tuple(torch.zeros(s) for _, _, _, s in entries))
+        except Exception:  # an op that needs the convolutions' values: analyse with them
+            gm = analyze(bundle, tuple(torch.zeros(s) for _, _, _, s in entries))
+        owner = _owners(gm)
+        ranks: dict[int, dict[int, int]] = {}  # option → its groups, numbered from 0 in the bundle's order
+        for gid, group in enumerate(gm.meta.get(GROUPS_KEY, ())):
+            i = next((owner[m.node] for m in group.members if m.node in owner), None)
+            if i is not None:
+                local = ranks.setdefault(i, {})
+                local[gid] = len(local)
+        found: dict[int, list[LayerTerm]] = {}
+        for n in gm.graph.nodes:
+            t = layer_term(n)
+            if t is None or owner.get(n.name) is None:
+                continue
+            i = owner[n.name]
+            point, name, _, _ = entries[i]
+            local = ranks.get(i, {})
+            found.setdefault(i, []).append(replace(
+                t, name=_rename(t.name, i, f"{point}.{name}"), in_spec=_renumber(t.in_spec, local),
+                out_spec=_renumber(t.out_spec, local),
+                shares_weights_of=_rename(t.shares_weights_of, i, "") if t.shares_weights_of else ""))
+        for i, (point, name, _, _) in enumerate(entries):
+            self._terms[(point, name)] = tuple(found.get(i, ()))
+
+
+def _owners(gm: GraphModule) -> dict[str, int]:
+    """Node name → the index of the bundled option it belongs to (its input `x{i}`, or a node inside `o{i}`)."""
+    owner: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name.startswith("x"):
+            owner[n.name] = int(n.name[1:])
+            continue
+        path = str(n.target) if n.op in ("call_module", "get_attr") else \
+            next(iter(n.meta.get("nn_module_stack") or {}), "")
+        head = path.split(".", 1)[0]
+        if head[:1] == "o" and head[1:].isdigit():
+            owner[n.name] = int(head[1:])
+    return owner
+
+
+def _rename(name: str, index: int, prefix: str) -> str:
+    """`o3.conv` (a layer of option 3) → `<prefix>.conv`; `o3` (the option is the layer) → `<prefix>`."""
+    own = f"o{index}"
+    if name == own or name.startswith((own + ".", own + "#")):
+        rest = name[len(own):]
+    else:  # a node's own name (a layer that is not a module call)
+        rest = "." + (name[len(own) + 1:] if name.startswith(own + "_") else name)
+    if not prefix:
+        return rest.lstrip(".")
+    return prefix + rest
+
+
+def _renumber(spec: ChannelSpec, ranks: dict[int, int]) -> ChannelSpec:
+    return tuple((ranks.get(g, g) if g >= 0 else g, a, b, k) for g, a, b, k in spec)
+
+
+@contextmanager
+def _shapes_only(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """While active, every Conv1d/2d/3d among these modules returns zeros of its output shape instead of
+    convolving, and every BatchNorm returns its input (activations and the rest still run): what an analysis
+    of shapes and layers needs, without the arithmetic (or the thread start-up) of every alternative's layers.
+    A module given an input it does not fit runs for real, so its own error comes out."""
+    patched = []
+    try:
+        for root in modules:
+            for m in root.modules():
+                if "forward" in m.__dict__:
+                    continue
+                if type(m) in _SHAPE_CONVS:
+                    m.forward = _conv_shape(m)
+                elif type(m) in _SHAPE_NORMS:
+                    m.forward = _norm_shape(m)
+                else:
+                    continue
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+_SHAPE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SHAPE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _conv_shape(conv: nn.modules.conv._ConvNd) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dims = len(conv.kernel_size)
+        if x.dim() != dims + 2 or x.shape[1] != conv.in_channels:
+            return type(conv).forward(conv, x)
+        pads = conv.padding if isinstance(conv.padding, tuple) else (0,) * dims  # "valid"; "same" keeps sizes
+        sizes = [size if conv.padding == "same" else (size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, d, p in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation, pads)]
+        return x.new_zeros((x.shape[0], conv.out_channels, *sizes))
+    return forward
+
+
+def _norm_shape(norm: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != norm.num_features:
+            return type(norm).forward(norm, x)
+        return x
+    return forward
 
 
 def _one(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -203,22 +413,30 @@ def _one(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The module's output shape on zeros of `in_shape`, in eval mode, its convolutions giving only shapes."""
     was = module.training
     module.eval()
-    with torch.no_grad():
-        out = module(torch.zeros(in_shape))
-    module.train(was)
+    try:
+        with torch.no_grad():
+            try:
+                with _shapes_only([module]):
+                    out = module(torch.zeros(in_shape))
+            except Exception:  # an op that needs the convolutions' values: run them (and let an error out)
+                out = module(torch.zeros(in_shape))
+    finally:
+        module.train(was)
     return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
 
 
-def _option_terms(analyze: Callable[[nn.Module, torch.Tensor], GraphModule], prefix: str, module: nn.Module,
-                  in_shape: tuple[int, ...], head: bool) -> tuple[LayerTerm, ...]:
-    """The option's layers, analysed on the block's input, named as in the exported model."""
-    if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules()):
-        return ()
-    gm = analyze(module, torch.zeros(in_shape))
-    # inside the option a last layer looks like a model output; in the model it is one only if the point is
-    return tuple(replace(t, name=f"{prefix}.{t.name}", requant=t.requant or not head) for t in layer_terms(gm))
+def _attr_uses(gm: GraphModule) -> dict[str, list[Node]]:
+    """Module path → the get_attr nodes that read a tensor inside that module (at any depth)."""
+    uses: dict[str, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            parts = str(n.target).split(".")
+            for k in range(1, len(parts)):
+                uses.setdefault(".".join(parts[:k]), []).append(n)
+    return uses
 
 
 def _outer_choice(node: Node) -> str | None:
@@ -227,10 +445,6 @@ def _outer_choice(node: Node) -> str | None:
         if isinstance(kind, type) and issubclass(kind, Choice):
             return path
     return None
-
-
-def _node_of(gm: GraphModule, target: str) -> Node:
-    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
 
 def _layer_reach(gm: GraphModule) -> tuple[set[Node], set[Node]]:
@@ -268,16 +482,17 @@ def _activation_module(gm: GraphModule, node: Node, registry: OpRegistry) -> nn.
     return hook(gm, node) if hook is not None else None
 
 
-def _is_shortcut(source: Node, end: Node) -> bool:
+def _is_shortcut(source: Node, end: Node, order: dict[Node, int]) -> bool:
     """The block reads a tensor other layers also read and feeds a residual add whose other operand comes
-    from that same tensor: a one-layer branch beside the main path."""
+    from that same tensor: a one-layer branch beside the main path. `order` (graph positions) lets the search
+    upwards stop at nodes before `source`."""
     if len(source.users) < 2:
         return False
     for add in end.users:
         if not _is_add(add):
             continue
         for other in add.all_input_nodes:
-            if other is not end and (other is source or _descends(other, source)):
+            if other is not end and (other is source or _descends(other, source, order)):
                 return True
     return False
 
@@ -287,13 +502,14 @@ def _is_add(node: Node) -> bool:
                                                                      ("add", "add_"))
 
 
-def _descends(node: Node, ancestor: Node) -> bool:
+def _descends(node: Node, ancestor: Node, order: dict[Node, int]) -> bool:
+    floor = order.get(ancestor, -1)
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n is ancestor:
             return True
-        if n in seen:
+        if n in seen or order.get(n, floor + 1) < floor:  # a node before the ancestor cannot descend from it
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)

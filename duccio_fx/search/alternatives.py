@@ -109,8 +109,9 @@ def sequential(**parts: nn.Module | None) -> nn.Sequential:
 
 
 def seed_block(block: BlockSpec) -> nn.Module:
-    """The seed's own block (its trained weights and BatchNorm statistics)."""
-    return sequential(conv=copy.deepcopy(block.conv), bn=copy.deepcopy(block.bn), act=block.activation())
+    """The seed's own block: its conv and BatchNorm modules themselves (trained weights and statistics, not
+    copies, so the seed alternative owns them and other uses of their tensors stay the same tensors)."""
+    return sequential(conv=block.conv, bn=block.bn, act=block.activation())
 
 
 Builder = Callable[[BlockSpec], nn.Module]
@@ -135,7 +136,7 @@ def alternative_names() -> list[str]:
 def _conv(kernel: int) -> Builder:
     def build(block: BlockSpec) -> nn.Module:
         if block.seed_name() == f"conv{kernel}":
-            return seed_block(block)
+            return copy.deepcopy(seed_block(block))  # a second copy of the seed's block, not the seed's own
         conv = block.conv_module(block.in_channels, block.out_channels, kernel, block.stride)
         return sequential(conv=conv, bn=block.norm(block.out_channels), act=block.activation())
     return build
