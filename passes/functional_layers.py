@@ -10,13 +10,11 @@ the trace into its `training=` argument; as a module it follows `train()` / `eva
 
 The new module takes the name of the module that owned the weight (`head.fc`, `bn1`) when that module's
 weight is all the call reads; otherwise `<owner>.<attribute>_<op>`. It shares the parameter and buffer
-objects, so nothing is copied. `torch._assert` checks of the traced shapes are removed, with the values only
-they read: they hold for the shapes shape propagation recorded, and they are no layer.
+objects, so nothing is copied.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,7 +40,6 @@ _SIGNATURES: dict[Any, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _CONVS: dict[Any, type[nn.modules.conv._ConvNd]] = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 _NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d,
                                                             4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-_METADATA_READS = {"ndim", "shape", "dtype", "device", "dim", "size"}
 
 
 def _bound(node: Node) -> dict[str, Any]:
@@ -107,7 +104,7 @@ class FunctionalLayers(Pass):
     requires = ("shape-propagation",)
 
     def run(self, gm: GraphModule) -> bool:
-        changed = _drop_asserts(gm)
+        changed = False
         made: dict[str, tuple[Any, ...]] = {}  # module name -> what it was made from (a second call reuses it)
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in _BUILDERS:
@@ -188,31 +185,3 @@ def _exists(gm: GraphModule, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _drop_asserts(gm: GraphModule) -> bool:
-    """Remove `torch._assert` calls, then the values (shape reads, comparisons) nothing else uses."""
-    doomed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._assert]
-    changed = bool(doomed)
-    while doomed:
-        node = doomed.pop()
-        inputs = [a for a in node.all_input_nodes if a.op in ("call_function", "call_method")]
-        gm.graph.erase_node(node)
-        doomed.extend(a for a in inputs if not a.users and _is_pure_read(a) and a not in doomed)
-    for node in list(gm.graph.nodes):  # shape reads left without users by the trace (f-string messages)
-        if not node.users and _is_pure_read(node) and node.op == "call_function" and node.target is getattr:
-            gm.graph.erase_node(node)
-            changed = True
-    return changed
-
-
-def _is_pure_read(node: Node) -> bool:
-    """Reads of metadata and comparisons of them: no effect, safe to remove once unused."""
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in _METADATA_READS
-    if node.op == "call_method":
-        return node.target in ("dim", "size")
-    return node.op == "call_function" and node.target in (operator.eq, operator.ne, operator.lt, operator.le,
-                                                            operator.gt, operator.ge, operator.and_,
-                                                            operator.or_, operator.not_, operator.getitem) \
-        and all(_is_pure_read(a) for a in node.all_input_nodes)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import duccio_fx
-from duccio_fx.ir.meta import GROUPS_KEY, channel_layout, layer_terms
+from duccio_fx.ir.meta import GROUPS_KEY, channel_layout, layer_terms, op_role
 from counting import counted_costs
 
 
@@ -107,7 +107,9 @@ def test_functional_linears_and_batch_norms_become_module_calls_and_are_costed()
     assert calls["fc1"] == calls["fc2"] == "Linear" and calls["bn1"] == calls["bn2"] == "BatchNorm2d"
     assert calls["bn1.act"] == "ReLU"  # the activation inside the BatchNorm subclass stays
     functions = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert F.linear not in functions and F.batch_norm not in functions and torch._assert not in functions
+    assert F.linear not in functions and F.batch_norm not in functions
+    asserts = [n for n in gm.graph.nodes if n.target is torch._assert]
+    assert asserts and all(op_role(n).role == "no-channels" for n in asserts)  # a shape check touches no channel
     assert {t.name for t in layer_terms(gm)} == {"conv1", "conv2", "fc1", "fc2"}
     assert _costs(model, x) == counted_costs(model, x)
     searchable = [g for g in gm.meta[GROUPS_KEY] if not g.frozen]

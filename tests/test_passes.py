@@ -11,20 +11,20 @@ from torch import nn
 from torch.fx import GraphModule
 
 import duccio_fx
-from duccio_fx.passes import ChannelAnalysis, LayerCosts, ShapePropagation
+from duccio_fx.passes import ChannelAnalysis, FunctionalLayers, LayerCosts, ShapePropagation
 from duccio_fx import zoo
 from duccio_fx.ir.tracer import symbolic_trace
 
 
 def pipeline(x):
-    return [ShapePropagation((x,)), ChannelAnalysis(), LayerCosts()]
+    return [ShapePropagation((x,)), FunctionalLayers(), ChannelAnalysis(), LayerCosts()]
 
 
 def test_pass_names_are_kebab_case_and_match_their_files():
     import duccio_fx.passes as passes
 
     every = [getattr(passes, name) for name in passes.__all__]
-    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 12
+    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 13
     for cls in every:
         module = cls.__module__.rsplit(".", 1)[-1]
         assert cls.name == module.replace("_", "-")
