@@ -377,7 +377,7 @@ def _pct(a: int, b: int) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | size | params (counted) | costed | MACs (counted) | costed | searchable | frozen (top reasons) "
+    lines = ["| model | size | params (counted) | costed | MACs (counted) | costed | searchable | frozen groups: top reasons "
              "| export | DORY (gap8) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -392,7 +392,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             costed_p, costed_m = _pct(k["params"], c["params"]), _pct(k["macs"], c["macs"])
         else:
             costed_p = costed_m = "analysis failed"
-        reasons = "; ".join(f"{why} ×{n}" for why, n in list(r.get("frozen_reasons", {}).items())[:3])
+        reasons = "; ".join(f"{why} ×{n}" for why, n in [(w, n) for w, n in r.get("frozen_reasons", {}).items()
+                                                        if w not in ("model input", "model output")][:3])
         if err.get("analyze"):
             reasons = _short(err["analyze"], 80)
         searchable = f"{r['searchable_pct']:.1f} %" if "searchable_pct" in r else "-"
@@ -426,6 +427,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "dory_accepted": sum(1 for r in done if r["dory"] == "accepted"),
         "dory_refusals": dict(Counter(_short(re.sub(r"\(?'[^']*'\)?|^\d+ ops refused, 1st: ", "", r["dory"]), 60)
                                       for r in done if r["dory"] != "accepted").most_common()),
+        "frozen_reasons_by_models": dict(Counter(w for r in analysed for w in r.get("frozen_reasons", {})
+                                                 if w not in ("model input", "model output")).most_common(25)),
         "counter_unhandled": {r["model"]: r["counted"]["unhandled"] for r in done if r["counted"].get("unhandled")},
         "counter_other": {r["model"]: r["counted"]["other"] for r in done if r["counted"].get("other")},
     }
