@@ -69,7 +69,9 @@ def test_inspect_dump_ir_and_print_between_passes(tmp_path):
     dump = tmp_path / "ir"
     result = runner.invoke(app, ["inspect", "zoo:dscnn", "--dump-ir", str(dump), "--print-between-passes"])
     assert result.exit_code == 0
-    assert len(list(dump.glob("*.txt"))) == 4
+    steps = [p.stem.split("_", 1)[1] for p in sorted(dump.glob("*.txt"))]  # one file per pass, numbered in order
+    assert steps[0] == "input" and steps[-1] == "layer-costs" and len(steps) == len(set(steps)) >= 4
+    assert steps.index("shape-propagation") < steps.index("channel-analysis") < steps.index("layer-costs")
     assert "// ----- after layer-costs -----" in result.output
 
 

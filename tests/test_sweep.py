@@ -28,6 +28,7 @@ def swept(tmp_path_factory):
     return args, out, first
 
 
+@pytest.mark.slow
 def test_a_grid_runs_in_parallel_and_shares_one_warmup(swept):
     args, out, first = swept
     assert first.exit_code == 0, first.output
@@ -40,6 +41,7 @@ def test_a_grid_runs_in_parallel_and_shares_one_warmup(swept):
     assert csv[0].startswith("label,method,seed,size,ops,max_ops,status") and len(csv) == 7
 
 
+@pytest.mark.slow
 def test_ops_targets_are_taken_relative_to_the_size_only_run(swept):
     _, out, _ = swept
     rows = {(r["size"], r["ops"]): r for r in json.loads((out / "sweep.json").read_text())["points"]}
@@ -49,6 +51,7 @@ def test_ops_targets_are_taken_relative_to_the_size_only_run(swept):
         assert rows[(size, "80%")]["macs"] <= int(reference * 0.8)
 
 
+@pytest.mark.slow
 def test_the_pareto_picture_and_the_run_plots_are_written(swept):
     pytest.importorskip("matplotlib")
     _, out, _ = swept
@@ -59,6 +62,7 @@ def test_the_pareto_picture_and_the_run_plots_are_written(swept):
     assert again.exit_code == 0 and "history.png" in again.output
 
 
+@pytest.mark.slow
 def test_running_again_finishes_only_the_missing_point(swept):
     args, out, _ = swept
     missing = out / "points" / "mask_seed0_size-60pct_ops-80pct"
