@@ -142,7 +142,7 @@ def short_reason(clause: str) -> str:
         return "model input"
     if c.startswith("model output"):
         return "model output"
-    m = re.match(r"(?:grouped convolution )?(\S+) at node '[^']*' (.*)", c)
+    m = re.match(r"(?:grouped convolution )?([\w.]+)(?: '[^']*')? at node '[^']*' (.*)", c)
     target, rest = (m.group(1), m.group(2)) if m else ("", c)
     target = target.split(".")[-1]
     if "grouped convolution" in c:
@@ -169,7 +169,8 @@ def frozen_reasons(groups: list[Any]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for g in groups:
         if g.frozen:
-            counts.update({short_reason(c) for c in re.split(r"; (?=[\w.]+ at node |model |grouped )", g.reason)})
+            counts.update({short_reason(c)
+                           for c in re.split(r"; (?=[\w.]+ (?:'[^']*' )?at node |model |grouped )", g.reason)})
     return counts
 
 

@@ -4,12 +4,13 @@ It uses neither torch.fx nor duccio-fx: the model runs once on a batch-1 input u
 `TorchDispatchMode`, which sees every aten op, whether a module, `F.linear`, `F.conv2d`, `torch.matmul` or
 `x @ w` asked for it, inside any module or function. It counts
 
-* every convolution (`aten.convolution`) whose weight derives from model parameters:
-  weights = the numel of those parameters, MACs = weight elements × output positions (input positions for a
-  transposed conv);
+* every convolution (`aten.convolution`) whose weight derives from model parameters: weights = the numel of
+  the parameter (when the weight is a parameter or a view of one) or of the weight computed from parameters
+  (a standardised weight, a weight times a gain: the weight deployed); MACs = weight elements × output
+  positions (input positions for a transposed conv);
 * every matrix product (`mm`, `addmm`, `bmm`, `baddbmm`, `mv`, ...) with an operand that derives from model
-  parameters and not from the model's input: weights = the numel of those parameters, MACs = output
-  elements × the reduced dim (per sample: the count runs at batch 1);
+  parameters and not from the model's input: weights as for convolutions, MACs = output elements × the
+  reduced dim (per sample: the count runs at batch 1);
 * the biases that are parameters: the `bias` of a convolution, the added term of `addmm` / `baddbmm`, and
   the `bias` argument of `F.linear` (seen by a `TorchFunctionMode`, since aten adds it with `add_` when the
   input is not contiguous).
@@ -22,7 +23,8 @@ StdConv) stays that weight, while everything computed from the input is an activ
 activations (attention scores) are not counted; a convolution or matmul whose weight is an activation (a
 dynamic weight) or a buffer only (a fixed filter) is recorded in `other`, not in the totals.
 
-Each parameter counts once in `params`, however many layers use it; MACs count per call (a module called
+Each parameter (and each computed weight, by the parameters it is computed from) counts once in `params`,
+however many layers use it; MACs count per call (a module called
 twice counts twice). BatchNorm, LayerNorm and every other op are not counted. The inference fast paths of
 `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` (fused ops hiding their projections) are switched off
 during the count, and ops that mix an activation with parameters under a conv/matmul-like name the counter does
@@ -164,13 +166,28 @@ class _Tracker(TorchDispatchMode):
         return merged
 
     # -- counting ------------------------------------------------------------------------------------
+    def _operand(self, t: Any) -> frozenset[str]:
+        """The parameters a weight or bias stands for: a parameter or a view of one counts that parameter; a
+        tensor computed from parameters (a standardised weight, a weight times a gain) counts as one derived
+        parameter of its own elements, `derived(a,b)`, since that is the weight deployed."""
+        s = self.of(t) if isinstance(t, torch.Tensor) else frozenset()
+        if not s or s == ACT or _storage(t) in self.params.by_storage:
+            return frozenset() if s == ACT else s
+        key = f"derived({','.join(sorted(s))})"
+        self.params.numel.setdefault(key, t.untyped_storage().nbytes() // max(t.element_size(), 1))
+        return frozenset({key})
+
+    @staticmethod
+    def _layer_name(names: tuple[str, ...]) -> str:
+        flat = [n for key in names for n in (key[8:-1].split(",") if key.startswith("derived(") else [key])]
+        main = next((n for n in flat if n.endswith("weight")), flat[0] if flat else "?")
+        return main.removesuffix(".weight")
+
     def _add(self, func: Any, weight: torch.Tensor, bias: Any, macs: int, x: torch.Tensor,
              out: torch.Tensor) -> None:
-        w = self.of(weight)
-        b = self.of(bias) if isinstance(bias, torch.Tensor) else frozenset()
-        b = frozenset() if b == ACT else b
+        w, b = self._operand(weight), self._operand(bias)
         wnames, bnames = tuple(sorted(w)), tuple(sorted(b - w))
-        name = wnames[0].removesuffix(".weight") if wnames else "?"
+        name = self._layer_name(wnames)
         self.count.layers.append(Layer(
             name, str(func.overloadpacket.__name__), wnames, bnames, sum(self.params.numel[n] for n in wnames),
             sum(self.params.numel[n] for n in bnames), int(macs), tuple(x.shape), tuple(out.shape)))

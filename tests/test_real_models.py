@@ -83,6 +83,27 @@ def test_the_counter_sees_every_layer_however_it_is_called():
     assert not count.unhandled
 
 
+class _ScaledStdConv(nn.Module):
+    """timm's ScaledStdConv2d / nf-nets: the weight is standardised and multiplied by a per-channel gain in
+    forward; the deployed conv has the weight's elements (the gain folds into it, as a BatchNorm would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.gain = nn.Parameter(torch.ones(6, 1, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, 6, -1), None, None, weight=self.gain.view(-1), training=True)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias) + F.conv2d(x, w.reshape_as(self.weight))
+
+
+def test_a_weight_computed_from_parameters_counts_its_own_elements_once():
+    count = counting.count(_ScaledStdConv(), torch.randn(1, 3, 5, 5))
+    assert count.per_layer == {"weight": (6 * 27 + 6, 2 * 6 * 27 * 9)}
+    assert (count.params, count.macs) == (6 * 27 + 6, 2 * 6 * 27 * 9)
+
+
 def test_the_counter_runs_at_batch_one_and_leaves_the_model_as_it_was():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
