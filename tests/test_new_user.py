@@ -75,3 +75,18 @@ def test_lower_of_a_model_file_warns_that_its_weights_are_untrained(run, source,
     assert result.exit_code == 0, result.output
     assert f"note: {source} is not a finished run; its weights are {weights}" in result.output
     assert json.loads((out / "lowering.json").read_text())["weights"].startswith(("as the model file", "random"))
+
+
+def test_lower_of_a_run_whose_target_cannot_be_loaded_asks_for_target(tmp_path):
+    """A report written before runs recorded their target file names only the target ('tiny', a TOML file's
+    name): lower says so instead of lowering for gap8."""
+    import torch
+
+    from duccio_fx import zoo
+
+    (tmp_path / "report.json").write_text(json.dumps({"source": "zoo:dscnn", "target": "tiny"}))
+    torch.save(zoo.build("dscnn")[0], tmp_path / "model.pt")
+    result = runner.invoke(app, ["lower", str(tmp_path), "--out", str(tmp_path / "dory")])
+    assert result.exit_code == 1
+    assert "the target this run was searched on ('tiny') cannot be loaded: unknown target 'tiny'" in result.output
+    assert "pass --target" in result.output and not (tmp_path / "dory").exists()

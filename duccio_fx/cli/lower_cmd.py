@@ -156,7 +156,12 @@ def run_lower(*, source: str, target: Target | None, out: Path, calib_batches: i
                      "accuracy below says nothing about a trained network. To deploy a search result, lower its run "
                      "directory (duccio-fx lower RUN_DIR).")
     if target is None:
-        target = report_target(report, strict=True) if report is not None else None
+        try:
+            target = report_target(report, strict=True) if report is not None else None
+        except DuccioError as err:
+            raise DuccioError(f"the target this run was searched on ({report.get('target')!r}) cannot be loaded: "
+                              f"{err.what}", where=f"{source}/report.json",  # type: ignore[union-attr]
+                              fix="pass --target NAME_OR_TOML_PATH") from None
         if target is not None:
             recorded = report.get("target_spec") or {}  # type: ignore[union-attr]
             origin = f", {path_text(recorded['path'])}" if recorded.get("path") else ""
