@@ -40,10 +40,11 @@ def describe_value(value: Any) -> ValueInfo:
 
 def _may_hide_work(gm: GraphModule, n: Node) -> bool:
     """Could this node multiply by the model's weights without being a Conv/Linear module call?"""
-    if n.op == "call_module":
+    if n.op == "call_module":  # unknown leaves and known blocking ones (attention, RNNs); not BN, LN, PReLU
         module = gm.get_submodule(str(n.target))
+        rule = REGISTRY.lookup(gm, n)
         return not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) \
-            and next(module.parameters(), None) is not None
+            and (rule is None or rule.role == "blocks") and next(module.parameters(), None) is not None
     if n.op == "call_function":
         return n.target in _WEIGHTED_CALLS or n.target not in REGISTRY.functions \
             or any(a.op == "get_attr" for a in n.all_input_nodes)

@@ -38,6 +38,7 @@ def test_every_zoo_model_traces_and_analyses(name):
     assert all(g.reason for g in groups if g.frozen) and not any(g.reason for g in groups if not g.frozen)
     x = zoo.build(name)[1]
     model.eval()
+    gm.eval()  # its modules are a copy of the model's tree (sharing the tensors): their own train/eval flags
     with torch.no_grad():
         out, ref = gm(x), model(x)
     flat = lambda v: [t for t in (v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) else [v])]

@@ -10,7 +10,6 @@ on the real buffer): the user's model is never changed, and nothing large is cop
 
 from __future__ import annotations
 
-import copy
 import os
 import traceback
 from contextlib import contextmanager
@@ -123,7 +122,7 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
             return copies[id(module)]
         new = object.__new__(module.__class__)  # not cls.__new__: GraphModule's makes a class without forward
         copies[id(module)] = new
-        state = {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in module.__dict__.items()}
+        state = {k: (v.copy() if isinstance(v, (dict, list, set)) else v) for k, v in module.__dict__.items()}
         state["_modules"] = {k: None if m is None else clone(m) for k, m in module._modules.items()}
         new.__dict__.update(state)
         return new
