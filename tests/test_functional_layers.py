@@ -178,6 +178,7 @@ def test_analysis_never_changes_the_users_model():
     before = dict(vars(model))
     duccio_fx.analyze(model, x)
     duccio_fx.make_searchable(model, x)
+    duccio_fx.make_searchable(model, x, method="path")
     assert model.cache == {} and vars(model).keys() == before.keys() and type(model.conv) is nn.Conv2d
     model(x)
     duccio_fx.analyze(model, x)  # a second analysis, after a forward that filled the cache, still works
