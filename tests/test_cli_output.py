@@ -61,6 +61,7 @@ def test_paths_are_printed_whole_at_80_columns(tmp_path):
     assert checked.exit_code == 0 and _whole(board, checked.output), checked.output
 
 
+@pytest.mark.slow
 def test_sweep_paths_are_printed_whole_at_80_columns(tmp_path):
     model = tmp_path / "tiny.py"
     model.write_text(textwrap.dedent(MODEL_FILE))

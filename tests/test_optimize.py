@@ -249,6 +249,7 @@ def test_every_progress_bar_reaches_its_total_when_the_search_stops_early(tmp_pa
     assert all(t.finished for t in tasks.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["warmup", "search", "finetune"])
 def test_resume_after_interruption_repeats_the_uninterrupted_run(tmp_path, phase):
     settings = {"warmup_epochs": 2, "finetune_epochs": 2}

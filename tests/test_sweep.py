@@ -73,6 +73,7 @@ def test_running_again_finishes_only_the_missing_point(swept):
     assert "mask_seed0_size-60pct_ops-80pct: met" in second.output
 
 
+@pytest.mark.slow
 def test_a_failing_point_does_not_stop_the_others(tmp_path):
     model = tmp_path / "tiny.py"
     model.write_text(textwrap.dedent(MODEL_FILE))
