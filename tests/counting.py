@@ -278,8 +278,7 @@ class _LinearBiases(TorchFunctionMode):
         arg = lambda i, name: args[i] if len(args) > i else kwargs.get(name)  # noqa: E731
         for bias_at, weight_at in self.PAIRS[func]:
             bias, weight = arg(*bias_at), arg(*weight_at)
-            b = self.tracker.of(bias) if isinstance(bias, torch.Tensor) else frozenset()
-            w = self.tracker.of(weight) if isinstance(weight, torch.Tensor) else frozenset()
+            b, w = self.tracker._operand(bias), self.tracker._operand(weight)  # as the layers name them
             new = range(before, len(self.count.layers))
             if not b or b == ACT or any(set(self.count.layers[i].bias) | set(self.count.layers[i].weight) >= b
                                         for i in new):
