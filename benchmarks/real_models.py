@@ -309,10 +309,13 @@ def dory_verdict(step: Any) -> str | None:
 def _child(conn: Any, source: str, name: str, size: int, threads: int, lower: bool) -> None:
     """Sends the row, then (when the DORY checks passed) runs the whole lowering and sends its verdict: a
     lowering that runs out of time still leaves the rest of the row."""
+    import warnings
+
     import torch
 
     from duccio_fx import lower_to_dory
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torchvision's notes on weight initialisation
     torch.set_num_threads(threads)
     try:
         row = run_one(source, name, size)
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("costs " + ("=" if row["costs_equal"] else "≠") if "costs" in row else "analysis failed")
                 + ", export " + ("exact" if row.get("export", {}).get("exact") else "-")
                 + f", DORY {_short(row['dory'], 40)}, {row['wall_s']} s")
-            progress.console.print(f"{source}:{name}: {verdict}")
+            progress.console.print(f"{source}:{name}: {verdict}", soft_wrap=True)
             progress.advance(task)
     table = markdown(rows)
     totals = summary(rows)
