@@ -188,6 +188,16 @@ def _tiny_vit() -> nn.Module:
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 
+def _tiny_timm_swin() -> nn.Module:
+    """timm's Swin: its window attention runs nn.Linear modules on [batch × windows, tokens, C], the windows
+    folded into the batch dim (4 windows here)."""
+    _timm()
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,),
+                           num_classes=10)
+
+
 REAL = {  # name: (builder, input size)
     "tv_resnet18": (_tv("resnet18"), 32),
     "tv_mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.5), 32),
@@ -197,6 +207,7 @@ REAL = {  # name: (builder, input size)
     "timm_mobilenetv3_small_050": (_timm_model("mobilenetv3_small_050"), 32),  # timm.layers.Linear classifier
     "timm_resnetv2_stdconv": (_tiny_resnetv2, 32),
     "timm_vit_tiny": (_tiny_vit, 32),
+    "timm_swin_windows": (_tiny_timm_swin, 32),
 }
 SEARCHABLE = {"timm_mobilenetv2_050": 0.9, "timm_efficientnet_lite0": 0.9}
 
