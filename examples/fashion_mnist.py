@@ -42,7 +42,7 @@ def _directory() -> Path:
     directory = Path(os.environ.get("FMNIST_DIR", DEFAULT_DIR))
     if not (directory / "train-images-idx3-ubyte.gz").exists():
         raise FileNotFoundError(
-            f"Fashion-MNIST is not in {directory}. Install it with `sudo apt-get install dataset-fashion-mnist` "
+            f"Fashion-MNIST is not in {directory}. Install it with `apt-get install dataset-fashion-mnist` (as root) "
             f"(Debian/Ubuntu; it puts the four IDX files in {DEFAULT_DIR}), or set FMNIST_DIR to a directory "
             "holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
             "t10k-labels-idx1-ubyte.gz.")

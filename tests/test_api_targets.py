@@ -53,3 +53,9 @@ def test_the_feasibility_check_and_the_recipe_take_a_target_name():
     r = Recipe(model, (x,), data, data, [Constraint.parse("latency", "50%")], "gap8",
                SearchSettings(warmup_epochs=0, search_epochs=1, finetune_epochs=0), device="cpu")
     assert r.target == load_target("gap8") and r.seed_costs["latency_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["mask", "path"])
+def test_minimum_costs_take_a_target_name(method):
+    sm = duccio_fx.make_searchable(_model(), torch.randn(1, 1, 8, 8), method=method)
+    assert sm.minimum_costs("gap8")["size_bytes"] == sm.minimum_costs(load_target("gap8"))["size_bytes"] > 0

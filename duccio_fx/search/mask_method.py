@@ -105,8 +105,9 @@ class SearchableModel(SearchSpace):
         """One channel per searchable group: the smallest architecture the search space holds."""
         return {g.id: torch.nn.functional.one_hot(torch.tensor(0), g.channels).double() for g in self.channel_groups}
 
-    def minimum_costs(self, target: Target | None = None) -> Costs:
-        return build_costs(evaluate(self.terms, self.minimum_masks()), target).floats()
+    def minimum_costs(self, target: Target | str | None = None) -> Costs:
+        hw = load_target(target) if target is not None else None
+        return build_costs(evaluate(self.terms, self.minimum_masks()), hw).floats()
 
     def structure(self) -> str:
         return self.graph_module.code + repr(self)

@@ -151,9 +151,9 @@ class PathSpace(SearchSpace):
                             "layer_cycles", "layer_latency_s") if getattr(costs, f) is not None}
         return replace(costs, **tables)
 
-    def minimum_costs(self, target: Target | None = None) -> Costs:
+    def minimum_costs(self, target: Target | str | None = None) -> Costs:
         """Every point at its cheapest alternative, metric by metric."""
-        return self._mixture(target).least()
+        return self._mixture(load_target(target) if target is not None else None).least()
 
     @property
     def seed_terms(self) -> Sequence[LayerTerm]:
