@@ -60,7 +60,7 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
     op that did conv/linear work on the model's weights (measured by shape propagation), else None."""
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        return _fixed_term(node)
+        return _fixed_term(gm, node)
     src = node.args[0]
     in_info, out_info = tensor_info(src), tensor_info(node)
     if not isinstance(in_info, TensorInfo) or not isinstance(out_info, TensorInfo):
@@ -69,18 +69,20 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
     in_spec = _features(src, in_info, channel_dim)
     out_spec = _features(node, out_info, channel_dim)
     role = op_role(node).role if op_role(node) else "defines"
+    batch = _batch(gm)
+    in_fold, out_fold = _fold(in_info, batch), _fold(out_info, batch)
     if isinstance(module, nn.Linear):
         kind, kernel, groups = "linear", 1, 1
-        positions = math.prod(out_info.shape[1:-1])
-        in_positions = math.prod(in_info.shape[1:-1])
+        positions = out_fold * math.prod(out_info.shape[1:-1])
+        in_positions = in_fold * math.prod(in_info.shape[1:-1])
         out_hw = (positions, 1)
         out_positions = positions
     else:
         kernel, groups = math.prod(module.kernel_size), module.groups
         spatial = out_info.shape[2:]
-        positions, in_positions = math.prod(spatial), math.prod(in_info.shape[2:])
+        positions, in_positions = out_fold * math.prod(spatial), in_fold * math.prod(in_info.shape[2:])
         out_positions = positions
-        out_hw = (1, spatial[0]) if len(spatial) == 1 else (math.prod(spatial[:-1]), spatial[-1])
+        out_hw = (out_fold, spatial[0]) if len(spatial) == 1 else (out_fold * math.prod(spatial[:-1]), spatial[-1])
         kind = {"defines": "conv", "depthwise": "depthwise"}.get(role, "grouped")
         if module.transposed:
             positions = in_positions  # MACs of a transposed conv scale with its input
@@ -88,16 +90,36 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
                      module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions)
 
 
-def _fixed_term(node: Node) -> LayerTerm | None:
+def _batch(gm: GraphModule) -> int:
+    """The batch size of the analysed example: dim 0 of the first input."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            break
+        info = tensor_info(node)
+        if isinstance(info, TensorInfo) and info.shape:
+            return info.shape[0]
+    return 1
+
+
+def _fold(info: TensorInfo, batch: int) -> int:
+    """How many of a sample's rows dim 0 holds: 1 for [N, ...], k when k rows per sample are folded into it
+    (timm's Swin attends over [N x windows, tokens, C]); a tensor not batched (a table computed from
+    parameters) counts whole, as it does at batch 1."""
+    rows = info.shape[0] if info.shape else 1
+    return rows // batch if batch and rows % batch == 0 and rows >= batch else rows
+
+
+def _fixed_term(gm: GraphModule, node: Node) -> LayerTerm | None:
     """A "fixed" layer: conv/linear work hidden in an op the search does not resize (a wrapped function, a
     leaf module with weights, a functional layer on computed weights), costed as measured. Its activations
     are the tensors it reads and writes, one channel per element."""
     work = weighted_work(node)
     if work is None:
         return None
-    elements = [sum(i.numel // max(i.shape[0], 1) for i in _tensors(tensor_info(a)))
-                for a in dict.fromkeys(node.all_input_nodes) if a.op != "get_attr"]
-    out = sum(i.numel // max(i.shape[0], 1) for i in _tensors(tensor_info(node)))
+    batch = _batch(gm)
+    per_sample = lambda info: sum(i.numel // max(i.shape[0], 1) * _fold(i, batch) for i in _tensors(info))  # noqa: E731
+    elements = [per_sample(tensor_info(a)) for a in dict.fromkeys(node.all_input_nodes) if a.op != "get_attr"]
+    out = per_sample(tensor_info(node))
     name = str(node.target) if node.op == "call_module" else node.name
     return LayerTerm(name, "fixed", ((-1, 0, sum(elements), 1),), ((-1, 0, out, 1),), 1, (1, 1), 1, 1,
                      work.biases > 0, 1, work.weights, not is_head(node), fixed_macs=work.macs,
