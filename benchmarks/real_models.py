@@ -235,7 +235,8 @@ def run_one(source: str, name: str, size: int, seed: int = 0) -> dict[str, Any]:
         row["costs"] = {"params": int(costs.params), "macs": int(costs.macs)}
         row["costs_equal"] = row["costs"]["params"] == count.params and row["costs"]["macs"] == count.macs
         if not row["costs_equal"]:
-            row["cost_diff"] = counting.differences(
+            row["cost_diff"] = [f"costed - counted: {row['costs']['params'] - count.params:+,} params, "
+                                f"{row['costs']['macs'] - count.macs:+,} MACs"] + counting.differences(
                 counting.costed_per_layer(costs.layer_params, costs.layer_macs), count)
         groups = duccio_fx.channel_groups(gm)
         total = sum(g.channels for g in groups)
