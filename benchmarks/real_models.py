@@ -430,7 +430,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "export_costs_equal": sum(1 for r in exported if r["export"]["costs_equal"]),
         "export_failed": [f"{r['model']}: {r['errors']['export']}" for r in done if "export" in r["errors"]],
         "dory_accepted": sum(1 for r in done if r["dory"] == "accepted"),
-        "dory_refusals": dict(Counter(_short(re.sub(r"\(?'[^']*'\)?|^\d+ ops refused, 1st: ", "", r["dory"]), 60)
+        "dory_refusals": dict(Counter(_short(re.sub(r"\d[\d,]*", "N", re.sub(
+            r"\(?'[^']*'\)?|^\d+ ops refused, 1st: ", "", r["dory"])), 60)
                                       for r in done if r["dory"] != "accepted").most_common()),
         "frozen_reasons_by_models": dict(Counter(w for r in analysed for w in r.get("frozen_reasons", {})
                                                  if w not in ("model input", "model output")).most_common(25)),
