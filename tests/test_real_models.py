@@ -169,6 +169,15 @@ def _tiny_swin() -> nn.Module:
                                 window_size=[4, 4], num_classes=10)
 
 
+def _tiny_swin_v2() -> nn.Module:
+    """torchvision's Swin V2: its attention clones the qkv bias and zeroes the key part before F.linear (a bias
+    computed from a parameter), and a small MLP computes the position bias from a constant table."""
+    swin = _torchvision().models.swin_transformer
+    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                window_size=[4, 4], num_classes=10, block=swin.SwinTransformerBlockV2,
+                                downsample_layer=swin.PatchMergingV2)
+
+
 def _tiny_resnetv2() -> nn.Module:
     """timm's ResNetV2 (BiT): StdConv2d standardises its weight in forward and calls F.conv2d with the result."""
     _timm()
@@ -202,6 +211,7 @@ REAL = {  # name: (builder, input size)
     "tv_resnet18": (_tv("resnet18"), 32),
     "tv_mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.5), 32),
     "tv_swin_tiny": (_tiny_swin, 32),
+    "tv_swin_v2_tiny": (_tiny_swin_v2, 32),
     "timm_mobilenetv2_050": (_timm_model("mobilenetv2_050"), 32),
     "timm_efficientnet_lite0": (_timm_model("efficientnet_lite0"), 32),
     "timm_mobilenetv3_small_050": (_timm_model("mobilenetv3_small_050"), 32),  # timm.layers.Linear classifier
