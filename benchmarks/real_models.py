@@ -378,7 +378,9 @@ def _m(n: int | None) -> str:
 
 
 def _pct(a: int, b: int) -> str:
-    return "100 %" if a == b else f"{100.0 * a / b:.1f} %" if b else "-"
+    if a == b:
+        return "100 %"
+    return f"{100.0 * a / b:.{1 if abs(a - b) / max(b, 1) > 1e-3 else 3}f} %" if b else "-"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
