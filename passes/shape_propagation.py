@@ -95,7 +95,10 @@ class ShapePropagation(Pass):
 
     def run(self, gm: GraphModule) -> bool:
         modes = {m: m.training for m in gm.modules()}
-        buffers = [(b, b.clone()) for b in gm.buffers()]
+        # modules run in eval mode; only tensors the graph itself reads (a traced training-mode F.batch_norm's
+        # statistics, a counter it increments) can change
+        read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        buffers = [(b, b.clone()) for name, b in gm.named_buffers() if name in read]
         gm.eval()
         try:
             with torch.no_grad():

@@ -61,10 +61,12 @@ class WeightedWorkMode(TorchFunctionMode):
         if name is None or name not in self.weights:
             self.weights[key] = t.numel()
 
-    def _bias(self, t: Any) -> None:
-        name = self._name(t)
-        if name is not None:
-            self.biases[name] = t.numel()
+    def _bias(self, t: Any, computed: bool = True) -> None:
+        """A bias argument: a parameter, or (`computed`) a tensor computed from one (swin v2 zeroes a clone's
+        key part); the added term of addmm counts only when it is a parameter (else it is an activation)."""
+        name = self._name(t) if isinstance(t, torch.Tensor) else None
+        if name is not None or (computed and isinstance(t, torch.Tensor)):
+            self.biases[name or f"<computed bias {len(self.biases)}>"] = t.numel()
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
@@ -90,7 +92,7 @@ class WeightedWorkMode(TorchFunctionMode):
                     self._weight(operand, name)
                     self.macs += out.numel() * a.shape[-1]
                     if func in _ADD_PRODUCTS:
-                        self._bias(args[0])
+                        self._bias(args[0], computed=False)
                     break
         elif func is F.multi_head_attention_forward:
             self._attention(args, kwargs)
@@ -127,7 +129,7 @@ class WeightedWorkMode(TorchFunctionMode):
 
     def work(self, batch: int) -> WeightedWork:
         return WeightedWork(sum(self.weights.values()), sum(self.biases.values()), self.macs // max(batch, 1),
-                            tuple(sorted(k for k in self.weights if not k.startswith("<")) + sorted(self.biases)))
+                            tuple(sorted(k for k in [*self.weights, *self.biases] if not k.startswith("<"))))
 
 
 def _contracted(equation: str, operands: tuple[Any, ...]) -> int:
