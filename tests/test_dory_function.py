@@ -17,21 +17,9 @@ from duccio_fx.common.errors import DuccioError
 from duccio_fx.lower.dory import check_lowerable, lower_to_dory
 from duccio_fx.lower.int_executor import quantize_input, run
 from duccio_fx.passes import fold_batchnorm
+from tests.test_fold_batchnorm import _stats  # non-trivial BatchNorm statistics, eval mode
 
 HERE = __file__.rsplit("/", 1)[-1]
-
-
-def _stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return model.eval()
 
 
 def _timm():
