@@ -125,7 +125,10 @@ class FunctionalLayers(Pass):
         if any(not isinstance(x, torch.Tensor) for x in tensors.values()) or any(
                 not isinstance(tensors[k], nn.Parameter) for k in ("weight", "bias") if k in tensors):
             return False
-        module = _BUILDERS[node.target](args, tensors, info)
+        try:
+            module = _BUILDERS[node.target](args, tensors, info)
+        except (ValueError, TypeError, RuntimeError):  # settings a module cannot hold: stays functional
+            return False
         if module is None:
             return False
         for key, tensor in tensors.items():
@@ -134,6 +137,8 @@ class FunctionalLayers(Pass):
             anchor_owner = str(attrs["running_mean"].target).rpartition(".")[0]
             counter = getattr(gm.get_submodule(anchor_owner) if anchor_owner else gm, "num_batches_tracked", None)
             module.num_batches_tracked = counter if isinstance(counter, torch.Tensor) else torch.tensor(0)
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            return False  # a tensor the call did not give (never expected): leave the call as it is
         module.train(gm.training)  # `training=` of a traced batch norm was the mode of the trace: dropped
         anchor = str(attrs.get("weight", next(iter(attrs.values()))).target)
         recipe = (node.target, tuple(sorted((k, str(v.target)) for k, v in attrs.items())),
