@@ -7,6 +7,8 @@ nor torchvision. Every cost is compared with `tests/counting.py`, which counts w
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -236,3 +238,31 @@ def test_torchvision_stochastic_depth_follows_the_channels():
     gm = duccio_fx.analyze(Block().eval(), torch.randn(1, 3, 6, 6))
     assert not any("stochastic_depth" in g.reason for g in gm.meta[GROUPS_KEY])
     assert sorted(g.channels for g in gm.meta[GROUPS_KEY] if not g.frozen) == [8]
+
+
+def test_a_model_in_training_mode_is_traced_in_its_inference_form():
+    """Users hand over models fresh from their constructor (training mode): a traced F.batch_norm with
+    `training=True` could not run shape propagation on one sample of 1x1 features, and a drop-path branch
+    would stay in the graph in eval mode too. The graph keeps each module's own mode."""
+
+    class DropPath(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                return x
+            return x * (torch.rand(x.shape[0], 1, 1, 1) > 0.5) * 2
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.bn = BatchNormAct(8)
+            self.drop = DropPath()
+            self.fc = FLinear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.drop(self.bn(self.conv(x))).flatten(1))
+
+    model = Pooled().train()
+    gm = duccio_fx.analyze(model, torch.randn(1, 3, 3, 3))  # one sample of 1x1 features
+    assert not any(n.target in (torch.rand, operator.gt) for n in gm.graph.nodes)
+    assert model.training and model.bn.training and gm.training

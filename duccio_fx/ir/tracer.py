@@ -4,8 +4,10 @@ Failures of torch.fx become a `DuccioTraceError` naming the module path and the 
 Tracing runs the model's Python with proxies, and a module that caches a tensor during forward (timm's
 LeViT and EfficientFormer keep attention biases in a dict) would keep a proxy there, breaking the user's
 next forward or trace. So the tracer follows a copy of the module tree that shares the parameters and
-buffers, and puts the buffers' values back afterwards (a BatchNorm traced in training mode counts its batch
-on the real buffer): the user's model is never changed, and nothing large is copied.
+buffers, and puts the buffers' values back afterwards: the user's model is never changed, and nothing large
+is copied. The copy is traced in eval mode, so Python branches on `self.training` (timm's drop path) and the
+`training=` of a functional batch norm take their inference form; `functional-layers` gives batch norms
+their train/eval behaviour back as modules.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     tracer = _DuccioTracer(leaf_modules, registry, record_stack_traces)
     buffers = [(b, b.clone()) for b in model.buffers()]
     model = _sharing_copy(model)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # `if self.training:` branches and F.batch_norm's `training=` take their inference form
     try:
         graph = tracer.trace(model)
     except Exception as err:
@@ -99,6 +103,8 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
                  f"duccio_fx.register_module; otherwise rewrite the line without branching on tensor values"),
         ) from err
     finally:
+        for m, training in modes.items():  # each module's own mode again (on the copy, or on a model that
+            m.training = training           # could not be copied)
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
