@@ -138,6 +138,28 @@ def _no_tensor(gm: GraphModule, node: Node) -> str:
     return "none" if _shape(node) is None else "unsupported"
 
 
+def _activation(gm: GraphModule, node: Node) -> str:
+    """ReLU / ReLU6 / hardtanh / clamp fuse as a clip. A (leaf) subclass of one with its own forward may compute
+    something else, which a clip would silently replace: it fuses only when it gives its base class's values
+    on a probe of the recorded input shape spanning [-8, 8]."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        base = next(c for c in type(module).__mro__ if c in (nn.ReLU, nn.ReLU6, nn.Hardtanh))
+        if type(module).forward is not base.forward:
+            info = tensor_info(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+            if not isinstance(info, TensorInfo):
+                return "unsupported"
+            probe = torch.linspace(-8.0, 8.0, info.numel).reshape(info.shape)
+            try:
+                with torch.no_grad():
+                    same = torch.equal(module(probe), base.forward(module, probe))
+            except Exception:
+                same = False
+            if not same:
+                return "unsupported"
+    return "act"
+
+
 def _conv2d(gm: GraphModule, node: Node) -> str:
     return "conv" if isinstance(gm.get_submodule(str(node.target)), nn.Conv2d) else "unsupported"
 
@@ -149,7 +171,7 @@ def register_dory_hooks(registry: OpRegistry = REGISTRY) -> None:
         ((nn.modules.conv._ConvNd,), _conv2d),
         ((nn.Linear,), _kind("linear")),
         ((nn.ReLU, nn.ReLU6, nn.Hardtanh, F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.hardtanh,
-          torch.clamp, torch.clip, "relu", "relu_", "clamp", "clamp_", "clip", "clip_"), _kind("act")),
+          torch.clamp, torch.clip, "relu", "relu_", "clamp", "clamp_", "clip", "clip_"), _activation),
         ((nn.MaxPool2d, F.max_pool2d), _kind("maxpool")),
         ((nn.AvgPool2d, nn.AdaptiveAvgPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, "mean"),
          _kind("avgpool")),

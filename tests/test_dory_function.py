@@ -176,3 +176,29 @@ def test_a_refusal_lists_every_op_dory_cannot_run_with_its_line_and_fix():
         assert HERE in (p.where or ""), p.where  # the user's source line
         assert p.what in str(err) and (p.fix or "") in str(err)
     assert "5 ops" in err.what
+
+
+def test_a_leaf_activation_subclass_with_its_own_forward_is_not_fused_as_a_clip():
+    """A ReLU subclass kept as a leaf whose forward computes something else (here a leaky ReLU) would be fused as
+    clip(0, inf) and silently change the function; a subclass that keeps ReLU's forward, or overrides it with
+    the same values (`_CheckedReLU` above), still fuses."""
+
+    class LeakyishReLU(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.where(x > 0, x, 0.1 * x)
+
+    class PlainReLU(nn.ReLU):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self, act: nn.Module) -> None:
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(3, 8, 3), act, nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(DuccioError, match="no kernel for module LeakyishReLU"):
+        check_lowerable(Net(LeakyishReLU()).eval(), x, "gap8", leaf_modules=[LeakyishReLU])
+    check_lowerable(Net(PlainReLU()).eval(), x, "gap8", leaf_modules=[PlainReLU])
