@@ -35,7 +35,9 @@ from torch.fx import GraphModule, Node
 
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.meta import TensorInfo, tensor_info
+from duccio_fx.ir.module_tree import fresh_name
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.passes.remove_noops import is_plain_identity
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 # (layer, norm, rank of the layer's output): the pairs whose BatchNorm normalises the layer's output channels
@@ -54,10 +56,6 @@ def _module(gm: GraphModule, node: object) -> nn.Module | None:
     if isinstance(node, Node) and node.op == "call_module":
         return gm.get_submodule(str(node.target))
     return None
-
-
-def _is_identity(m: nn.Module) -> bool:
-    return isinstance(m, nn.Identity) and type(m).forward is nn.Identity.forward
 
 
 def _err(node: Node, what: str, fix: str) -> DuccioError:
@@ -96,15 +94,6 @@ def fold(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
     return folded
 
 
-def _fresh_name(gm: GraphModule, base: str, suffix: str = "_folded") -> str:
-    taken = {name for name, _ in gm.named_modules(remove_duplicate=False)}
-    name, k = f"{base}{suffix}", 0
-    while name in taken:
-        k += 1
-        name = f"{base}{suffix}_{k}"
-    return name
-
-
 @dataclass
 class FoldBatchNorm(Pass):
     """Replaces every conv/linear → BatchNorm pair by one folded layer (see the module's docstring)."""
@@ -140,7 +129,7 @@ class FoldBatchNorm(Pass):
                 self._check_known_forward(node, bn, extra)
             target = str(producer.target)
             if calls[target] > 1:  # a shared module: its other calls must keep the unfolded weights
-                new = _fresh_name(gm, target)
+                new = fresh_name(gm, f"{target}_folded")
                 gm.add_submodule(new, folded)
                 producer.meta.setdefault(FOLDED_FROM, target)
                 producer.target = new
@@ -148,11 +137,11 @@ class FoldBatchNorm(Pass):
                 gm.add_submodule(target, folded)
             out = producer
             for attr in extra:
-                if _is_identity(getattr(bn, attr)):
+                if is_plain_identity(getattr(bn, attr)):
                     continue
                 # a sibling `<bn>_<attr>`, not `<bn>.<attr>`: the BatchNorm module is the user's object, and
                 # deleting it as unused must not reach into it
-                name = _fresh_name(gm, f"{node.target}_{attr}", suffix="")
+                name = fresh_name(gm, f"{node.target}_{attr}")
                 gm.add_submodule(name, getattr(bn, attr))
                 with gm.graph.inserting_after(out):
                     out = gm.graph.call_module(name, (out,))

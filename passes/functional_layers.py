@@ -24,6 +24,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from duccio_fx.ir.meta import WORK_KEY, TensorInfo, tensor_info
+from duccio_fx.ir.module_tree import fresh_name, set_module
 from duccio_fx.ir.pass_manager import Pass
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -173,20 +174,8 @@ class FunctionalLayers(Pass):
             for key, b in holder.named_buffers(recurse=False):
                 if key not in module._buffers:
                     module.register_buffer(key, b)
-            parent, _, last = owner.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, last, module)
+            set_module(gm, owner, module)
             return owner
-        base = f"{owner}.{leaf}_{type(module).__name__.lower()}" if owner else f"{leaf}_{type(module).__name__.lower()}"
-        name, k = base, 1
-        while _exists(gm, name):
-            name, k = f"{base}_{k}", k + 1
+        name = fresh_name(gm, f"{owner + '.' if owner else ''}{leaf}_{type(module).__name__.lower()}")
         gm.add_submodule(name, module)
         return name
-
-
-def _exists(gm: GraphModule, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-        return True
-    except AttributeError:
-        return False

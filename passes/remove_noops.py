@@ -30,11 +30,15 @@ _METADATA_METHODS = {"dim", "size", "numel"}
 _VALUE_FUNCTIONS = {builtins.len, builtins.isinstance, builtins.str, builtins.int, builtins.float, builtins.bool}
 
 
+def is_plain_identity(m: nn.Module) -> bool:
+    """An nn.Identity whose forward is nn.Identity's own (a subclass may compute something)."""
+    return isinstance(m, nn.Identity) and type(m).forward is nn.Identity.forward
+
+
 def _is_identity_call(gm: GraphModule, node: Node) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
-    m = gm.get_submodule(str(node.target))
-    return isinstance(m, nn.Identity) and type(m).forward is nn.Identity.forward
+    return is_plain_identity(gm.get_submodule(str(node.target)))
 
 
 def _is_pure_value(node: Node) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from duccio_fx.ir.meta import ChannelSpec
+from duccio_fx.ir.module_tree import set_module
 
 
 class ShrinkContext(Protocol):
@@ -89,11 +90,6 @@ def shrink_module(module: nn.Module, in_idx: torch.Tensor | None, out_idx: torch
     return new
 
 
-def _set_module(gm: GraphModule, qualname: str, module: nn.Module) -> None:
-    parent, _, leaf = qualname.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-
-
 def keep_as_is(ctx: ShrinkContext, node: Node) -> None:
     """Modules whose parameters do not index the channels (LayerNorm over time or width): nothing to cut."""
 
@@ -119,7 +115,7 @@ def shrink_layer(ctx: ShrinkContext, node: Node) -> None:
     ins, outs = ctx.channels(node.args[0] if node.args else None), ctx.channels(node)
     if ins is None and outs is None:
         return
-    _set_module(ctx.gm, str(node.target), shrink_module(module, ctx.kept(ins[1]) if ins else None,
+    set_module(ctx.gm, str(node.target), shrink_module(module, ctx.kept(ins[1]) if ins else None,
                                                        ctx.kept(outs[1]) if outs else None))
 
 
