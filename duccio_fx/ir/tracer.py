@@ -135,7 +135,7 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
 
     try:
         return clone(model)
-    except TypeError:  # a class that cannot be made this way: trace the model itself
+    except Exception:  # a class or container that cannot be copied this way: trace the model itself
         return model
 
 
