@@ -13,7 +13,7 @@ import argparse
 
 import duccio_fx
 from duccio_fx import zoo
-from duccio_fx.costs.model import build_costs
+from duccio_fx.costs.program import plain_costs
 from duccio_fx.costs.terms import evaluate, value
 from duccio_fx.ir.meta import layer_terms
 from duccio_fx.costs.latency import LATENCY_MODELS
@@ -31,7 +31,7 @@ def main() -> None:
     for name, measured in MEASURED.items():
         model, x = zoo.build(name)
         values = evaluate(layer_terms(duccio_fx.analyze(model, x)))
-        costs = build_costs(values, target)
+        costs = plain_costs([v.term for v in values], target)
         macs = sum(value(v.macs) for v in values)
         kernel = sum(value(LATENCY_MODELS[target.latency.model](v, target)) for v in values)
         rate = macs / value(costs["cycles"])

@@ -13,8 +13,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.costs.model import Costs, build_costs
-from duccio_fx.costs.terms import evaluate
+from duccio_fx.costs.model import Costs
+from duccio_fx.costs.program import plain_costs
 from duccio_fx.ir.channels import ChannelGroup
 from duccio_fx.ir.meta import GROUPS_KEY, layer_terms, tensor_info
 from duccio_fx.ir.pass_manager import Instrument, PassContext
@@ -75,7 +75,7 @@ def graph_costs(gm: GraphModule, target: Target | str | Path | None = None) -> C
     """The costs of an analysed graph with every channel kept (numbers, not tensors). `target`: a Target, a
     target name (`"gap8"`) or a TOML path."""
     terms = layer_terms(gm)
-    return build_costs(evaluate(terms), load_target(target) if target is not None else None).floats()
+    return plain_costs(terms, load_target(target) if target is not None else None)
 
 
 def measure_costs(model: nn.Module, example_inputs: Any, target: Target | str | Path | None = None, *,

@@ -54,7 +54,8 @@ class MaskInsertion(Pass):
         if not ids:
             return False
         bank_index = {gid: i for i, gid in enumerate(ids)}
-        gm.add_submodule(BANK, MaskBank(ids, [groups[g].channels for g in ids], self.threshold))
+        bank = MaskBank(ids, [groups[g].channels for g in ids], self.threshold)
+        gm.add_submodule(BANK, bank)
         gm.add_submodule(SELECT, nn.ModuleDict())
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         with gm.graph.inserting_before(first):
@@ -65,7 +66,8 @@ class MaskInsertion(Pass):
                 continue
             module: nn.Module = gm.get_submodule(str(node.target))
             as_masked(module)
-            gm.get_submodule(SELECT)[node.name] = MaskSelect(bank_spec(spec_of(layout, 0), bank_index))
+            gm.get_submodule(SELECT)[node.name] = MaskSelect(bank_spec(spec_of(layout, 0), bank_index), bank.offsets(),
+                                                               sum(bank.sizes))
             with gm.graph.inserting_before(node):
                 in_mask = gm.graph.call_module(f"{SELECT}.{node.name}", (masks,))
             node.args = (node.args[0], in_mask) + tuple(node.args[1:])

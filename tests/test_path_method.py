@@ -142,15 +142,14 @@ def test_estimators_run_every_or_only_the_sampled_alternative(estimator, runs):
 
 
 def test_expected_costs_use_the_probabilities():
-    from duccio_fx.costs.model import build_costs
-    from duccio_fx.costs.terms import evaluate
+    from duccio_fx.costs.program import plain_costs
 
     model, x = zoo_build("resnet8")
     space = duccio_fx.make_searchable(model, x, method="path", cost_mode="expected")
     space.train()
     space(x)
-    fixed = build_costs(evaluate([t for t in space.layout if isinstance(t, duccio_fx.ir.meta.LayerTerm)])).macs
-    uniform = fixed + sum(sum(build_costs(evaluate(o.terms)).macs for o in i.options) / len(i.options)
+    fixed = plain_costs([t for t in space.layout if isinstance(t, duccio_fx.ir.meta.LayerTerm)]).macs
+    uniform = fixed + sum(sum(plain_costs(o.terms).macs for o in i.options) / len(i.options)
                           for i in space.infos)
     assert float(space.costs().macs.detach()) == pytest.approx(uniform, rel=1e-6)  # θ = 0: equal probabilities
 

@@ -19,7 +19,7 @@ from duccio_fx import zoo
 from duccio_fx.cli import app
 from duccio_fx.cli.target_report import target_report
 from duccio_fx.costs.memory import critical_layers, layer_bytes, placement
-from duccio_fx.costs.model import build_costs as target_costs
+from duccio_fx.costs.program import plain_costs
 from duccio_fx.costs.terms import evaluate
 from duccio_fx.ir.meta import layer_terms
 from duccio_fx.costs.latency import LATENCY_MODELS
@@ -176,7 +176,7 @@ def test_layer_memory_matches_hand_computed_dory_accounting():
     m7 = load_target("cortex_m7")
     assert layer_bytes(v["conv1"], m7, m7.level("SRAM")) == 3 * 32 * 32 + 16 * 32 * 32
     # size is what is stored (no accounting quirk): weights + k/l, head bias at 32 bit
-    size = target_costs(list(d.values()), GAP8)["size_bytes"]
+    size = plain_costs([x.term for x in d.values()], GAP8)["size_bytes"]
     weights = sum(x.weights for x in d.values())
     assert size == weights + sum(2 * 64 * 4 for n in d if n != "fc") + 12 * 4
 
@@ -213,7 +213,7 @@ def test_placement_and_critical_layers_at_several_slacks():
     assert critical_layers(vals, t, 0.6) == {"b": "L2"}
     assert critical_layers(vals, t, 0.9) == {"b": "L2"}
     assert critical_layers(vals, t, 2.7) == {"b": "L2", "c": "L2"}
-    assert target_costs(vals, t)["overflow_bytes"] == {"L2": (17152 - 12000) + (43520 - 12000)}
+    assert plain_costs([x.term for x in vals], t)["overflow_bytes"] == {"L2": (17152 - 12000) + (43520 - 12000)}
 
 
 def test_inspect_with_target_shows_levels_and_critical_layers(tmp_path):
@@ -276,7 +276,7 @@ def test_target_costs_of_search_equal_those_of_the_export(name):
     for target in (GAP8, load_target("cortex_m7")):
         with torch.no_grad():
             searched = sm.costs(target)
-        exported = target_costs(evaluate(layer_terms(duccio_fx.analyze(sm.export(), x))), target)
+        exported = plain_costs(layer_terms(duccio_fx.analyze(sm.export(), x)), target)
         assert float(searched["size_bytes"]) == exported["size_bytes"]
         assert float(searched["cycles"]) == pytest.approx(exported["cycles"], rel=1e-12)
         assert {k: float(b) for k, b in searched["layer_bytes"].items()} == exported["layer_bytes"]

@@ -8,8 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from duccio_fx.costs.model import build_costs
-from duccio_fx.costs.terms import evaluate
+from duccio_fx.costs.program import plain_costs
 from duccio_fx.search.path_method import PathSpace
 from duccio_fx.targets import Target
 
@@ -20,7 +19,7 @@ def path_report(space: PathSpace, target: Target | None) -> dict[str, Any]:
     for info in space.infos:
         options = []
         for option in info.options:
-            costs = build_costs(evaluate(option.terms), target).floats()
+            costs = plain_costs(option.terms, target)
             row = {"name": option.name, "layers": [t.name for t in option.terms], "params": costs.params,
                    "macs": costs.macs}
             if target is not None:

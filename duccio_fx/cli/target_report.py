@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from duccio_fx.common.units import human_bytes
 from duccio_fx.costs.memory import (critical_layers, critical_slack, layer_activation_bytes, layer_parameter_bytes,
                                     placement)
-from duccio_fx.costs.model import build_costs
+from duccio_fx.costs.program import plain_costs
 from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.targets import Target
@@ -26,7 +26,7 @@ def target_report(model: GraphModule | Sequence[LayerTerm], target: Target,
     its layer terms)."""
     terms = layer_terms(model) if isinstance(model, GraphModule) else list(model)
     values = evaluate(terms)
-    costs = build_costs(values, target).floats()
+    costs = plain_costs(terms, target)
     critical = {c: critical_layers(values, target, c) for c in slacks}
     layers = []
     for v in values:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from duccio_fx.costs.memory import layer_bytes
-from duccio_fx.costs.terms import LayerValues, Number, value
+from duccio_fx.costs.terms import LayerValues, Number, by_kind, select
 from duccio_fx.targets import Target
 from duccio_fx.targets.schema import register_latency_model_name
 
@@ -40,6 +40,11 @@ def register_latency_model(name: str) -> Callable[[LatencyModel], LatencyModel]:
     return add
 
 
+def ceil_int(x: Number) -> Number:
+    """ceil of a constant: an int for one layer, a column for a `TermTable` (no gradient needed)."""
+    return torch.ceil(x) if isinstance(x, torch.Tensor) else math.ceil(x)
+
+
 def ceil_ste(x: Number) -> Number:
     """ceil in the forward pass, identity gradient in the backward pass."""
     if isinstance(x, torch.Tensor):
@@ -51,21 +56,19 @@ def ceil_ste(x: Number) -> Number:
 def gap8_cycles(v: LayerValues, target: Target) -> Number:
     t = v.term
     ho, wo = t.out_hw
-    if t.kind == "depthwise":
-        return 4 * ceil_ste(v.cout / 4) * ho * wo * t.kernel
-    if t.kind == "linear":
-        return ceil_ste(v.cin / 2) * ceil_ste(v.cout / 4) * ho
-    if t.kind == "fixed":  # measured work of an opaque op, at the rate of the linear kernel (8 MACs a cycle)
-        return v.macs / 8
     cin = v.cin / t.groups
     per_block = 2 * t.kernel * cin + ceil_ste(v.cout / 4) * (5 + 14 * ceil_ste(t.kernel * cin / 4) + 10)
-    return math.ceil(ho / 2) * math.ceil(wo / 8) * per_block
+    return by_kind(t, ceil_int(ho / 2) * ceil_int(wo / 8) * per_block,
+                   depthwise=4 * ceil_ste(v.cout / 4) * ho * wo * t.kernel,
+                   linear=ceil_ste(v.cin / 2) * ceil_ste(v.cout / 4) * ho,
+                   fixed=v.macs / 8)  # measured work of an opaque op, at the linear kernel's 8 MACs a cycle
 
 
 @register_latency_model("mac-rate")
 def mac_rate_cycles(v: LayerValues, target: Target) -> Number:
-    kind = {"grouped": "conv", "fixed": "linear"}.get(v.term.kind, v.term.kind)
-    return v.macs / target.latency.macs_per_cycle[kind]
+    rate = target.latency.macs_per_cycle
+    return v.macs / by_kind(v.term, rate["conv"], depthwise=rate["depthwise"], linear=rate["linear"],
+                            fixed=rate["linear"])
 
 
 def transfer_cycles(v: LayerValues, target: Target) -> Number:
@@ -78,9 +81,7 @@ def transfer_cycles(v: LayerValues, target: Target) -> Number:
     if not slower or slower[0].bytes_per_cycle is None:
         return 0
     need = layer_bytes(v, target, last)
-    if value(need) <= last.usable:
-        return 0
-    return need / slower[0].bytes_per_cycle
+    return select(need > last.usable, need / slower[0].bytes_per_cycle, 0)
 
 
 def layer_cycles(v: LayerValues, target: Target) -> Number:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from duccio_fx.costs.terms import LayerValues, Number, value
+from duccio_fx.costs.terms import LayerValues, Number, by_kind, select, stores, value
 from duccio_fx.targets import MemoryLevel, Target
 
 
@@ -28,24 +28,23 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
 
     With `accounting`, grouped/depthwise weights and biases are scaled by the target's
     `accounting.grouped_factor`, as the deployment tool counts them when it places layers.
+    Works on one layer or on a `TermTable`'s columns alike.
     """
-    if v.term.shares_weights_of and not accounting:
-        return 0  # stored once, with the module's first call
-    bits = target.bits
-    grouped = target.accounting.grouped_factor if accounting and v.term.kind in ("depthwise", "grouped") else 1
+    t, bits = v.term, target.bits
+    factor = target.accounting.grouped_factor
+    grouped = by_kind(t, 1, depthwise=factor, grouped=factor) if accounting else 1
     total = _bytes(v.weights, bits.weights) * grouped
-    if v.term.kind == "fixed":  # an opaque op: its biases as they are, no per-channel requantization known
-        return total + _bytes(v.term.fixed_biases, bits.bias)
-    if v.term.requant and bits.requant > 0:
-        total = total + _bytes(2 * v.cout, bits.requant)
-    elif v.term.bias:
-        total = total + _bytes(v.cout, bits.bias) * grouped
-    return total
+    requantized = t.requant & (bits.requant > 0)
+    per_channel = select(requantized, _bytes(2 * v.cout, bits.requant),
+                         select(t.bias, _bytes(v.cout, bits.bias) * grouped, 0))
+    # an opaque ("fixed") op: its biases as they are, no per-channel requantization known
+    total = total + by_kind(t, per_channel, fixed=_bytes(t.fixed_biases, bits.bias))
+    return total if accounting else select(stores(t), total, 0)  # a shared module is stored with its first call
 
 
 def layer_activation_bytes(v: LayerValues, target: Target) -> Number:
     bits = target.bits
-    out_bits = bits.activations if v.term.requant else bits.bias
+    out_bits = select(v.term.requant, bits.activations, bits.bias)
     return _bytes(v.cin * v.term.in_positions, bits.activations) + _bytes(v.cout * v.term.output_positions, out_bits)
 
 
@@ -103,13 +102,7 @@ def critical_layers(values: Sequence[LayerValues], target: Target, slack: float)
     return out
 
 
-def overflow_bytes(values: Sequence[LayerValues], target: Target) -> dict[str, Number]:
-    """Per layer-wise level, the bytes by which layers exceed it, summed (L2V for GAP8's L2)."""
-    out: dict[str, Number] = {}
-    for m in target.layerwise_levels:
-        total: Number = 0
-        for v in values:
-            need = layer_bytes(v, target, m)
-            total = total + (torch.relu(need - m.usable) if isinstance(need, torch.Tensor) else max(0, need - m.usable))
-        out[m.name] = total
-    return out
+def overflow_bytes(values: LayerValues, target: Target) -> dict[str, Number]:
+    """Per layer-wise level, the bytes by which layers exceed it, summed (L2V for GAP8's L2), over the
+    columns of a `TermTable`'s values: one relu over all layers."""
+    return {m.name: torch.relu(layer_bytes(values, target, m) - m.usable).sum() for m in target.layerwise_levels}

@@ -15,10 +15,37 @@ import torch
 
 from duccio_fx.costs.latency import layer_cycles
 from duccio_fx.costs.memory import constrained_layer_bytes, layer_parameter_bytes, overflow_bytes
-from duccio_fx.costs.terms import LayerValues, Number, value
+from duccio_fx.costs.terms import LayerValues, Number, TermTable, value
 from duccio_fx.targets import Target
 
-PerLayer = dict[str, Number]
+PerLayer = Mapping[str, Number]
+
+
+class LayerTable(Mapping[str, Number]):
+    """Per-layer values as a view of one column of the vectorised costs: reading a layer indexes the column
+    (nothing is computed per layer until it is read), `floats()` reads the whole column at once."""
+
+    __slots__ = ("index", "column")
+
+    def __init__(self, index: Mapping[str, int], column: torch.Tensor) -> None:
+        self.index, self.column = index, column
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.column[self.index[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def floats(self) -> dict[str, float]:
+        values = self.column.detach().tolist()
+        return {name: values[i] for name, i in self.index.items()}
+
+    def __repr__(self) -> str:
+        return f"LayerTable({self.floats()})"
+
 
 # the mapping keys: the whole-model figures and the per-layer tables users read by name
 _KEYS = ("params", "macs", "layer_memory", "size_bytes", "layer_bytes", "layer_cycles", "cycles", "latency_s",
@@ -66,42 +93,43 @@ class Costs(Mapping[str, Any]):
     def floats(self) -> Costs:
         """The same costs as plain Python floats (detached), for decisions, logs and reports."""
         def conv(x: Any) -> Any:
-            if isinstance(x, dict):
+            if isinstance(x, LayerTable):
+                return x.floats()
+            if isinstance(x, Mapping):
                 return {k: value(v) for k, v in x.items()}
             return x if x is None or isinstance(x, str) else value(x)
 
         return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self)})
 
     def tensors(self) -> Costs:
-        """The same costs as float64 tensors (ints of a plain model become constants)."""
+        """The same costs as float64 tensors (numbers become constants)."""
         def conv(x: Any) -> Any:
-            if isinstance(x, dict):
+            if isinstance(x, LayerTable):
+                return x
+            if isinstance(x, Mapping):
                 return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in x.items()}
             return x if x is None or isinstance(x, str) else torch.as_tensor(x, dtype=torch.float64)
 
         return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self)})
 
 
-def build_costs(values: Sequence[LayerValues], target: Target | None = None) -> Costs:
-    """The one place costs are built: totals and per-layer tables of `values`, plus the target's costs."""
-    layer_params = {v.term.name: v.params for v in values}
-    layer_macs = {v.term.name: v.macs for v in values}
-    costs = Costs(params=_sum(layer_params.values()), macs=_sum(layer_macs.values()), layer_params=layer_params,
-                  layer_macs=layer_macs, layer_memory={v.term.name: v.elements for v in values})
+def build_costs(values: LayerValues, target: Target | None = None) -> Costs:
+    """The one place costs are built, from the values of every layer at once (the columns of a
+    `TermTable`): totals are sums of columns, per-layer tables are views of them."""
+    table = values.term
+    assert isinstance(table, TermTable), "build_costs takes the values of a TermTable (see CostProgram)"
+    index = table.index
+    params, macs = values.params, values.macs
+    costs = Costs(params=params.sum(), macs=macs.sum(), layer_params=LayerTable(index, params),
+                  layer_macs=LayerTable(index, macs), layer_memory=LayerTable(index, values.elements))
     if target is None:
         return costs
-    size = {v.term.name: layer_parameter_bytes(v, target) for v in values}
-    cycles = {v.term.name: layer_cycles(v, target) for v in values}
-    total_cycles = _sum(cycles.values())
-    return replace(costs, target=target.name, size_bytes=_sum(size.values()), layer_size_bytes=size,
-                   layer_bytes={v.term.name: constrained_layer_bytes(v, target) for v in values},
-                   layer_cycles=cycles, layer_latency_s={k: c / target.compute.clock for k, c in cycles.items()},
+    size = layer_parameter_bytes(values, target)
+    cycles = layer_cycles(values, target)
+    total_cycles = cycles.sum()
+    return replace(costs, target=target.name, size_bytes=size.sum(), layer_size_bytes=LayerTable(index, size),
+                   layer_bytes=LayerTable(index, constrained_layer_bytes(values, target)),
+                   layer_cycles=LayerTable(index, cycles),
+                   layer_latency_s=LayerTable(index, cycles / target.compute.clock),
                    cycles=total_cycles, latency_s=total_cycles / target.compute.clock,
                    overflow_bytes=overflow_bytes(values, target))
-
-
-def _sum(xs: Any) -> Number:
-    total: Number = 0
-    for x in xs:
-        total = total + x
-    return total

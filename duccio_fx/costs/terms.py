@@ -142,11 +142,71 @@ def _features(node: Node, info: TensorInfo, dim: int) -> ChannelSpec:
     return spec_of(layout if getattr(layout, "dim", None) == dim else None, info.shape[dim])
 
 
+class TermTable:
+    """Many `LayerTerm`s as columns of float64 tensors, with the same field names, so the cost formulas
+    evaluate every layer at once (a few vector ops per quantity, whatever the depth): what a training step
+    evaluates. Kinds are boolean columns (`kinds`), the flags `bias`, `requant` and `stores` too."""
+
+    _NUMBERS = ("kernel", "positions", "in_positions", "output_positions", "groups", "fixed_weights",
+                "fixed_macs", "fixed_biases")
+
+    def __init__(self, terms: Sequence[LayerTerm], device: torch.device | str | None = None) -> None:
+        self.names: tuple[str, ...] = tuple(t.name for t in terms)
+        self.device = torch.device(device or "cpu")
+        column = lambda xs, dtype=torch.float64: torch.tensor(list(xs), dtype=dtype, device=self.device)  # noqa: E731
+        for name in self._NUMBERS:
+            setattr(self, name, column(getattr(t, name) for t in terms))
+        self.out_hw = (column(t.out_hw[0] for t in terms), column(t.out_hw[1] for t in terms))
+        self.bias = column((t.bias for t in terms), torch.bool)
+        self.requant = column((t.requant for t in terms), torch.bool)
+        self.stores = column((not t.shares_weights_of for t in terms), torch.bool)
+        self.kinds = {k: column((t.kind == k for t in terms), torch.bool) for k in sorted({t.kind for t in terms})}
+        self.zeros = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Row of each layer by name (a later row of the same name wins)."""
+        return {name: i for i, name in enumerate(self.names)}
+
+
+Terms = Union[LayerTerm, TermTable]
+
+
+def by_kind(t: Terms, default: Number, **per_kind: Number) -> Number:
+    """The expression of the layer's kind (`default` for kinds not named): one value for a `LayerTerm`, a
+    column for a `TermTable` (each layer its kind's value; gradients reach only the expression chosen)."""
+    if isinstance(t, LayerTerm):
+        return per_kind.get(t.kind, default)
+    out = default if isinstance(default, torch.Tensor) else t.zeros + default
+    for kind, expr in per_kind.items():
+        if kind in t.kinds:
+            out = torch.where(t.kinds[kind], expr, out)
+    return out
+
+
+def select(cond: Union[bool, torch.Tensor], a: Number, b: Number) -> Number:
+    """`a if cond else b`, elementwise when `cond` is a boolean tensor (no host sync)."""
+    if isinstance(cond, torch.Tensor):
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            a = torch.full(cond.shape, a, dtype=torch.float64, device=cond.device)
+        return torch.where(cond, a, b)
+    return a if cond else b
+
+
+def stores(t: Terms) -> Union[bool, torch.Tensor]:
+    """Whether the layer stores its weights (a module's second and later calls share the first's)."""
+    return not t.shares_weights_of if isinstance(t, LayerTerm) else t.stores
+
+
 @dataclass(frozen=True)
 class LayerValues:
-    """A layer's kept channels and the counts that follow (tensors on a searchable model)."""
+    """A layer's kept channels and the counts that follow (tensors on a searchable model). With a
+    `TermTable` as `term`, every field is a column: one entry per layer."""
 
-    term: LayerTerm
+    term: Terms
     cin: Number
     cout: Number
     weights: Number
@@ -160,28 +220,25 @@ class LayerValues:
     @property
     def params(self) -> Number:
         """Stored parameters (0 for a module's repeated call: its first call holds them)."""
-        if self.term.shares_weights_of:
-            return 0
-        if self.term.kind == "fixed":
-            return self.weights + self.term.fixed_biases
-        return self.weights + (self.cout if self.term.bias else 0)
+        t = self.term
+        own = self.weights + by_kind(t, select(t.bias, self.cout, 0), fixed=t.fixed_biases)
+        return select(stores(t), own, 0)
+
+
+def values_of(t: Terms, cin: Number, cout: Number) -> LayerValues:
+    """Weights and MACs of layers with `cin` input and `cout` output channels kept."""
+    weights = by_kind(t, t.fixed_weights, conv=cin * cout * t.kernel, linear=cin * cout * t.kernel,
+                      depthwise=cout * t.kernel)
+    macs = by_kind(t, weights * t.positions, fixed=t.fixed_macs)
+    return LayerValues(t, cin, cout, weights, macs)
 
 
 def evaluate_term(t: LayerTerm, kept: KeptChannels) -> LayerValues:
-    cin, cout = count(t.in_spec, kept), count(t.out_spec, kept)
-    if t.kind in ("conv", "linear"):
-        weights = cin * cout * t.kernel
-    elif t.kind == "depthwise":
-        weights = cout * t.kernel
-    elif t.kind == "fixed":
-        return LayerValues(t, cin, cout, t.fixed_weights, t.fixed_macs)
-    else:
-        weights = t.fixed_weights
-    return LayerValues(t, cin, cout, weights, weights * t.positions)
+    return values_of(t, count(t.in_spec, kept), count(t.out_spec, kept))
 
 
 def evaluate(terms: Sequence[LayerTerm], kept: KeptChannels | None = None) -> list[LayerValues]:
-    """Values of every term for the kept channels (None or {}: every channel kept)."""
+    """Values of every term for the kept channels (None or {}: every channel kept), layer by layer."""
     kept = kept or {}
     return [evaluate_term(t, kept) for t in terms]
 

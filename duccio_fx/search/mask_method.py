@@ -19,7 +19,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.costs.model import Costs, build_costs
+from duccio_fx.costs.model import Costs
+from duccio_fx.costs.program import CostProgram
 from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.channels import ChannelGroup
 from duccio_fx.ir.meta import GROUPS_KEY, LayerTerm, duccio_meta, layer_terms, restore_meta
@@ -45,6 +46,7 @@ class SearchableModel(SearchSpace):
         self.channel_groups: list[ChannelGroup] = [next(g for g in groups if g.id == i) for i in ids]
         self.all_groups = list(groups)
         self._meta = duccio_meta(graph_module)
+        self._program: CostProgram | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -63,16 +65,17 @@ class SearchableModel(SearchSpace):
         return iter(self.bank.parameters()) if self.bank is not None else iter(())
 
     # -- masks --------------------------------------------------------------------------------------
-    def _bank_masks(self) -> tuple[torch.Tensor, ...]:
-        return self.bank() if self.bank is not None else ()
-
-    def _kept(self) -> dict[int, torch.Tensor]:
-        """Binarized masks by group id, float64 (MAC counts exceed 2**24), straight-through gradients."""
-        return {g.id: m.double() for g, m in zip(self.channel_groups, self._bank_masks())}
+    def _flat_masks(self) -> torch.Tensor:
+        """The binarized masks of every searchable group as one flat vector (straight-through gradients)."""
+        bank = self.bank
+        return bank()[:-1] if bank is not None else torch.zeros(0)
 
     def masks(self) -> dict[int, torch.Tensor]:
         """Binarized mask of every searchable group, by group id (True = channel kept)."""
-        return {g.id: m.detach() > 0.5 for g, m in zip(self.channel_groups, self._bank_masks())}
+        if self.bank is None:
+            return {}
+        kept = self._flat_masks().detach() > 0.5
+        return {g.id: m for g, m in zip(self.channel_groups, kept.split(self.bank.sizes))}
 
     def set_masks(self, masks: dict[int, torch.Tensor]) -> None:
         """Set groups' masks (α = 1 where kept, 0 where removed; the largest-α channel always stays)."""
@@ -81,7 +84,7 @@ class SearchableModel(SearchSpace):
             if gid not in ids:
                 raise DuccioError(f"channel group {gid} is not searchable", where="SearchableModel.set_masks",
                                   fix=f"use one of the ids of .channel_groups: {sorted(ids)}")
-            alpha = self.bank.alphas[ids[gid]]
+            alpha = self.bank.group_alpha(ids[gid])
             mask = torch.as_tensor(mask, dtype=torch.bool)
             if mask.shape != alpha.shape:
                 raise DuccioError(f"mask for group {gid} has shape {tuple(mask.shape)}, expected "
@@ -90,16 +93,23 @@ class SearchableModel(SearchSpace):
                 alpha.copy_(mask.to(alpha.dtype))
 
     # -- costs --------------------------------------------------------------------------------------
+    def program(self) -> CostProgram:
+        """The layer terms compiled against the searchable groups (built once)."""
+        if getattr(self, "_program", None) is None:  # (a model pickled before programs existed has none)
+            self._program = CostProgram(self.terms, [(g.id, g.channels) for g in self.channel_groups])
+        return self._program
+
     def costs(self, target: Target | str | None = None) -> Costs:
         """Costs of the binarized architecture, differentiable w.r.t. the α (straight-through).
 
         `params`: conv/linear weights + biases; `macs`: per sample; `layer_memory`: per layer,
         weights + input + output activation elements (= bytes at 8 bit). With a `target` (a Target, a
         name or a path) also `size_bytes`, `layer_bytes` (DORY's accounting), `layer_cycles`, `cycles`,
-        `latency_s` and `overflow_bytes` (per layer-wise level; L2V on GAP8).
+        `latency_s` and `overflow_bytes` (per layer-wise level; L2V on GAP8). One vectorised evaluation
+        over all layers (`CostProgram`): a fixed number of ops whatever the depth, and no host sync.
         """
         hw = load_target(target) if target is not None else None
-        return build_costs(evaluate(self.terms, self._kept()), hw).tensors()
+        return self.program().costs(self._flat_masks(), hw)
 
     def minimum_masks(self) -> dict[int, torch.Tensor]:
         """One channel per searchable group: the smallest architecture the search space holds."""
@@ -107,7 +117,8 @@ class SearchableModel(SearchSpace):
 
     def minimum_costs(self, target: Target | str | None = None) -> Costs:
         hw = load_target(target) if target is not None else None
-        return build_costs(evaluate(self.terms, self.minimum_masks()), hw).floats()
+        program = self.program()
+        return program.costs(program.flatten(self.minimum_masks()), hw).floats()
 
     def structure(self) -> str:
         return self.graph_module.code + repr(self)
@@ -117,8 +128,11 @@ class SearchableModel(SearchSpace):
         return self.terms
 
     def layer_values(self) -> list[LayerValues]:
-        """Kept channels and counts of every conv/linear layer (tensors; for custom cost terms)."""
-        return evaluate(self.terms, self._kept())
+        """Kept channels and counts of every conv/linear layer, one by one (tensors; for custom cost terms
+        and per-layer reports; the costs themselves are evaluated vectorised)."""
+        masks = self._flat_masks().double()
+        return evaluate(self.terms, {g.id: m for g, m in zip(self.channel_groups, masks.split(self.bank.sizes))}
+                        if self.bank is not None else {})
 
     # -- export -------------------------------------------------------------------------------------
     def export(self, context: PassContext | None = None) -> GraphModule:

@@ -11,7 +11,7 @@ is why the exported, physically smaller model computes the same function.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,56 +20,93 @@ from torch import nn
 from duccio_fx.ir.meta import ChannelSpec
 
 # A channel spec with bank slots in place of group ids: (index in the bank or -1 for "always on", start, stop,
-# block), so the forward pass picks masks out of the bank's tuple without a lookup.
+# block).
 BankSpec = tuple[tuple[int, int, int, int], ...]
 
 
-def binarize(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Hard 0/1 mask forward, gradient of |α| backward; the largest |α| always stays on."""
+def binarize(alpha: torch.Tensor, segment: torch.Tensor, groups: int, threshold: float) -> torch.Tensor:
+    """Hard 0/1 masks of all groups at once (α of group `segment[i]` at i): forward |α| ≥ threshold, and
+    the first largest |α| of each group always stays (as `argmax` picks it); gradient of |α| backward. A
+    fixed number of vector ops, whatever the number of groups, and no host sync."""
     magnitude = alpha.abs()
-    hard = (magnitude >= threshold).to(alpha.dtype)
-    keep = F.one_hot(magnitude.argmax(), alpha.numel()).to(alpha.dtype)
-    hard = torch.maximum(hard, keep)
-    return hard + (magnitude - magnitude.detach())
+    detached = magnitude.detach()
+    hard = detached >= threshold
+    largest = detached.new_zeros(groups).scatter_reduce(0, segment, detached, "amax", include_self=False)
+    position = torch.arange(alpha.numel(), device=alpha.device)
+    candidates = torch.where(detached == largest[segment], position, alpha.numel())
+    first = position.new_full((groups,), alpha.numel()).scatter_reduce(0, segment, candidates, "amin")
+    hard = hard | (position == first[segment])
+    return hard.to(alpha.dtype) + (magnitude - detached)
 
 
 class MaskBank(nn.Module):
-    """The architecture parameters: one α vector per searchable group. Calling it returns all masks."""
+    """The architecture parameters: one α entry per channel of every searchable group, in one flat vector
+    (group after group), so binarizing, the costs and the optimizer each touch one tensor. Calling it
+    returns all masks as one flat vector with a trailing constant 1 (the "always on" entry of `MaskSelect`)."""
 
     def __init__(self, group_ids: Sequence[int], sizes: Sequence[int], threshold: float = 0.5,
                  init: float = 1.0) -> None:
         super().__init__()
         self.group_ids = list(group_ids)
+        self.sizes = [int(n) for n in sizes]
         self.threshold = threshold
-        self.alphas = nn.ParameterList(nn.Parameter(torch.full((n,), float(init))) for n in sizes)
+        self.alpha = nn.Parameter(torch.full((sum(self.sizes),), float(init)))
+        segment = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long))
+        self.register_buffer("segment", segment, persistent=False)
 
-    def forward(self) -> tuple[torch.Tensor, ...]:
-        return tuple(binarize(a, self.threshold) for a in self.alphas)
+    def forward(self) -> torch.Tensor:
+        masks = binarize(self.alpha, self.segment, len(self.sizes), self.threshold)
+        return torch.cat([masks, masks.new_ones(1)])
+
+    def offsets(self) -> list[int]:
+        """Where each group starts in the flat vector."""
+        out, start = [], 0
+        for n in self.sizes:
+            out.append(start)
+            start += n
+        return out
+
+    def group_alpha(self, index: int) -> torch.Tensor:
+        """The α of the `index`-th group (a view of the flat vector)."""
+        start = self.offsets()[index]
+        return self.alpha[start:start + self.sizes[index]]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # state dicts written before the α were one flat vector hold one `alphas.<i>` per group
+        old = [prefix + f"alphas.{i}" for i in range(len(self.sizes))]
+        if prefix + "alpha" not in state_dict and old and all(k in state_dict for k in old):
+            state_dict[prefix + "alpha"] = torch.cat([state_dict.pop(k) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def assemble(masks: tuple[torch.Tensor, ...], spec: BankSpec) -> torch.Tensor:
-    """The 0/1 vector over a tensor's channel dim described by `spec` (frozen slices are all ones)."""
-    pieces = []
-    for index, start, stop, block in spec:
-        if index < 0:
-            pieces.append(masks[0].new_ones((stop - start) * block) if masks else torch.ones((stop - start) * block))
-        else:
-            piece = masks[index][start:stop]
-            pieces.append(piece if block == 1 else piece.repeat_interleave(block))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
+def channel_index(spec: BankSpec, offsets: Sequence[int], always_on: int) -> list[int]:
+    """Entries of the bank's flat mask vector that make up a tensor's channel mask described by `spec`
+    (`always_on`: the index of the trailing constant 1)."""
+    index: list[int] = []
+    for slot, start, stop, block in spec:
+        for c in range(start, stop):
+            index.extend([always_on if slot < 0 else offsets[slot] + c] * block)
+    return index
 
 
 class MaskSelect(nn.Module):
-    """Picks the mask of one consumer's input channels out of the bank's masks (a module, so the graph
-    keeps it as one node through pickling, which re-traces the generated code)."""
+    """Picks the mask of one consumer's input channels out of the bank's flat masks: a slice when its
+    channels are one contiguous run of the bank, else one gather (a module, so the graph keeps it as one node
+    through pickling, which re-traces the generated code)."""
 
-    def __init__(self, spec: BankSpec) -> None:
+    def __init__(self, spec: BankSpec, offsets: Sequence[int] = (), always_on: int = 0) -> None:
         super().__init__()
         self.spec = spec
+        index = channel_index(spec, offsets, always_on)
+        contiguous = bool(index) and index == list(range(index[0], index[0] + len(index)))
+        self.span = (index[0], index[0] + len(index)) if contiguous else None
+        self.register_buffer("index", None if contiguous else torch.tensor(index, dtype=torch.long),
+                             persistent=False)
 
-    def forward(self, masks: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return assemble(masks, self.spec)
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        if self.span is not None:
+            return masks[self.span[0]:self.span[1]]
+        return masks.index_select(0, self.index)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"

@@ -22,8 +22,8 @@ from torch.fx import GraphModule
 
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.mixture import CostMixture
-from duccio_fx.costs.model import Costs, build_costs
-from duccio_fx.costs.terms import evaluate
+from duccio_fx.costs.model import Costs
+from duccio_fx.costs.program import plain_costs
 from duccio_fx.ir.meta import ChoiceInfo, LayerTerm, choice_info, duccio_meta, layer_term, layer_terms, restore_meta
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
@@ -111,8 +111,8 @@ class PathSpace(SearchSpace):
     def _mixture(self, target: Target | None) -> CostMixture:
         key = target.name if target is not None else None
         if key not in self._mixtures:
-            fixed = evaluate([x for x in self.layout if isinstance(x, LayerTerm)])
-            options = [[evaluate(o.terms) for o in info.options] for info in self.infos]
+            fixed = [x for x in self.layout if isinstance(x, LayerTerm)]
+            options = [[o.terms for o in info.options] for info in self.infos]
             self._mixtures[key] = CostMixture(fixed, options, target)
         return self._mixtures[key]
 
@@ -144,7 +144,7 @@ class PathSpace(SearchSpace):
                 terms.append(x)
             else:
                 terms.extend(next(o for o in x.options if o.name == chosen[x.point]).terms)
-        costs = build_costs(evaluate(terms), hw).floats()
+        costs = plain_costs(terms, hw)
         absent = {t.name: 0.0 for t in self.layer_candidates()}  # layers not chosen read 0 (scoped constraints)
         tables = {f: {**absent, **getattr(costs, f)}
                   for f in ("layer_params", "layer_macs", "layer_memory", "layer_size_bytes", "layer_bytes",
