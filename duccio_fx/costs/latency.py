@@ -54,21 +54,22 @@ def ceil_ste(x: Number) -> Number:
 
 @register_latency_model("gap8-analytic")
 def gap8_cycles(v: LayerValues, target: Target) -> Number:
+    # float literals: on a table's columns an int literal would cost a conversion op per use
     t = v.term
     ho, wo = t.out_hw
     cin = v.cin / t.groups
-    per_block = 2 * t.kernel * cin + ceil_ste(v.cout / 4) * (5 + 14 * ceil_ste(t.kernel * cin / 4) + 10)
-    return by_kind(t, ceil_int(ho / 2) * ceil_int(wo / 8) * per_block,
-                   depthwise=4 * ceil_ste(v.cout / 4) * ho * wo * t.kernel,
-                   linear=ceil_ste(v.cin / 2) * ceil_ste(v.cout / 4) * ho,
-                   fixed=v.macs / 8)  # measured work of an opaque op, at the linear kernel's 8 MACs a cycle
+    per_block = 2.0 * t.kernel * cin + ceil_ste(v.cout / 4.0) * (5.0 + 14.0 * ceil_ste(t.kernel * cin / 4.0) + 10.0)
+    return by_kind(t, ceil_int(ho / 2.0) * ceil_int(wo / 8.0) * per_block,
+                   depthwise=4.0 * ceil_ste(v.cout / 4.0) * ho * wo * t.kernel,
+                   linear=ceil_ste(v.cin / 2.0) * ceil_ste(v.cout / 4.0) * ho,
+                   fixed=v.macs / 8.0)  # measured work of an opaque op, at the linear kernel's 8 MACs a cycle
 
 
 @register_latency_model("mac-rate")
 def mac_rate_cycles(v: LayerValues, target: Target) -> Number:
     rate = target.latency.macs_per_cycle
-    return v.macs / by_kind(v.term, rate["conv"], depthwise=rate["depthwise"], linear=rate["linear"],
-                            fixed=rate["linear"])
+    return v.macs / by_kind(v.term, float(rate["conv"]), depthwise=float(rate["depthwise"]),
+                            linear=float(rate["linear"]), fixed=float(rate["linear"]))
 
 
 def transfer_cycles(v: LayerValues, target: Target) -> Number:
@@ -81,7 +82,7 @@ def transfer_cycles(v: LayerValues, target: Target) -> Number:
     if not slower or slower[0].bytes_per_cycle is None:
         return 0
     need = layer_bytes(v, target, last)
-    return select(need > last.usable, need / slower[0].bytes_per_cycle, 0)
+    return select(need > float(last.usable), need / float(slower[0].bytes_per_cycle), 0)
 
 
 def layer_cycles(v: LayerValues, target: Target) -> Number:

@@ -19,8 +19,8 @@ from duccio_fx.costs.terms import LayerValues, Number, by_kind, select, stores, 
 from duccio_fx.targets import MemoryLevel, Target
 
 
-def _bytes(elements: Number, bits: int) -> Number:
-    return elements * bits / 8
+def _bytes(elements: Number, bits: float) -> Number:
+    return elements * (bits / 8.0)  # a float factor: exact (bits/8 is a binary fraction), one op on a column
 
 
 def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = False) -> Number:
@@ -30,13 +30,17 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
     `accounting.grouped_factor`, as the deployment tool counts them when it places layers.
     Works on one layer or on a `TermTable`'s columns alike.
     """
+    return v.remember(("parameter_bytes", target.name, accounting), lambda: _parameter_bytes(v, target, accounting))
+
+
+def _parameter_bytes(v: LayerValues, target: Target, accounting: bool) -> Number:
     t, bits = v.term, target.bits
-    factor = target.accounting.grouped_factor
-    grouped = by_kind(t, 1, depthwise=factor, grouped=factor) if accounting else 1
-    total = _bytes(v.weights, bits.weights) * grouped
-    requantized = t.requant & (bits.requant > 0)
-    per_channel = select(requantized, _bytes(2 * v.cout, bits.requant),
-                         select(t.bias, _bytes(v.cout, bits.bias) * grouped, 0))
+    factor = float(target.accounting.grouped_factor)
+    grouped = by_kind(t, 1.0, depthwise=factor, grouped=factor) if accounting else 1.0
+    total = _bytes(v.weights, bits.weights * grouped)
+    per_channel = select(t.bias, _bytes(v.cout, bits.bias * grouped), 0)
+    if bits.requant > 0:  # layers that requantize store k and l per output channel (the bias folds into l)
+        per_channel = select(t.requant, _bytes(v.cout, 2 * bits.requant), per_channel)
     # an opaque ("fixed") op: its biases as they are, no per-channel requantization known
     total = total + by_kind(t, per_channel, fixed=_bytes(t.fixed_biases, bits.bias))
     return total if accounting else select(stores(t), total, 0)  # a shared module is stored with its first call
@@ -44,13 +48,17 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
 
 def layer_activation_bytes(v: LayerValues, target: Target) -> Number:
     bits = target.bits
-    out_bits = select(v.term.requant, bits.activations, bits.bias)
+    out_bits = select(v.term.requant, bits.activations, bits.bias)  # a head writes 32-bit accumulators
     return _bytes(v.cin * v.term.in_positions, bits.activations) + _bytes(v.cout * v.term.output_positions, out_bits)
 
 
 def layer_bytes(v: LayerValues, target: Target, level: MemoryLevel | None = None) -> Number:
     """Bytes a layer needs at once (DORY's accounting), counting only what `level` holds if given."""
-    holds = level.holds if level is not None else ("weights", "activations")
+    holds = tuple(level.holds) if level is not None else ("weights", "activations")
+    return v.remember(("bytes", target.name, holds), lambda: _layer_bytes(v, target, holds))
+
+
+def _layer_bytes(v: LayerValues, target: Target, holds: tuple[str, ...]) -> Number:
     total: Number = 0
     if "weights" in holds:
         total = total + layer_parameter_bytes(v, target, accounting=True)
@@ -105,4 +113,5 @@ def critical_layers(values: Sequence[LayerValues], target: Target, slack: float)
 def overflow_bytes(values: LayerValues, target: Target) -> dict[str, Number]:
     """Per layer-wise level, the bytes by which layers exceed it, summed (L2V for GAP8's L2), over the
     columns of a `TermTable`'s values: one relu over all layers."""
-    return {m.name: torch.relu(layer_bytes(values, target, m) - m.usable).sum() for m in target.layerwise_levels}
+    return {m.name: torch.relu(layer_bytes(values, target, m) - float(m.usable)).sum()
+            for m in target.layerwise_levels}

@@ -130,6 +130,6 @@ def build_costs(values: LayerValues, target: Target | None = None) -> Costs:
     return replace(costs, target=target.name, size_bytes=size.sum(), layer_size_bytes=LayerTable(index, size),
                    layer_bytes=LayerTable(index, constrained_layer_bytes(values, target)),
                    layer_cycles=LayerTable(index, cycles),
-                   layer_latency_s=LayerTable(index, cycles / target.compute.clock),
-                   cycles=total_cycles, latency_s=total_cycles / target.compute.clock,
+                   layer_latency_s=LayerTable(index, cycles / float(target.compute.clock)),
+                   cycles=total_cycles, latency_s=total_cycles / float(target.compute.clock),
                    overflow_bytes=overflow_bytes(values, target))

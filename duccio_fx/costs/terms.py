@@ -9,8 +9,8 @@ cost is differentiable with straight-through gradients. The static facts of a la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -142,10 +142,21 @@ def _features(node: Node, info: TensorInfo, dim: int) -> ChannelSpec:
     return spec_of(layout if getattr(layout, "dim", None) == dim else None, info.shape[dim])
 
 
+class Flag:
+    """A yes/no fact of every layer of a `TermTable` as 0/1 float64 columns (`on`, `off`). Formulas choose
+    with products by these columns rather than `torch.where`: exact (x·1 + y·0 = x), no gradient where 0,
+    and no scalar-to-tensor conversions; a flag true (or false) for every layer costs no op at all."""
+
+    def __init__(self, on: torch.Tensor) -> None:
+        self.on = on.to(torch.float64)
+        self.off = 1.0 - self.on
+        self.every, self.none = bool(self.on.all()), not bool(self.on.any())
+
+
 class TermTable:
     """Many `LayerTerm`s as columns of float64 tensors, with the same field names, so the cost formulas
     evaluate every layer at once (a few vector ops per quantity, whatever the depth): what a training step
-    evaluates. Kinds are boolean columns (`kinds`), the flags `bias`, `requant` and `stores` too."""
+    evaluates. The flags `bias`, `requant` and `stores` are `Flag`s; `flag(kinds)` tells the layers' kinds."""
 
     _NUMBERS = ("kernel", "positions", "in_positions", "output_positions", "groups", "fixed_weights",
                 "fixed_macs", "fixed_biases")
@@ -153,18 +164,31 @@ class TermTable:
     def __init__(self, terms: Sequence[LayerTerm], device: torch.device | str | None = None) -> None:
         self.names: tuple[str, ...] = tuple(t.name for t in terms)
         self.device = torch.device(device or "cpu")
-        column = lambda xs, dtype=torch.float64: torch.tensor(list(xs), dtype=dtype, device=self.device)  # noqa: E731
+        column = lambda xs: torch.tensor([float(x) for x in xs], dtype=torch.float64, device=self.device)  # noqa: E731
         for name in self._NUMBERS:
             setattr(self, name, column(getattr(t, name) for t in terms))
         self.out_hw = (column(t.out_hw[0] for t in terms), column(t.out_hw[1] for t in terms))
-        self.bias = column((t.bias for t in terms), torch.bool)
-        self.requant = column((t.requant for t in terms), torch.bool)
-        self.stores = column((not t.shares_weights_of for t in terms), torch.bool)
-        self.kinds = {k: column((t.kind == k for t in terms), torch.bool) for k in sorted({t.kind for t in terms})}
+        self.bias = Flag(column(t.bias for t in terms))
+        self.requant = Flag(column(t.requant for t in terms))
+        self.stores = Flag(column(not t.shares_weights_of for t in terms))
+        self.kind_names = tuple(t.kind for t in terms)
         self.zeros = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
+        self._flags: dict[frozenset[str], Flag] = {}
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def flag(self, kinds: Iterable[str]) -> Flag:
+        """Which layers are of one of `kinds` (made once per set of kinds)."""
+        key = frozenset(kinds)
+        if key not in self._flags:
+            self._flags[key] = Flag(torch.tensor([float(k in key) for k in self.kind_names], dtype=torch.float64,
+                                                 device=self.device))
+        return self._flags[key]
+
+    @property
+    def kinds(self) -> set[str]:
+        return set(self.kind_names)
 
     @property
     def index(self) -> dict[str, int]:
@@ -173,6 +197,23 @@ class TermTable:
 
 
 Terms = Union[LayerTerm, TermTable]
+Condition = Union[bool, Flag, torch.Tensor]
+
+
+def _times(x: Number, column: torch.Tensor) -> Number:
+    """x · a 0/1 column (a plain 0 stays 0; a plain number becomes a float, so no conversion op runs)."""
+    if isinstance(x, torch.Tensor):
+        return x * column
+    return 0 if x == 0 else column * float(x)
+
+
+def _plus(a: Number, b: Number) -> Number:
+    """a + b, skipping a plain 0 (no op)."""
+    if not isinstance(a, torch.Tensor) and a == 0:
+        return b
+    if not isinstance(b, torch.Tensor) and b == 0:
+        return a
+    return a + b
 
 
 def by_kind(t: Terms, default: Number, **per_kind: Number) -> Number:
@@ -180,23 +221,29 @@ def by_kind(t: Terms, default: Number, **per_kind: Number) -> Number:
     column for a `TermTable` (each layer its kind's value; gradients reach only the expression chosen)."""
     if isinstance(t, LayerTerm):
         return per_kind.get(t.kind, default)
-    out = default if isinstance(default, torch.Tensor) else t.zeros + default
+    choices: dict[int, tuple[Number, list[str]]] = {}  # kinds sharing one expression share one product
     for kind, expr in per_kind.items():
-        if kind in t.kinds:
-            out = torch.where(t.kinds[kind], expr, out)
+        choices.setdefault(id(expr), (expr, []))[1].append(kind)
+    choices.setdefault(id(default), (default, []))[1].extend(k for k in t.kinds if k not in per_kind)
+    out: Number = 0
+    for expr, kinds in choices.values():
+        out = _plus(out, select(t.flag(kinds), expr, 0))
     return out
 
 
-def select(cond: Union[bool, torch.Tensor], a: Number, b: Number) -> Number:
-    """`a if cond else b`, elementwise when `cond` is a boolean tensor (no host sync)."""
+def select(cond: Condition, a: Number, b: Number) -> Number:
+    """`a if cond else b`: for one layer (a bool), for a table's layers (a `Flag`), or elementwise on a
+    boolean tensor computed in the step (`torch.where`). No host sync."""
+    if isinstance(cond, Flag):
+        if cond.every or cond.none:
+            return a if cond.every else b
+        return _plus(_times(a, cond.on), _times(b, cond.off))
     if isinstance(cond, torch.Tensor):
-        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-            a = torch.full(cond.shape, a, dtype=torch.float64, device=cond.device)
         return torch.where(cond, a, b)
     return a if cond else b
 
 
-def stores(t: Terms) -> Union[bool, torch.Tensor]:
+def stores(t: Terms) -> Condition:
     """Whether the layer stores its weights (a module's second and later calls share the first's)."""
     return not t.shares_weights_of if isinstance(t, LayerTerm) else t.stores
 
@@ -211,6 +258,14 @@ class LayerValues:
     cout: Number
     weights: Number
     macs: Number
+    memo: dict[Any, Number] = field(default_factory=dict, compare=False, repr=False)  # shared sub-results
+
+    def remember(self, key: Any, compute: Callable[[], Number]) -> Number:
+        """`compute()` once per key (a layer's bytes at a level feed its size, the overflow and the
+        transfer cycles: one evaluation, one set of ops)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     @property
     def elements(self) -> Number:
