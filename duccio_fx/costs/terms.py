@@ -147,10 +147,10 @@ class Flag:
     with products by these columns rather than `torch.where`: exact (x·1 + y·0 = x), no gradient where 0,
     and no scalar-to-tensor conversions; a flag true (or false) for every layer costs no op at all."""
 
-    def __init__(self, on: torch.Tensor) -> None:
-        self.on = on.to(torch.float64)
-        self.off = 1.0 - self.on
-        self.every, self.none = bool(self.on.all()), not bool(self.on.any())
+    def __init__(self, values: Sequence[bool], device: torch.device) -> None:
+        self.on = torch.tensor([float(x) for x in values], dtype=torch.float64, device=device)
+        self.off = torch.tensor([float(not x) for x in values], dtype=torch.float64, device=device)
+        self.every, self.none = all(values), not any(values)
 
 
 class TermTable:
@@ -168,9 +168,9 @@ class TermTable:
         for name in self._NUMBERS:
             setattr(self, name, column(getattr(t, name) for t in terms))
         self.out_hw = (column(t.out_hw[0] for t in terms), column(t.out_hw[1] for t in terms))
-        self.bias = Flag(column(t.bias for t in terms))
-        self.requant = Flag(column(t.requant for t in terms))
-        self.stores = Flag(column(not t.shares_weights_of for t in terms))
+        self.bias = Flag([t.bias for t in terms], self.device)
+        self.requant = Flag([t.requant for t in terms], self.device)
+        self.stores = Flag([not t.shares_weights_of for t in terms], self.device)
         self.kind_names = tuple(t.kind for t in terms)
         self.zeros = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
         self._flags: dict[frozenset[str], Flag] = {}
@@ -182,8 +182,7 @@ class TermTable:
         """Which layers are of one of `kinds` (made once per set of kinds)."""
         key = frozenset(kinds)
         if key not in self._flags:
-            self._flags[key] = Flag(torch.tensor([float(k in key) for k in self.kind_names], dtype=torch.float64,
-                                                 device=self.device))
+            self._flags[key] = Flag([k in key for k in self.kind_names], self.device)
         return self._flags[key]
 
     @property

@@ -100,10 +100,10 @@ class DuccioObjective:
 
     def penalty(self, costs: dict[str, Any], epoch: float) -> torch.Tensor:
         """Σ_j λ_j(epoch) · penalty_j: add it to the task loss."""
-        total = torch.zeros((), dtype=torch.float64)
+        total: torch.Tensor | None = None  # built from the costs' tensors: on their device, no copy
         for lam, p in zip(self.lambdas(epoch), self.penalties(costs)):
-            total = total + lam * p
-        return total
+            total = lam * p if total is None else total + lam * p
+        return total if total is not None else torch.zeros((), dtype=torch.float64)
 
     def violations(self, costs: dict[str, Any]) -> list[float]:
         """R_j − T_j (> 0 means violated), as floats."""

@@ -44,7 +44,7 @@ from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import SearchSpace, make_searchable
-from duccio_fx.search.training import (PHASES, LossFn, MetricFn, batch_where, check_first_batch, cross_entropy,
+from duccio_fx.search.training import (PHASES, LossFn, MetricFn, StepLosses, batch_where, check_first_batch, cross_entropy,
                                        evaluate_model, loss_on_batch, recalibrate_batchnorm, seed_everything,
                                        split_batch, top1)
 from duccio_fx.search.warmup_cache import WarmupCache, fingerprint
@@ -171,7 +171,7 @@ class Recipe:
 
     def _train_epoch(self, model: nn.Module, opt: torch.optim.Optimizer, phase: str, epoch: int) -> float:
         model.train()
-        total = loss_sum = 0.0
+        losses = StepLosses(self.device)
         steps = max(len(self.train_batches), 1) if hasattr(self.train_batches, "__len__") else None
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -191,13 +191,12 @@ class Recipe:
             average_gradients(params, self.world)  # every rank applies the same update
             scaler.step(opt)
             scaler.update()
-            loss_sum += float(task.detach()) * len(y)
-            total += len(y)
+            losses.add(task, len(y))  # no host sync in the step: the loss is summed on the device
             self.progress("step", {"phase": phase, "epoch": epoch, "step": i, "steps": steps,
-                                   "loss": float(task.detach())})
-        if total == 0:
+                                   "loss": losses.latest()})
+        if losses.count == 0:
             raise DuccioError("the training loader yielded no batches", where="train_loader()")
-        loss_sum, total = sum_over_ranks([loss_sum, total], self.world, self.device)
+        loss_sum, total = sum_over_ranks(list(losses.mean()), self.world, self.device)
         return loss_sum / total
 
     def _record(self, phase: str, epoch: int, train_loss: float, model: nn.Module, started: float,

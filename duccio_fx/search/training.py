@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,6 +22,56 @@ def cross_entropy(output: Any, target: Any) -> torch.Tensor:
 
 def top1(output: Any, target: Any) -> float:
     return float((output.argmax(1) == target).float().mean())
+
+
+class StepLosses:
+    """The losses of an epoch's steps without a host sync per step: the sample-weighted sum stays on the
+    device (read once, at the end of the epoch), and the loss shown in the progress is the latest one whose
+    copy to the host has arrived (started without blocking; on a CPU it arrives at once)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.shown = math.nan
+        self._copy: tuple[torch.Tensor, Any] | None = None  # (host tensor, CUDA event or None)
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        loss = loss.detach()
+        self.total += loss.double() * samples
+        self.count += samples
+        if self._copy is None or self._arrived():
+            self._start_copy(loss)
+
+    def latest(self) -> float:
+        """The most recent step loss the host holds (nan before the first one arrives)."""
+        if self._copy is not None and self._arrived():
+            self.shown = host_float(self._copy[0])
+        return self.shown
+
+    def mean(self) -> tuple[float, int]:
+        """(sum, samples) of the epoch: the one read of the device."""
+        return float(self.total), self.count
+
+    def _arrived(self) -> bool:
+        event = self._copy[1] if self._copy is not None else None
+        return event is None or event.query()
+
+    def _start_copy(self, loss: torch.Tensor) -> None:
+        if loss.device.type == "cuda":
+            host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._copy = (host, event)
+        else:
+            self._copy = (loss.clone(), None)
+        self._copy[0].duccio_host_copy = True  # read without waiting for the device (see tests)
+
+
+def host_float(t: torch.Tensor) -> float:
+    """The value of a tensor already on the host."""
+    return float(t)
 
 
 def seed_everything(seed: int, phase: str, epoch: int) -> None:
