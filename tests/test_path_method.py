@@ -120,7 +120,7 @@ def test_costs_are_differentiable_and_prefer_cheaper_alternatives():
     space(x)
     space.costs(GAP8).macs.backward()
     for p in space.points():
-        grad = p.theta.grad
+        grad = p.theta_grad
         assert grad is not None and grad.abs().sum() > 0
         conv5, dwsep3 = p.names.index("conv5"), p.names.index("dwsep3")
         assert grad[conv5] > grad[dwsep3]  # a descent step makes conv5 less likely than dwsep3
@@ -138,7 +138,7 @@ def test_estimators_run_every_or_only_the_sampled_alternative(estimator, runs):
     loss = space(x).square().mean()
     loss.backward()
     assert len(calls) == runs
-    assert point.theta.grad is not None and point.theta.grad.abs().sum() > 0
+    assert point.theta_grad is not None and point.theta_grad.abs().sum() > 0
 
 
 def test_expected_costs_use_the_probabilities():

@@ -62,9 +62,9 @@ class Switch:
                 yield self.x, self.y
 
 
-def _recipe(method: str, device: str, loader: Any, x: torch.Tensor, target: str = "gap8") -> Recipe:
+def _recipe(method: str, device: str, loader: Any, x: torch.Tensor, target: str = "gap8", **options: Any) -> Recipe:
     model, example = zoo.build("resnet8")
-    settings = SearchSettings(method=method, bn_recalibration_batches=0)
+    settings = SearchSettings(method=method, bn_recalibration_batches=0, method_options=options)
     recipe = Recipe(model, (example,), loader, [(x, loader.y)], [Constraint.parse("size", "50%")], target,
                     settings, device=device)
     recipe.objective.calibrate(1.0, recipe.space.cost_values(recipe.target))
@@ -83,6 +83,19 @@ def test_a_mask_search_step_reads_nothing_from_the_device():
     loss = _search_epoch(recipe)
     assert loader.reads == [], f"host reads in a search step: {loader.reads}"
     assert loss == loss and loss > 0  # the epoch's mean loss is still read, once, after the loop
+
+
+@pytest.mark.parametrize("estimator", ["all", "sampled"])
+def test_a_path_search_step_reads_the_device_once(estimator):
+    """Which alternative each point runs is decided on the host: one read per step for all points together."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    loader = Switch(x, y, 4)
+    recipe = _recipe("path", "cpu", loader, x, estimator=estimator)
+    assert {p.estimator for p in recipe.space.points()} == {estimator}
+    _search_epoch(recipe)
+    assert len(recipe.space.points()) > 3
+    assert len(loader.reads) == 3 and all(r.startswith("tolist in") and "choice_point.py" in r
+                                          for r in loader.reads), loader.reads
 
 
 def test_the_loss_meter_sums_on_the_device_and_shows_the_latest_arrived_loss():

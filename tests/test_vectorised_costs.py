@@ -146,7 +146,7 @@ def test_path_mixture_equals_the_picked_options_layer_by_layer(name):
     want = reference(evaluate([*fixed, *(t for terms in picked for t in terms)]), hw)
     got = vectorised(costs)
     for table in [k for k, v in got.items() if isinstance(v, dict)]:  # layers of options not picked read 0
-        assert all(float(v) == 0 for k, v in got[table].items() if k not in want[table]), table
+        assert all(as_float(v) == 0 for k, v in got[table].items() if k not in want[table]), table
         got[table] = {k: v for k, v in got[table].items() if k in want[table]}
     assert_same(got, want, name)
     # d(total)/d(weight of an option) is that option's own cost

@@ -1,4 +1,4 @@
-"""A choice point of the path method: alternatives, one logit vector θ, Gumbel-softmax sampling.
+"""Choice points of the path method: alternatives, logits θ, Gumbel-softmax sampling of all points at once.
 
 Training: g = Gumbel-softmax(θ, τ) with a hard one-hot forward and the soft gradient (straight-through).
   estimator "all"      y = Σ_i g_i · alt_i(x): every alternative runs, θ gets ∂L/∂g_i from each (the paper's);
@@ -7,21 +7,96 @@ Training: g = Gumbel-softmax(θ, τ) with a hard one-hot forward and the soft gr
 Evaluation (and export): the argmax alternative alone. Alternatives start equally likely (θ = 0); ties go
 to the first alternative, the seed's, so an untrained point computes the seed.
 
-The last g is kept so the space's costs use the same sample as the forward pass (paper eq. 8).
+The θ of every point of a supernet live in one `ChoiceBank` (one flat vector, point after point), which
+draws every point's g in one go: a fixed number of ops whatever the number of points, and one read of the
+device per draw (which alternative each point runs), not one per point. The last g is kept so the
+space's costs use the same sample as the forward pass (paper eq. 8).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ESTIMATORS = ("all", "sampled")
 
 
+def first_max(values: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
+    """Index of the first largest entry of each segment (as `argmax` picks it), for all segments at once."""
+    largest = values.new_full((segments,), -torch.inf).scatter_reduce(0, segment, values, "amax")
+    position = torch.arange(values.numel(), device=values.device)
+    candidates = torch.where(values == largest[segment], position, values.numel())
+    return position.new_full((segments,), values.numel()).scatter_reduce(0, segment, candidates, "amin")
+
+
+class ChoiceBank(nn.Module):
+    """The architecture parameters of a supernet: the θ of every choice point in one flat vector."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.sizes = [int(n) for n in sizes]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.theta = nn.Parameter(torch.zeros(sum(self.sizes)))
+        segment = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long))
+        self.register_buffer("segment", segment, persistent=False)
+        self.register_buffer("start", torch.tensor(self.offsets, dtype=torch.long), persistent=False)
+        self.temperature = 1.0
+        self.sample: torch.Tensor | None = None  # the g of the last draw, every point's
+        self.picks: list[int] = []  # the alternative each point runs with that g
+        self._unused: set[int] = set()  # points that have not run with that g yet
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["sample"] = None  # a tensor in the autograd graph cannot be copied or pickled
+        state["_unused"] = set()
+        return state
+
+    def _one_hot(self, index: torch.Tensor) -> torch.Tensor:
+        hard = torch.zeros_like(self.theta)
+        return hard.index_fill(0, index, 1.0)
+
+    def draw(self) -> torch.Tensor:
+        """New hard one-hot g for every point (straight-through soft gradient), kept as `sample`."""
+        theta = self.theta
+        gumbels = -torch.empty_like(theta).exponential_().log()
+        y = (theta + gumbels) / self.temperature
+        n = len(self.sizes)
+        shifted = (y - y.detach().new_full((n,), -torch.inf).scatter_reduce(0, self.segment, y.detach(), "amax")
+                   [self.segment]).exp()
+        soft = shifted / shifted.new_zeros(n).index_add(0, self.segment, shifted)[self.segment]
+        first = first_max(y.detach(), self.segment, n)
+        self.sample = self._one_hot(first) - soft.detach() + soft
+        self.picks = (first - self.start).tolist()  # the one read of the device per draw
+        self._unused = set(range(n))
+        return self.sample
+
+    def take(self, point: int) -> tuple[int, torch.Tensor]:
+        """The alternative `point` runs in this forward pass and the flat g: a point that already ran with the
+        current g starts a new forward pass, so it draws anew."""
+        if point not in self._unused:
+            self.draw()
+        self._unused.discard(point)
+        return self.picks[point], self.sample  # type: ignore[return-value]
+
+    def argmax(self) -> torch.Tensor:
+        """The one-hot of every point's argmax θ (ties: the first alternative), as one flat vector."""
+        return self._one_hot(first_max(self.theta.detach(), self.segment, len(self.sizes)))
+
+    def probabilities(self) -> torch.Tensor:
+        """softmax(θ) of every point, as one flat vector (differentiable)."""
+        n = len(self.sizes)
+        theta = self.theta
+        e = (theta - theta.detach().new_full((n,), -torch.inf).scatter_reduce(0, self.segment, theta.detach(), "amax")
+             [self.segment]).exp()
+        return e / e.new_zeros(n).index_add(0, self.segment, e)[self.segment]
+
+
 class ChoicePoint(nn.Module):
+    """One choice among alternatives; its θ is a slice of a `ChoiceBank` (its own, until a supernet binds it
+    to the bank of all its points)."""
+
     def __init__(self, alternatives: dict[str, nn.Module], estimator: str = "all") -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
@@ -29,39 +104,65 @@ class ChoicePoint(nn.Module):
         for name, module in alternatives.items():
             self.add_module(name, module)
         self.names = list(alternatives)
-        self.theta = nn.Parameter(torch.zeros(len(self.names)))
         self.estimator = estimator
-        self.temperature = 1.0
-        self.sample: torch.Tensor | None = None  # the g of the last forward pass (not saved)
+        self.bind(ChoiceBank([len(self.names)]), 0)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["sample"] = None  # a tensor in the autograd graph cannot be copied or pickled
-        return state
+    def bind(self, bank: ChoiceBank, index: int) -> None:
+        """Take θ from `bank` (not a child module: the supernet owns the bank, every point reads it)."""
+        self.__dict__["bank"] = bank
+        self.index = index
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """This point's logits: a view of the bank's flat θ."""
+        start = self.bank.offsets[self.index]
+        return self.bank.theta[start:start + len(self.names)]
+
+    @property
+    def theta_grad(self) -> torch.Tensor | None:
+        """This point's part of the gradient of the bank's θ (None before a backward pass reaches it)."""
+        grad = self.bank.theta.grad
+        start = self.bank.offsets[self.index]
+        return None if grad is None else grad[start:start + len(self.names)]
+
+    @property
+    def sample(self) -> torch.Tensor | None:
+        """This point's g of the last draw (None before the first one)."""
+        if self.bank.sample is None:
+            return None
+        start = self.bank.offsets[self.index]
+        return self.bank.sample[start:start + len(self.names)]
+
+    @property
+    def temperature(self) -> float:
+        return self.bank.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.bank.temperature = value
 
     def chosen(self) -> int:
         """Index of the alternative evaluation and export use."""
         return int(self.theta.detach().argmax())
 
     def one_hot(self) -> torch.Tensor:
-        return F.one_hot(self.theta.detach().argmax(), len(self.names)).to(self.theta.dtype)
+        return torch.nn.functional.one_hot(self.theta.detach().argmax(), len(self.names)).to(self.theta.dtype)
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.theta.detach(), 0)
 
     def draw(self) -> torch.Tensor:
-        """A new hard one-hot g (straight-through soft gradient), kept as `sample` for the costs."""
-        self.sample = F.gumbel_softmax(self.theta, tau=self.temperature, hard=True)
-        return self.sample
+        """New g for every point of the bank; this point's part of it."""
+        self.bank.draw()
+        return self.sample  # type: ignore[return-value]
 
     def forward(self, x: Any) -> Any:
-        alts = list(self.children())
+        alts = [getattr(self, name) for name in self.names]
         if not self.training:
-            self.sample = self.one_hot()
             return alts[self.chosen()](x)
-        g = self.draw()
-        k = int(g.detach().argmax())
-        out = alts[k](x) * g[k]
+        k, g = self.bank.take(self.index)
+        start = self.bank.offsets[self.index]
+        out = alts[k](x) * g[start + k]
         if self.estimator == "sampled":
             return out
         # "all": the others run forward for θ's gradient ⟨∂L/∂y, alt_i(x)⟩, but not backward: with g_i = 0
@@ -69,7 +170,7 @@ class ChoicePoint(nn.Module):
         with torch.no_grad():
             others = [(i, alt(x)) for i, alt in enumerate(alts) if i != k]
         for i, y in others:
-            out = out + y * g[i]
+            out = out + y * g[start + i]
         return out
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ from duccio_fx.passes.supernet_insertion import SupernetInsertion
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.alternatives import AlternativeSelection
 from duccio_fx.search.choice import Choice
-from duccio_fx.search.choice_point import ESTIMATORS, ChoicePoint
+from duccio_fx.search.choice_point import ESTIMATORS, ChoiceBank, ChoicePoint
 from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
@@ -54,6 +54,11 @@ class PathSpace(SearchSpace):
         self.layout: list[LayerTerm | ChoiceInfo] = [x for n in graph_module.graph.nodes
                                                      if (x := layer_term(n) or choice_info(n)) is not None]
         self.infos = [x for x in self.layout if isinstance(x, ChoiceInfo)]
+        points = self.points()
+        self.choice_bank = ChoiceBank([len(p.names) for p in points])  # every point's θ, one flat vector
+        for i, p in enumerate(points):
+            p.bind(self.choice_bank, i)
+        self._register_load_state_dict_pre_hook(_one_theta, with_module=True)
         self._meta = duccio_meta(graph_module)
         self._mixtures: dict[str | None, CostMixture] = {}
         self.on_epoch(0)
@@ -61,6 +66,8 @@ class PathSpace(SearchSpace):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         restore_meta(self.graph_module, self._meta)
+        for i, p in enumerate(self.points()):  # (a copy's points read the copy's bank)
+            p.bind(self.choice_bank, i)
 
     # -- the model -------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -71,13 +78,12 @@ class PathSpace(SearchSpace):
         return [self.graph_module.get_submodule(info.point) for info in self.infos]
 
     def arch_parameters(self) -> Iterator[nn.Parameter]:
-        """The θ vectors (train them without weight decay)."""
-        return iter([p.theta for p in self.points()])
+        """The θ of every point, one flat vector (train it without weight decay)."""
+        return iter([self.choice_bank.theta])
 
     def on_epoch(self, epoch: int) -> None:
         """τ = temperature · temperature_decay^epoch."""
-        for p in self.points():
-            p.temperature = self.temperature * self.temperature_decay ** epoch
+        self.choice_bank.temperature = self.temperature * self.temperature_decay ** epoch
 
     def choices(self) -> dict[str, str]:
         """The alternative each point uses in evaluation and export (argmax θ)."""
@@ -98,9 +104,8 @@ class PathSpace(SearchSpace):
                 p.theta.copy_(torch.nn.functional.one_hot(torch.tensor(p.names.index(alt)), len(p.names)))
 
     def resample(self) -> None:
-        """Draw a new g at every point without running the model (what a training forward pass draws)."""
-        for p in self.points():
-            p.draw()
+        """Draw a new g at every point without running the model (the next training forward pass uses it)."""
+        self.choice_bank.draw()
 
     def architecture(self) -> dict[str, Any]:
         return {info.point: {"choice": p.names[p.chosen()],
@@ -117,15 +122,12 @@ class PathSpace(SearchSpace):
         return self._mixtures[key]
 
     def _weights(self) -> torch.Tensor:
-        parts = []
-        for p in self.points():
-            if not self.training or p.sample is None:
-                parts.append(p.one_hot())
-            elif self.cost_mode == "expected":
-                parts.append(torch.softmax(p.theta, 0))
-            else:
-                parts.append(p.sample)
-        return torch.cat(parts) if parts else torch.zeros(0)
+        """Every point's weights over its alternatives, one flat vector: the g of the last draw in training
+        (softmax(θ) with cost_mode="expected"), the argmax in evaluation."""
+        bank = self.choice_bank
+        if not self.training or bank.sample is None:
+            return bank.argmax()
+        return bank.probabilities() if self.cost_mode == "expected" else bank.sample
 
     def costs(self, target: Target | str | None = None) -> Costs:
         """Fixed layers + Σ_points Σ_i g_i · cost(alternative i), with the g of the last forward pass in
@@ -202,3 +204,11 @@ def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
     insertion = SupernetInsertion(analyze, selection, declared, estimator)
     context.run(gm, [insertion])
     return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay)
+
+
+def _one_theta(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """State dicts written when every point held its own θ (`graph_module.<point>.theta`): one flat θ."""
+    key = prefix + "choice_bank.theta"
+    old = [prefix + f"graph_module.{info.point}.theta" for info in module.infos]
+    if key not in state_dict and old and all(k in state_dict for k in old):
+        state_dict[key] = torch.cat([state_dict.pop(k) for k in old])
