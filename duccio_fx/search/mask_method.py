@@ -68,7 +68,7 @@ class SearchableModel(SearchSpace):
     def _flat_masks(self) -> torch.Tensor:
         """The binarized masks of every searchable group as one flat vector (straight-through gradients)."""
         bank = self.bank
-        return bank()[:-1] if bank is not None else torch.zeros(0)
+        return bank.masks() if bank is not None else torch.zeros(0)
 
     def masks(self) -> dict[int, torch.Tensor]:
         """Binarized mask of every searchable group, by group id (True = channel kept)."""

@@ -24,19 +24,17 @@ from duccio_fx.ir.meta import ChannelSpec
 BankSpec = tuple[tuple[int, int, int, int], ...]
 
 
-def binarize(alpha: torch.Tensor, segment: torch.Tensor, groups: int, threshold: float) -> torch.Tensor:
-    """Hard 0/1 masks of all groups at once (α of group `segment[i]` at i): forward |α| ≥ threshold, and
-    the first largest |α| of each group always stays (as `argmax` picks it); gradient of |α| backward. A
-    fixed number of vector ops, whatever the number of groups, and no host sync."""
-    magnitude = alpha.abs()
-    detached = magnitude.detach()
-    hard = detached >= threshold
-    largest = detached.new_zeros(groups).scatter_reduce(0, segment, detached, "amax", include_self=False)
+def hard_masks(alpha: torch.Tensor, segment: torch.Tensor, groups: int, threshold: float) -> torch.Tensor:
+    """The 0/1 masks of all groups at once (α of group `segment[i]` at i): |α| ≥ threshold, and the first
+    largest |α| of each group always stays (as `argmax` picks it). A fixed number of vector ops whatever the
+    number of groups, no host sync, no gradient."""
+    magnitude = alpha.detach().abs()
+    hard = magnitude >= threshold
+    largest = magnitude.new_zeros(groups).scatter_reduce(0, segment, magnitude, "amax", include_self=False)
     position = torch.arange(alpha.numel(), device=alpha.device)
-    candidates = torch.where(detached == largest[segment], position, alpha.numel())
+    candidates = torch.where(magnitude == largest[segment], position, alpha.numel())
     first = position.new_full((groups,), alpha.numel()).scatter_reduce(0, segment, candidates, "amin")
-    hard = hard | (position == first[segment])
-    return hard.to(alpha.dtype) + (magnitude - detached)
+    return (hard | (position == first[segment])).to(alpha.dtype)
 
 
 class MaskBank(nn.Module):
@@ -54,9 +52,30 @@ class MaskBank(nn.Module):
         segment = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long))
         self.register_buffer("segment", segment, persistent=False)
 
+    def hard(self) -> torch.Tensor:
+        """The 0/1 masks (no gradient), computed once while α is unchanged: the forward pass and the costs of
+        a training step share them (an optimizer step or `set_masks` changes α's version)."""
+        alpha = self.alpha
+        key = (alpha._version, alpha.data_ptr(), alpha.device, self.threshold)
+        if getattr(self, "_hard_key", None) != key:
+            self._hard = hard_masks(alpha, self.segment, len(self.sizes), self.threshold)
+            self._hard_key = key
+        return self._hard
+
+    def masks(self) -> torch.Tensor:
+        """All masks as one flat vector: the 0/1 masks forward, the gradient of |α| backward (straight-through)."""
+        magnitude = self.alpha.abs()
+        return self.hard() + (magnitude - magnitude.detach())
+
     def forward(self) -> torch.Tensor:
-        masks = binarize(self.alpha, self.segment, len(self.sizes), self.threshold)
+        masks = self.masks()
         return torch.cat([masks, masks.new_ones(1)])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_hard", None)
+        state.pop("_hard_key", None)
+        return state
 
     def offsets(self) -> list[int]:
         """Where each group starts in the flat vector."""
