@@ -1,9 +1,12 @@
 """Layer cost terms: params, MACs and memory elements of a conv/linear layer as functions of its kept channels.
 
-One formula per quantity serves every side. On an analysed model the kept-channel counts are Python ints
-(`inspect`, the exported model); on a searchable model they are tensors (sums of binarized masks), so every
-cost is differentiable with straight-through gradients. The static facts of a layer are a `LayerTerm`
-(written on the IR by the layer-costs pass); `evaluate` turns terms and kept channels into `LayerValues`.
+One formula per quantity serves every side. It evaluates one layer (a `LayerTerm`, with Python ints or
+tensors as kept-channel counts: per-layer reports) or every layer at once (a `TermTable`: the same fields as
+float64 columns, kinds and flags as 0/1 columns, so a formula is a few vector ops whatever the depth: the
+costs of a training step, see `duccio_fx.costs.program`). Kind-dependent parts go through `by_kind` and
+`select`, which pick for one layer and multiply by 0/1 columns for a table (exact, and gradients reach only
+the branch taken). The static facts of a layer are written on the IR by the layer-costs pass; `evaluate`
+turns terms and kept channels into `LayerValues` layer by layer, `values_of` does it for a table.
 """
 
 from __future__ import annotations
@@ -281,8 +284,8 @@ class LayerValues:
 
 def values_of(t: Terms, cin: Number, cout: Number) -> LayerValues:
     """Weights and MACs of layers with `cin` input and `cout` output channels kept."""
-    weights = by_kind(t, t.fixed_weights, conv=cin * cout * t.kernel, linear=cin * cout * t.kernel,
-                      depthwise=cout * t.kernel)
+    dense = cin * cout * t.kernel  # one expression for both kinds: one product on a table
+    weights = by_kind(t, t.fixed_weights, conv=dense, linear=dense, depthwise=cout * t.kernel)
     macs = by_kind(t, weights * t.positions, fixed=t.fixed_macs)
     return LayerValues(t, cin, cout, weights, macs)
 
