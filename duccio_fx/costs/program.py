@@ -5,7 +5,8 @@ A searchable model's masks are one flat vector (the groups one after another). A
 output channels are sums over slices of it, so the program lists, once, which entries of the flat vector
 count toward which layer (`channel`, `slot`, `block`) and what the frozen channels add (`constant`); a step
 is then `constant.index_add(slot, masks[channel] * block)`: one gather and one scatter for all layers. The
-formulas of `duccio_fx.costs` then run once on the columns. The result equals evaluating layer by layer
+bilinear costs (weights, MACs, params, bytes) follow in one product (`duccio_fx.costs.bilinear`), and the
+other formulas of `duccio_fx.costs` (a cycle model) run once on the columns. The result equals evaluating layer by layer
 (values exactly; gradients up to float rounding of their sums), with a number of ops that does not grow with
 the depth, no per-layer Python work and no host sync: what GPUs need.
 """
@@ -16,8 +17,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from duccio_fx.costs.bilinear import BilinearCosts
 from duccio_fx.costs.model import Costs, build_costs
-from duccio_fx.costs.terms import LayerValues, TermTable, values_of
+from duccio_fx.costs.terms import LayerValues, TermTable
 from duccio_fx.ir.meta import LayerTerm
 from duccio_fx.targets import Target
 
@@ -57,6 +59,7 @@ class CostProgram:
         self.slot = torch.tensor(slot, dtype=torch.long, device=device)
         self.block = torch.tensor(block, dtype=torch.float64, device=device)
         self._copies: dict[torch.device, CostProgram] = {device: self}
+        self._fits: dict[str | None, BilinearCosts] = {}  # per target
 
     def on(self, device: torch.device) -> CostProgram:
         """This program with its constants on `device` (made once per device)."""
@@ -70,20 +73,28 @@ class CostProgram:
                  torch.ones(size, dtype=torch.float64) for gid, size in self.groups]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
-    def values(self, masks: torch.Tensor | None = None) -> LayerValues:
-        """Every layer's values as columns; `masks` the flat 0/1 vector (None: every channel kept). Entries
-        past the groups' channels (e.g. a trailing constant 1) are ignored."""
+    def counts(self, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's kept input and output channels; `masks` the flat 0/1 vector (None: all kept).
+        Entries past the groups' channels (e.g. a trailing constant 1) are ignored."""
         program = self if masks is None else self.on(masks.device)
         counts = program.constant
         if masks is not None and len(program.channel):
             kept = masks.to(torch.float64).index_select(0, program.channel) * program.block
             counts = counts.index_add(0, program.slot, kept)
         layers = len(self.terms)
-        return values_of(program.table, counts[:layers], counts[layers:])
+        return counts[:layers], counts[layers:]
+
+    def values(self, masks: torch.Tensor | None = None, target: Target | None = None) -> LayerValues:
+        """Every layer's values as columns, with the bilinear costs for `target` computed in one product."""
+        program = self if masks is None else self.on(masks.device)
+        key = target.name if target is not None else None
+        if key not in program._fits:
+            program._fits[key] = BilinearCosts(program.table, target)
+        return program._fits[key].values(*self.counts(masks))
 
     def costs(self, masks: torch.Tensor | None = None, target: Target | None = None) -> Costs:
         """The costs of the architecture `masks` selects (differentiable w.r.t. `masks`)."""
-        return build_costs(self.values(masks), target)
+        return build_costs(self.values(masks, target), target)
 
 
 def plain_costs(terms: Sequence[LayerTerm], target: Target | None = None) -> Costs:

@@ -272,11 +272,15 @@ class LayerValues:
     @property
     def elements(self) -> Number:
         """Paper eq. 12 in elements: weights + input + output activations."""
-        return self.weights + self.cin * self.term.in_positions + self.cout * self.term.output_positions
+        return self.remember("elements", lambda: self.weights + self.cin * self.term.in_positions
+                             + self.cout * self.term.output_positions)
 
     @property
     def params(self) -> Number:
         """Stored parameters (0 for a module's repeated call: its first call holds them)."""
+        return self.remember("params", self._params)
+
+    def _params(self) -> Number:
         t = self.term
         own = self.weights + by_kind(t, select(t.bias, self.cout, 0), fixed=t.fixed_biases)
         return select(stores(t), own, 0)
