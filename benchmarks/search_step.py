@@ -30,7 +30,9 @@ Op counts: for every searchable variant, the aten ops of one `costs()` + backwar
 outside the counted region), counted with torch.profiler as the events named `aten::*` (nested ones
 included); on cuda also the events that ran on the GPU (kernels, memcpy/memset). The script uses only
 `make_searchable`, `.costs`, `PathSpace.resample`, `load_target` and `zoo.build`, so it also runs against
-older checkouts (PYTHONPATH=<old checkout>) for before/after figures.
+older commits for before/after figures: `git archive <commit> duccio_fx passes targets | tar -x -C OLD`, move
+OLD/passes and OLD/targets into OLD/duccio_fx/ (the installed layout), then run with PYTHONPATH=OLD
+(a plain PYTHONPATH to an old checkout still takes duccio_fx.passes and .targets from the editable install).
 """
 
 from __future__ import annotations

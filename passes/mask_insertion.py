@@ -66,8 +66,8 @@ class MaskInsertion(Pass):
                 continue
             module: nn.Module = gm.get_submodule(str(node.target))
             as_masked(module)
-            gm.get_submodule(SELECT)[node.name] = MaskSelect(bank_spec(spec_of(layout, 0), bank_index), bank.offsets(),
-                                                               sum(bank.sizes))
+            spec = bank_spec(spec_of(layout, 0), bank_index)
+            gm.get_submodule(SELECT)[node.name] = MaskSelect(spec, bank.offsets(), always_on=sum(bank.sizes))
             with gm.graph.inserting_before(node):
                 in_mask = gm.graph.call_module(f"{SELECT}.{node.name}", (masks,))
             node.args = (node.args[0], in_mask) + tuple(node.args[1:])

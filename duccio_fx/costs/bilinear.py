@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from duccio_fx.costs.memory import layer_bytes, layer_parameter_bytes
+from duccio_fx.costs.memory import bytes_key, layer_bytes, layer_parameter_bytes, parameter_bytes_key
 from duccio_fx.costs.terms import LayerValues, Number, TermTable, values_of
 from duccio_fx.targets import Target
 
@@ -27,11 +27,9 @@ def quantities(target: Target | None) -> dict[Any, Callable[[LayerValues], Numbe
         "weights": lambda v: v.weights, "macs": lambda v: v.macs, "params": lambda v: v.params,
         "elements": lambda v: v.elements}
     if target is not None:
-        out[("parameter_bytes", target.name, False)] = lambda v: layer_parameter_bytes(v, target)
-        holds = {("weights", "activations")} | {tuple(m.holds) for m in target.memory}
-        for h in sorted(holds):
-            level = next((m for m in target.memory if tuple(m.holds) == h), None)
-            out[("bytes", target.name, h)] = lambda v, level=level: layer_bytes(v, target, level)
+        out[parameter_bytes_key(target, False)] = lambda v: layer_parameter_bytes(v, target)
+        for level in (None, *target.memory):  # levels holding the same things share one key
+            out.setdefault(bytes_key(target, level), lambda v, level=level: layer_bytes(v, target, level))
     return out
 
 

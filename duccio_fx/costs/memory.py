@@ -30,7 +30,17 @@ def layer_parameter_bytes(v: LayerValues, target: Target, *, accounting: bool = 
     `accounting.grouped_factor`, as the deployment tool counts them when it places layers.
     Works on one layer or on a `TermTable`'s columns alike.
     """
-    return v.remember(("parameter_bytes", target.name, accounting), lambda: _parameter_bytes(v, target, accounting))
+    return v.remember(parameter_bytes_key(target, accounting), lambda: _parameter_bytes(v, target, accounting))
+
+
+def parameter_bytes_key(target: Target, accounting: bool) -> tuple[str, str, bool]:
+    """Where `LayerValues` remembers a layer's parameter bytes (see `duccio_fx.costs.bilinear`)."""
+    return ("parameter_bytes", target.name, accounting)
+
+
+def bytes_key(target: Target, level: MemoryLevel | None) -> tuple[str, str, tuple[str, ...]]:
+    """Where `LayerValues` remembers the bytes a layer needs at `level` (None: everything it touches)."""
+    return ("bytes", target.name, tuple(level.holds) if level is not None else ("weights", "activations"))
 
 
 def _parameter_bytes(v: LayerValues, target: Target, accounting: bool) -> Number:
@@ -54,8 +64,8 @@ def layer_activation_bytes(v: LayerValues, target: Target) -> Number:
 
 def layer_bytes(v: LayerValues, target: Target, level: MemoryLevel | None = None) -> Number:
     """Bytes a layer needs at once (DORY's accounting), counting only what `level` holds if given."""
-    holds = tuple(level.holds) if level is not None else ("weights", "activations")
-    return v.remember(("bytes", target.name, holds), lambda: _layer_bytes(v, target, holds))
+    key = bytes_key(target, level)
+    return v.remember(key, lambda: _layer_bytes(v, target, key[2]))
 
 
 def _layer_bytes(v: LayerValues, target: Target, holds: tuple[str, ...]) -> Number:

@@ -42,8 +42,9 @@ class CostMixture:
         self.totals = [f for f in _TOTALS if getattr(self.fixed, f) is not None]
         self.base = torch.tensor([*(getattr(self.fixed, f) for f in self.totals),
                                   *(self.fixed.overflow_bytes[lv] for lv in self.levels)], dtype=torch.float64)
-        self.matrix = torch.tensor([[*(getattr(o, f) for f in self.totals), *(o.overflow_bytes[lv] for lv in self.levels)]
-                                    for o in self.options], dtype=torch.float64).reshape(len(self.options), len(self.base))
+        rows = [[*(getattr(o, f) for f in self.totals), *(o.overflow_bytes[lv] for lv in self.levels)]
+                for o in self.options]
+        self.matrix = torch.tensor(rows, dtype=torch.float64).reshape(len(self.options), len(self.base))
         # per-layer tables: fixed layers (weight 1) then every option's layers (weight of their option)
         self.tables = [f for f in _TABLES if getattr(self.fixed, f) is not None]
         names = list(self.fixed.layer_params) + [n for o in self.options for n in o.layer_params]

@@ -189,8 +189,9 @@ class TermTable:
         return self._flags[key]
 
     @property
-    def kinds(self) -> set[str]:
-        return set(self.kind_names)
+    def kinds(self) -> list[str]:
+        """The kinds present, sorted (a stable order of ops from run to run)."""
+        return sorted(set(self.kind_names))
 
     @property
     def index(self) -> dict[str, int]:

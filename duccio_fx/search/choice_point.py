@@ -145,9 +145,6 @@ class ChoicePoint(nn.Module):
         """Index of the alternative evaluation and export use."""
         return int(self.theta.detach().argmax())
 
-    def one_hot(self) -> torch.Tensor:
-        return torch.nn.functional.one_hot(self.theta.detach().argmax(), len(self.names)).to(self.theta.dtype)
-
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.theta.detach(), 0)
 

@@ -113,7 +113,7 @@ class MaskSelect(nn.Module):
     channels are one contiguous run of the bank, else one gather (a module, so the graph keeps it as one node
     through pickling, which re-traces the generated code)."""
 
-    def __init__(self, spec: BankSpec, offsets: Sequence[int] = (), always_on: int = 0) -> None:
+    def __init__(self, spec: BankSpec, offsets: Sequence[int], always_on: int) -> None:
         super().__init__()
         self.spec = spec
         index = channel_index(spec, offsets, always_on)

@@ -44,9 +44,9 @@ from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import SearchSpace, make_searchable
-from duccio_fx.search.training import (PHASES, LossFn, MetricFn, StepLosses, batch_where, check_first_batch, cross_entropy,
-                                       evaluate_model, loss_on_batch, recalibrate_batchnorm, seed_everything,
-                                       split_batch, top1)
+from duccio_fx.search.training import (PHASES, LossFn, MetricFn, StepLosses, batch_where, check_first_batch,
+                                       cross_entropy, evaluate_model, loss_on_batch, recalibrate_batchnorm,
+                                       seed_everything, split_batch, top1)
 from duccio_fx.search.warmup_cache import WarmupCache, fingerprint
 from duccio_fx.targets import Target, load_target
 

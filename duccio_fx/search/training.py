@@ -46,7 +46,7 @@ class StepLosses:
     def latest(self) -> float:
         """The most recent step loss the host holds (nan before the first one arrives)."""
         if self._copy is not None and self._arrived():
-            self.shown = host_float(self._copy[0])
+            self.shown = float(self._copy[0])  # a host tensor: no device read
         return self.shown
 
     def mean(self) -> tuple[float, int]:
@@ -67,11 +67,6 @@ class StepLosses:
         else:
             self._copy = (loss.clone(), None)
         self._copy[0].duccio_host_copy = True  # read without waiting for the device (see tests)
-
-
-def host_float(t: torch.Tensor) -> float:
-    """The value of a tensor already on the host."""
-    return float(t)
 
 
 def seed_everything(seed: int, phase: str, epoch: int) -> None:
