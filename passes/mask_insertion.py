@@ -3,7 +3,7 @@
 Adds a `duccio_masks` MaskBank, computes all masks once per forward, and gives every conv/linear that
 reads searchable channels the mask of its input channels (`MaskedConv2d(x, in_mask)`), marking that node
 with a `MaskUse`. Groups whose consumers cannot be masked (e.g. ConvTranspose, a user subclass) are left
-out of the search, with a reason.
+out of the search, with a reason; so are groups of at most one block with `channel_multiple` N > 1.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class MaskInsertion(Pass):
     """Needs channel-analysis. Result: `gm.duccio_masks` and `excluded` (group id → reason)."""
 
     threshold: float = 0.5
+    # --channel-multiple N: one α per block of N channels; a group of at most N channels (one block, which
+    # always stays) is left out of the search, with a reason
+    channel_multiple: int = 1
     excluded: dict[int, str] = field(default_factory=dict)
     name = "mask-insertion"
     requires = ("shape-propagation", "channel-analysis")
@@ -50,11 +53,18 @@ class MaskInsertion(Pass):
                 for gid in set(layout.groups) & searchable:
                     self.excluded[gid] = (f"its channels feed {type(module).__name__} '{node.target}', which the "
                                           f"mask search cannot resize (supported: Conv1d/2d/3d, Linear)")
+        n = self.channel_multiple
+        if n > 1:
+            for g in groups:
+                if g.id in searchable and g.id not in self.excluded and g.channels <= n:
+                    self.excluded[g.id] = (
+                        f"{g.channels} channels: {'narrower than' if g.channels < n else 'exactly'} one block of "
+                        f"--channel-multiple {n}, which always stays, so it keeps all {g.channels}")
         ids = [g.id for g in groups if g.id in searchable and g.id not in self.excluded]
         if not ids:
             return False
         bank_index = {gid: i for i, gid in enumerate(ids)}
-        bank = MaskBank(ids, [groups[g].channels for g in ids], self.threshold)
+        bank = MaskBank(ids, [groups[g].channels for g in ids], self.threshold, block=n)
         gm.add_submodule(BANK, bank)
         gm.add_submodule(SELECT, nn.ModuleDict())
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")

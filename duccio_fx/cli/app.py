@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from duccio_fx import zoo as z
-from duccio_fx.cli.inspect_view import inspect_report, render_inspect
+from duccio_fx.cli.inspect_view import inspect_report, render_inspect, render_widths
 from duccio_fx.cli.lower_cmd import run_lower
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_cmd import run_optimize
@@ -33,6 +33,7 @@ from duccio_fx.ir.pass_manager import DumpIR, Instrument, PassContext, PrintIR, 
 from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
+from duccio_fx.search.mask_method import check_channel_multiple
 from duccio_fx.search.objective import FORMS
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import make_searchable, search_methods
@@ -80,6 +81,8 @@ def inspect(
                                "with their alternatives and costs, and the layers kept fixed"),
     alternatives: Optional[list[str]] = typer.Option(None, "--alternatives", help="with --method path: as for "
                                                      "optimize"),
+    channel_multiple: int = typer.Option(1, "--channel-multiple", help="mask method: show how blocks of N "
+                                         "channels cut every group, and which groups cannot keep a multiple of N"),
 ) -> None:
     """Show every layer of MODEL with its shapes and costs, and its channel groups with frozen reasons."""
     timer = TimePasses()
@@ -99,10 +102,16 @@ def inspect(
         if alternatives and method != "path":
             raise DuccioError("--alternatives belongs to the path method", where="--alternatives",
                               fix="add --method path")
+        mask_options = _mask_options(method, channel_multiple)
         if method == "path":
             space = make_searchable(spec.model, spec.example_inputs, "path", leaf_modules=spec.leaf_modules,
                                     context=PassContext(instruments[1:]), alternatives=alternatives)
             report["path"] = path_report(space, hw)  # type: ignore[arg-type]
+        elif mask_options:
+            space = make_searchable(spec.model, spec.example_inputs, "mask", leaf_modules=spec.leaf_modules,
+                                    **mask_options)
+            report["channel_multiple"] = channel_multiple
+            report["widths"] = space.width_report()  # type: ignore[attr-defined]
     except DuccioError as err:
         raise _fail(err) from None
     if as_json:
@@ -114,6 +123,8 @@ def inspect(
             render_target_report(report["target"], console)
         if "path" in report:
             render_path_report(report["path"], console)
+        if "widths" in report:
+            render_widths(report["widths"], report["channel_multiple"], console)
 
 
 def _ir_instruments(print_between_passes: bool, dump_ir: Path | None, stream: Any) -> list[Instrument]:
@@ -204,6 +215,9 @@ def optimize(
                                       "(fp16 on CUDA only); costs stay in float64"),
     nproc: int = typer.Option(1, "--nproc", help="data-parallel processes on this machine (torch.distributed: "
                               "gloo on CPUs, NCCL with one GPU each); the loaders' batch size is per process"),
+    channel_multiple: int = typer.Option(1, "--channel-multiple", help="--method mask: keep a multiple of N "
+                                         "channels in every searched group (masks of blocks of N channels), e.g. "
+                                         "4 for PULP-NN's channel blocking, 8 or 16 for GAP9's NE16"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -226,6 +240,7 @@ def optimize(
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
         resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
         method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay)
+        method_options.update(_mask_options(method, channel_multiple))
         w, s, f = _epochs(epochs)
         if max_search_epochs is not None and max_search_epochs < s:
             raise DuccioError(f"--max-search-epochs {max_search_epochs} is below the minimum search epochs {s}",
@@ -282,6 +297,18 @@ def _path_options(method: str, alternatives: list[str] | None, estimator: str, p
             "temperature": temperature, "temperature_decay": temperature_decay}
 
 
+def _mask_options(method: str, channel_multiple: int) -> dict[str, Any]:
+    """The mask method's options (only those that differ from the defaults, so that a default run's checkpoint
+    signature stays what it was); refuses them with another method."""
+    check_channel_multiple(channel_multiple, where="--channel-multiple")
+    if channel_multiple == 1:
+        return {}
+    if method != "mask":
+        raise DuccioError(f"--channel-multiple belongs to the mask method (got --method {method})",
+                          where="--channel-multiple", fix="add --method mask, or drop --channel-multiple")
+    return {"channel_multiple": channel_multiple}
+
+
 @app.command("lower")
 def lower_cmd(
     source: str = typer.Argument(..., help="a finished `optimize` run directory, a model file or zoo:NAME"),
@@ -331,6 +358,8 @@ def sweep(
     layerwise: Optional[float] = typer.Option(None, "--layerwise", help="slack C for every point"),
     ray: Optional[str] = typer.Option(None, "--ray", help="run the points as Ray tasks: auto (a local Ray, or "
                                       "the cluster this machine belongs to) or a cluster ADDRESS"),
+    channel_multiple: int = typer.Option(1, "--channel-multiple", help="--method mask: every point keeps a "
+                                         "multiple of N channels per group (see optimize)"),
 ) -> None:
     """Run a grid of searches (methods x seeds x size x ops targets), sharing one warmup per method and
     seed; skip finished points when run again; write sweep.json, sweep.csv and pareto.png.
@@ -343,6 +372,8 @@ def sweep(
             if m.strip() not in search_methods():
                 raise DuccioError(f"unknown search method {m.strip()!r}", where="--method",
                                   fix=f"use one of: {', '.join(search_methods())}")
+        for m in method.split(","):
+            _mask_options(m.strip(), channel_multiple)
         _epochs(epochs)
         resolve_device(device)
         load_target(target)
@@ -352,8 +383,12 @@ def sweep(
         for o in {p.ops for p in points} - {None}:
             Constraint.parse("macs", o, option="--ops")
         executor = ray_executor(ray) if ray else None
-        out = out or Path("runs") / f"sweep-{Path(model.removeprefix('zoo:')).stem}"
+        # (another N gets its own default directory: a finished point of one N is no point of another)
+        out = out or Path("runs") / (f"sweep-{Path(model.removeprefix('zoo:')).stem}"
+                                     + (f"-cm{channel_multiple}" if channel_multiple > 1 else ""))
         extra = ["--layerwise", str(layerwise)] if layerwise is not None else []
+        if channel_multiple > 1:
+            extra += ["--channel-multiple", str(channel_multiple)]
         spec = SweepSpec(model=model, out=out, target=target, epochs=epochs, ops_of=ops_of, workers=workers,
                          device=device, extra=extra)
         console = Console()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch.fx import GraphModule
 
@@ -114,3 +115,29 @@ def render_inspect(report: dict[str, Any], console: Console) -> None:
         f"largest layer activations {t['max_layer_activation_bytes']:,} B")
     if report["pass_seconds"]:
         console.print("passes: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in report["pass_seconds"].items()))
+
+
+def blocks_text(blocks: list[int]) -> str:
+    """How a group is cut: "16 × 4", "2 × 4 + 2", "12" (one block)."""
+    if not blocks:
+        return "-"
+    head = blocks[0]
+    full = sum(1 for b in blocks if b == head)
+    rest = blocks[full:]
+    text = f"{full} × {head}" if full > 1 else str(head)
+    return text + "".join(f" + {b}" for b in rest)
+
+
+def render_widths(widths: list[dict[str, Any]], multiple: int, console: Console, kept: bool = False) -> None:
+    """The channel groups cut into blocks of `--channel-multiple N`; `kept`: also the width each group keeps."""
+    table = Table(title=f"channel groups in blocks of {multiple} channels (--channel-multiple {multiple})")
+    for col in ("group", "producers", "channels", "blocks", *(["kept"] if kept else []), f"multiple of {multiple}",
+                "note"):
+        table.add_column(col, overflow="fold")
+    for w in widths:
+        ok = w["kept_multiple"] if kept else w["multiple_holds"]
+        verdict = ("[green]yes[/]" if ok else "[yellow]no[/]") if w["searchable"] else "[dim]fixed[/]"
+        table.add_row(f"g{w['id']}", ", ".join(w["producers"]), str(w["channels"]),
+                      blocks_text(w["blocks"]) if w["searchable"] else "[dim]not searched[/]",
+                      *([str(w["kept"])] if kept else []), verdict, escape(w["note"]))
+    console.print(table)

@@ -11,6 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from duccio_fx.cli.inspect_view import render_widths
 from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.path_view import render_choices
 from duccio_fx.costs.metrics import get_metric
@@ -103,6 +104,10 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
         "target_spec": target_spec,  # how to load it again (a TOML file's path and text): lower and plot read it
         "method": result.searchable.method,
         "architecture": result.searchable.architecture(),
+        # mask method: every channel group's seed width, blocks (--channel-multiple) and the width it kept
+        **({"channel_multiple": result.searchable.channel_multiple,  # type: ignore[attr-defined]
+            "widths": result.searchable.width_report()}  # type: ignore[attr-defined]
+           if hasattr(result.searchable, "width_report") else {}),
         "status": "met" if result.met else "violated",
         "constraints": constraints,
         "critical_layers": result.critical,
@@ -176,6 +181,13 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
     console.print(cons)
     if report.get("architecture"):
         render_choices(report["architecture"], console)
+    if report.get("channel_multiple", 1) > 1:
+        render_widths(report["widths"], report["channel_multiple"], console, kept=True)
+        off = [f"g{w['id']} ({w['kept']})" for w in report["widths"] if w["searchable"] and not w["kept_multiple"]]
+        if off:
+            console.print(f"[yellow]note:[/] kept widths that are not a multiple of {report['channel_multiple']}: "
+                          + ", ".join(off) + " (groups whose width it does not divide; see the table)",
+                          highlight=False)
     exported = report.get("exported_epoch")
     if exported:
         console.print(f"exported: search epoch {exported['epoch']} ("

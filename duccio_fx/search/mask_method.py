@@ -12,6 +12,7 @@ The IR keeps its typed annotations through mask insertion; they travel with the 
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -77,18 +78,40 @@ class SearchableModel(SearchSpace):
         kept = self._flat_masks().detach() > 0.5
         return {g.id: m for g, m in zip(self.channel_groups, kept.split(self.bank.sizes))}
 
+    @property
+    def channel_multiple(self) -> int:
+        """N of `make_searchable(..., channel_multiple=N)`: the masks keep or remove blocks of N channels."""
+        return getattr(self.bank, "block", 1) if self.bank is not None else getattr(self, "_multiple", 1)
+
     def set_masks(self, masks: dict[int, torch.Tensor]) -> None:
-        """Set groups' masks (α = 1 where kept, 0 where removed; the largest-α channel always stays)."""
+        """Set groups' masks, one bool per channel (α = 1 where kept, 0 where removed; the largest-α channel,
+        or block, always stays). With `channel_multiple` N > 1 a mask keeps or removes whole blocks of N."""
         ids = {g.id: i for i, g in enumerate(self.channel_groups)}
         for gid, mask in masks.items():
             if gid not in ids:
                 raise DuccioError(f"channel group {gid} is not searchable", where="SearchableModel.set_masks",
                                   fix=f"use one of the ids of .channel_groups: {sorted(ids)}")
-            alpha = self.bank.group_alpha(ids[gid])
+            index = ids[gid]
+            alpha = self.bank.group_alpha(index)
             mask = torch.as_tensor(mask, dtype=torch.bool)
-            if mask.shape != alpha.shape:
-                raise DuccioError(f"mask for group {gid} has shape {tuple(mask.shape)}, expected "
-                                  f"{tuple(alpha.shape)}", where="SearchableModel.set_masks")
+            channels = self.bank.sizes[index]
+            if mask.shape != (channels,):
+                raise DuccioError(f"mask for group {gid} has shape {tuple(mask.shape)}, expected ({channels},)",
+                                  where="SearchableModel.set_masks")
+            blocks = self.bank.block_sizes[index]
+            if len(blocks) != channels:  # blocks of N: every block all kept or all removed
+                mask = mask.cpu()
+                starts = [sum(blocks[:k]) for k in range(len(blocks))]
+                for k, (start, n) in enumerate(zip(starts, blocks)):
+                    part = mask[start:start + n]
+                    if part.any() and not part.all():
+                        raise DuccioError(
+                            f"mask for group {gid} keeps part of block {k} (channels {start}..{start + n - 1}): "
+                            f"this space keeps or removes whole blocks of {self.channel_multiple} channels",
+                            where="SearchableModel.set_masks",
+                            fix=f"keep or remove channels {start}..{start + n - 1} together (a block-aligned "
+                                f"mask), or build the space with channel_multiple=1 for per-channel masks")
+                mask = torch.stack([mask[s] for s in starts])
             with torch.no_grad():
                 alpha.copy_(mask.to(alpha.dtype))
 
@@ -112,8 +135,18 @@ class SearchableModel(SearchSpace):
         return self.program().costs(self._flat_masks(), hw)
 
     def minimum_masks(self) -> dict[int, torch.Tensor]:
-        """One channel per searchable group: the smallest architecture the search space holds."""
-        return {g.id: torch.nn.functional.one_hot(torch.tensor(0), g.channels).double() for g in self.channel_groups}
+        """One channel (one block with `channel_multiple` N > 1: the smallest, so the last one when N does
+        not divide the group's width) per searchable group: the smallest architecture the space holds."""
+        if self.bank is None or self.channel_multiple == 1:
+            return {g.id: torch.nn.functional.one_hot(torch.tensor(0), g.channels).double()
+                    for g in self.channel_groups}
+        out = {}
+        for g, blocks in zip(self.channel_groups, self.bank.block_sizes):
+            k = min(range(len(blocks)), key=lambda i: (blocks[i], i))
+            mask = torch.zeros(g.channels, dtype=torch.float64)
+            mask[sum(blocks[:k]):sum(blocks[:k + 1])] = 1
+            out[g.id] = mask
+        return out
 
     def minimum_costs(self, target: Target | str | None = None) -> Costs:
         hw = load_target(target) if target is not None else None
@@ -134,6 +167,35 @@ class SearchableModel(SearchSpace):
         return evaluate(self.terms, {g.id: m for g, m in zip(self.channel_groups, masks.split(self.bank.sizes))}
                         if self.bank is not None else {})
 
+    def width_report(self) -> list[dict[str, Any]]:
+        """Per channel group of the seed (analysis order): its width, how the search cuts it and what it
+        keeps now. `blocks`: the channels of each mask entry (searchable groups); `kept`: the channels the
+        current masks keep; `multiple_holds`: whether every width the search can reach is a multiple of
+        `channel_multiple` (False for a group N does not divide: then only widths without the last, smaller
+        block are); `note`: why not, or why the group is not searched."""
+        n = self.channel_multiple
+        searched = {g.id: i for i, g in enumerate(self.channel_groups)}
+        masks = self.masks()
+        rows = []
+        for g in self.all_groups:
+            row: dict[str, Any] = {"id": g.id, "channels": g.channels, "producers": list(g.producers)}
+            if g.id in searched:
+                blocks = self.bank.block_sizes[searched[g.id]]
+                kept = int(masks[g.id].sum())
+                holds = g.channels % n == 0
+                row.update(searchable=True, blocks=blocks, kept=kept, kept_multiple=kept % n == 0,
+                           multiple_holds=holds,
+                           note="" if holds else (f"{g.channels} is not a multiple of {n}: blocks of {n} and a last "
+                                                  f"block of {blocks[-1]}; the kept width is a multiple of {n} only "
+                                                  f"when the search removes that last block"))
+            else:
+                reason = self.excluded.get(g.id) or g.reason or "frozen"
+                row.update(searchable=False, blocks=[g.channels], kept=g.channels,
+                           kept_multiple=g.channels % n == 0, multiple_holds=g.channels % n == 0,
+                           note=f"not searched: {reason}")
+            rows.append(row)
+        return rows
+
     # -- export -------------------------------------------------------------------------------------
     def export(self, context: PassContext | None = None) -> GraphModule:
         """A plain model of ordinary torch modules holding only the kept channels (eval-exact)."""
@@ -145,10 +207,28 @@ class SearchableModel(SearchSpace):
 
 @register_search_method("mask")
 def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
-                    context: PassContext | None = None, threshold: float = 0.5) -> SearchableModel:
-    """Analyse a copy of `model` and insert one trainable mask per searchable channel group."""
+                    context: PassContext | None = None, threshold: float = 0.5,
+                    channel_multiple: int = 1) -> SearchableModel:
+    """Analyse a copy of `model` and insert one trainable mask per searchable channel group.
+
+    `channel_multiple` N > 1: hardware-friendly widths: each mask entry keeps or removes a block of N
+    channels, so every group keeps a multiple of N (e.g. 4 for PULP-NN's channel blocking, 8 or 16 for
+    GAP9's NE16). Groups of at most N channels are not searched; a group whose width N does not divide ends
+    with a smaller block (`SearchableModel.width_report()` says which)."""
+    check_channel_multiple(channel_multiple)
     context = context or PassContext()
     gm = analyze(copy.deepcopy(model), example_inputs, leaf_modules, context=context)
-    insertion = MaskInsertion(threshold=threshold)
+    insertion = MaskInsertion(threshold=threshold, channel_multiple=int(channel_multiple))
     context.run(gm, [insertion])
-    return SearchableModel(gm, insertion.excluded)
+    space = SearchableModel(gm, insertion.excluded)
+    space._multiple = int(channel_multiple)  # (the bank holds it too; this covers a model with nothing searchable)
+    return space
+
+
+def check_channel_multiple(value: Any, where: str = "channel_multiple") -> int:
+    """N of `--channel-multiple N`: a whole number >= 1, else a DuccioError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise DuccioError(f"{where} must be a whole number >= 1, got {value!r}", where=where,
+                          fix="e.g. 4 (PULP-NN's channel blocking on GAP8), 8 or 16 (GAP9's NE16); 1 searches "
+                              "every channel on its own")
+    return int(value)

@@ -2,7 +2,8 @@
 
 Each searchable channel group owns a vector α (initialised to 1). The forward pass uses the binarized mask
 `|α| ≥ threshold` (the channel with the largest |α| always stays), the backward pass a straight-through
-estimator. Masks are applied on the *input side of every layer that mixes channels* (conv with groups=1,
+estimator. With `channel_multiple` N > 1 (hardware-friendly widths) each α rules a block of N channels, so a
+group keeps a multiple of N channels (the last block of a group whose width N does not divide is smaller). Masks are applied on the *input side of every layer that mixes channels* (conv with groups=1,
 linear): multiplying a consumer's weights by the mask of its input channels is exactly removing those
 input channels. Everything between a producer and its consumers acts per channel (BN, activations,
 depthwise convs, adds, concats), so a removed channel never reaches anything that is not masked — which
@@ -37,58 +38,110 @@ def hard_masks(alpha: torch.Tensor, segment: torch.Tensor, groups: int, threshol
     return (hard | (position == first[segment])).to(alpha.dtype)
 
 
+def channel_blocks(channels: int, multiple: int) -> list[int]:
+    """How `--channel-multiple N` cuts a group of `channels` channels: blocks of N channels, the last one
+    smaller when N does not divide the width (e.g. 10 channels, N = 4: [4, 4, 2])."""
+    full, rest = divmod(int(channels), int(multiple))
+    return [int(multiple)] * full + ([rest] if rest else [])
+
+
 class MaskBank(nn.Module):
-    """The architecture parameters: one α entry per channel of every searchable group, in one flat vector
-    (group after group), so binarizing, the costs and the optimizer each touch one tensor. Calling it
+    """The architecture parameters: one α entry per block of `block` channels of every searchable group (one
+    per channel with the default block = 1), in one flat vector (group after group), so binarizing, the costs
+    and the optimizer each touch one tensor. `sizes` stays the channels per group: the masks (`hard`, `masks`,
+    calling it) are always one entry per channel, each block's mask repeated over its channels, so everything
+    downstream (MaskSelect, the costs, the export) sees per-channel masks whatever the block. Calling it
     returns all masks as one flat vector with a trailing constant 1 (the "always on" entry of `MaskSelect`)."""
 
     def __init__(self, group_ids: Sequence[int], sizes: Sequence[int], threshold: float = 0.5,
-                 init: float = 1.0) -> None:
+                 init: float = 1.0, block: int = 1) -> None:
         super().__init__()
         self.group_ids = list(group_ids)
         self.sizes = [int(n) for n in sizes]
+        self.block = int(block)
         self.threshold = threshold
-        self.alpha = nn.Parameter(torch.full((sum(self.sizes),), float(init)))
-        segment = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long))
+        # block_sizes[i]: the channels of each block of group i (all 1 with block = 1)
+        self.block_sizes = [channel_blocks(n, self.block) for n in self.sizes]
+        blocks = [len(b) for b in self.block_sizes]
+        self.alpha = nn.Parameter(torch.full((sum(blocks),), float(init)))
+        segment = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(blocks, dtype=torch.long))
         self.register_buffer("segment", segment, persistent=False)
+        # channel -> block: the entry of α that rules each entry of the per-channel mask vector
+        expand = None
+        if self.block > 1:
+            expand = torch.repeat_interleave(torch.arange(sum(blocks)),
+                                             torch.tensor([n for b in self.block_sizes for n in b], dtype=torch.long))
+        self.register_buffer("channel_block", expand, persistent=False)
 
-    def hard(self) -> torch.Tensor:
-        """The 0/1 masks (no gradient), computed once while α is unchanged: the forward pass and the costs of
-        a training step share them (an optimizer step or `set_masks` changes α's version)."""
+    def _expand(self, block_masks: torch.Tensor) -> torch.Tensor:
+        """Per-block masks -> per-channel masks (one index_select; the identity with block = 1)."""
+        return block_masks if self.channel_block is None else block_masks.index_select(0, self.channel_block)
+
+    def hard_blocks(self) -> torch.Tensor:
+        """The 0/1 mask of every block (no gradient), computed once while α is unchanged: the forward pass
+        and the costs of a training step share them (an optimizer step or `set_masks` changes α's version)."""
         alpha = self.alpha
         key = (alpha._version, alpha.data_ptr(), alpha.device, self.threshold)
         if getattr(self, "_hard_key", None) != key:
-            self._hard = hard_masks(alpha, self.segment, len(self.sizes), self.threshold)
+            self._hard_blocks = hard_masks(alpha, self.segment, len(self.sizes), self.threshold)
+            self._hard = self._expand(self._hard_blocks)
             self._hard_key = key
+        return self._hard_blocks
+
+    def hard(self) -> torch.Tensor:
+        """The 0/1 masks of every channel (no gradient), cached as `hard_blocks`."""
+        self.hard_blocks()
         return self._hard
 
     def masks(self) -> torch.Tensor:
-        """All masks as one flat vector: the 0/1 masks forward, the gradient of |α| backward (straight-through)."""
+        """All masks, one entry per channel: the 0/1 masks forward, the gradient of |α| backward
+        (straight-through; a block's α gets the sum of its channels' gradients)."""
         magnitude = self.alpha.abs()
-        return self.hard() + (magnitude - magnitude.detach())
+        return self._expand(self.hard_blocks() + (magnitude - magnitude.detach()))
 
     def forward(self) -> torch.Tensor:
         masks = self.masks()
         return torch.cat([masks, masks.new_ones(1)])
 
+    def extra_repr(self) -> str:
+        # only with blocks: the repr (and so the warmup-cache key and checkpoint signature) of block = 1
+        # banks stays what it was before blocks existed
+        return f"channel_multiple={self.block}" if self.block > 1 else ""
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_hard", None)
-        state.pop("_hard_key", None)
+        for key in ("_hard", "_hard_blocks", "_hard_key"):
+            state.pop(key, None)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a bank pickled before blocks existed is a block = 1 bank
+        state.setdefault("block", 1)
+        state.setdefault("block_sizes", [[1] * n for n in state["sizes"]])
+        if "channel_block" not in state.get("_buffers", {}):
+            state.setdefault("_buffers", {})["channel_block"] = None
+        super().__setstate__(state)
+
     def offsets(self) -> list[int]:
-        """Where each group starts in the flat vector."""
+        """Where each group starts in the flat per-channel mask vector."""
         out, start = [], 0
         for n in self.sizes:
             out.append(start)
             start += n
         return out
 
+    def alpha_offsets(self) -> list[int]:
+        """Where each group starts in α (= `offsets()` with block = 1)."""
+        out, start = [], 0
+        for b in self.block_sizes:
+            out.append(start)
+            start += len(b)
+        return out
+
     def group_alpha(self, index: int) -> torch.Tensor:
-        """The α of the `index`-th group (a view of the flat vector)."""
-        start = self.offsets()[index]
-        return self.alpha[start:start + self.sizes[index]]
+        """The α of the `index`-th group, one entry per block (a view of the flat vector)."""
+        start = self.alpha_offsets()[index]
+        return self.alpha[start:start + len(self.block_sizes[index])]
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # state dicts written before the α were one flat vector hold one `alphas.<i>` per group

@@ -12,6 +12,7 @@ this protocol, so a new method is one module with a `SearchSpace` subclass plus 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABCMeta, abstractmethod
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -117,6 +118,19 @@ def make_searchable(model: nn.Module, example_inputs: Any, method: str = "mask",
     if method not in _METHODS:
         raise DuccioError(f"unknown search method {method!r}", where="--method",
                           fix=f"use one of: {', '.join(search_methods())}")
-    space = _METHODS[method](model, example_inputs, leaf_modules=leaf_modules, context=context, **options)
+    factory = _METHODS[method]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        own = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+               and n not in ("leaf_modules", "context")]
+        accepted = {n for n, p in params.items()
+                    if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+        for name in options:
+            if name not in accepted:
+                raise DuccioError(f"option {name!r} does not belong to the {method} method",
+                                  where=f"make_searchable(..., method={method!r})",
+                                  fix=(f"its options are: {', '.join(own)}" if own else "it takes no options")
+                                  + "; or choose the method the option belongs to")
+    space = factory(model, example_inputs, leaf_modules=leaf_modules, context=context, **options)
     space.method = method
     return space
