@@ -80,6 +80,8 @@ class Latency(_Strict):
     model: str = Field(description="a registered latency model: 'gap8-analytic' or 'mac-rate'")
     macs_per_cycle: dict[LayerKind, float] = Field(default_factory=dict,
                                                    description="'mac-rate': sustained MAC/cycle per layer kind")
+    constants: dict[str, float] = Field(default_factory=dict, description="'gap8-tiled': cycle constants that "
+                                        "replace the model's defaults (duccio_fx.costs.pulp_tiled.PulpConstants)")
     charge_next_level: bool = Field(True, description="add transfer cycles for a layer that does not fit the "
                                                       "last layer-wise level (e.g. GAP8 layers that need L3)")
     note: str = ""

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from duccio_fx.costs.memory import layer_bytes
+from duccio_fx.costs.pulp_tiled import tiled_cycles
 from duccio_fx.costs.terms import LayerValues, Number, by_kind, select
 from duccio_fx.targets import Target
 from duccio_fx.targets.schema import register_latency_model_name
@@ -70,6 +71,11 @@ def mac_rate_cycles(v: LayerValues, target: Target) -> Number:
     rate = target.latency.macs_per_cycle
     return v.macs / by_kind(v.term, float(rate["conv"]), depthwise=float(rate["depthwise"]),
                             linear=float(rate["linear"]), fixed=float(rate["linear"]))
+
+
+@register_latency_model("gap8-tiled")
+def gap8_tiled_cycles(v: LayerValues, target: Target) -> Number:
+    return tiled_cycles(v, target)
 
 
 def transfer_cycles(v: LayerValues, target: Target) -> Number:

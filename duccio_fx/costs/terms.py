@@ -80,17 +80,30 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
         in_positions = in_fold * math.prod(in_info.shape[1:-1])
         out_hw = (positions, 1)
         out_positions = positions
+        in_hw, kernel_hw, stride = (in_positions, 1), (1, 1), (1, 1)
     else:
         kernel, groups = math.prod(module.kernel_size), module.groups
         spatial = out_info.shape[2:]
         positions, in_positions = out_fold * math.prod(spatial), in_fold * math.prod(in_info.shape[2:])
         out_positions = positions
-        out_hw = (out_fold, spatial[0]) if len(spatial) == 1 else (out_fold * math.prod(spatial[:-1]), spatial[-1])
+        out_hw = _rows_cols(out_fold, spatial)
         kind = {"defines": "conv", "depthwise": "depthwise"}.get(role, "grouped")
+        in_spatial = in_info.shape[2:]
+        in_hw = _rows_cols(in_fold, in_spatial)
+        kernel_hw = _rows_cols(1, module.kernel_size)
+        stride = _rows_cols(1, module.stride)
         if module.transposed:
             positions = in_positions  # MACs of a transposed conv scale with its input
     return LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
-                     module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions)
+                     module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions,
+                     in_hw=in_hw, kernel_hw=kernel_hw, stride=stride)
+
+
+def _rows_cols(fold: int, dims: Sequence[int]) -> tuple[int, int]:
+    """Rows and columns of an N-d extent as a 2-d one: the last dim is the columns, the others (times `fold`,
+    samples folded into the batch) the rows; a 1-d extent is one row."""
+    dims = tuple(int(d) for d in dims) or (1,)
+    return (fold * math.prod(dims[:-1]), dims[-1]) if len(dims) > 1 else (fold, dims[0])
 
 
 def _batch(gm: GraphModule) -> int:
@@ -170,7 +183,11 @@ class TermTable:
         column = lambda xs: torch.tensor([float(x) for x in xs], dtype=torch.float64, device=self.device)  # noqa: E731
         for name in self._NUMBERS:
             setattr(self, name, column(getattr(t, name) for t in terms))
-        self.out_hw = (column(t.out_hw[0] for t in terms), column(t.out_hw[1] for t in terms))
+        pair = lambda xs: (column(x[0] for x in xs), column(x[1] for x in xs))  # noqa: E731
+        self.out_hw = pair([t.out_hw for t in terms])
+        self.input_hw = pair([t.input_hw for t in terms])
+        self.kernel_hw = pair([t.kernel_hw for t in terms])
+        self.stride = pair([t.stride for t in terms])
         self.bias = Flag([t.bias for t in terms], self.device)
         self.requant = Flag([t.requant for t in terms], self.device)
         self.stores = Flag([not t.shares_weights_of for t in terms], self.device)

@@ -138,10 +138,19 @@ class LayerTerm:
     shares_weights_of: str = ""  # a module's second and later calls (named `<module>#k`) store no weights
     fixed_macs: int = 0  # "fixed" layers: MACs per sample as measured
     fixed_biases: int = 0  # "fixed" layers: bias entries
+    # geometry a tiling latency model needs (DORY tiles output rows and channels): input rows, columns as
+    # `out_hw` folds them; kernel rows, columns; stride along rows, columns. (0, 0) input: same as the output
+    in_hw: tuple[int, int] = (0, 0)
+    kernel_hw: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
 
     @property
     def output_positions(self) -> int:
         return self.out_positions or self.positions
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.in_hw if self.in_hw[0] else self.out_hw
 
 
 @dataclass(frozen=True)
