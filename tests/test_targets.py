@@ -150,7 +150,7 @@ def test_targets_cli_list_show_validate(tmp_path):
     result = runner.invoke(app, ["targets", "list"])
     assert result.exit_code == 0 and "gap8" in result.output and "cortex_m7" in result.output
     result = runner.invoke(app, ["targets", "show", "gap8"])
-    assert result.exit_code == 0 and "36,700" in result.output and "gap8-analytic" in result.output
+    assert result.exit_code == 0 and "36,700" in result.output and "gap8-tiled" in result.output
     result = runner.invoke(app, ["targets", "show", "gap8", "--json"])
     shown = json.loads(result.output)
     assert Target.model_validate(shown) == GAP8  # the JSON is a complete, valid description

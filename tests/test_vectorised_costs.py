@@ -150,4 +150,5 @@ def test_path_mixture_equals_the_picked_options_layer_by_layer(name):
     costs.cycles.backward()
     options = [o for info in space.infos for o in info.options]
     expected = torch.tensor([plain_costs(o.terms, hw).cycles for o in options], dtype=torch.float64)
-    torch.testing.assert_close(weights.grad.double(), expected, rtol=1e-12, atol=0)
+    # the gradient has the weights' dtype (float32): the option cycles are not whole numbers, so it rounds there
+    torch.testing.assert_close(weights.grad.double(), expected, rtol=torch.finfo(weights.dtype).eps * 4, atol=0)

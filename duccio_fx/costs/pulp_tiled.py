@@ -177,7 +177,7 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     ir, iw = (best // n_w) % n_r, best % n_w
     pick = lambda cand, i: cand.gather(1, i[:, None]).squeeze(1)  # noqa: E731
     one = whole.to(torch.float64)
-    return Tiles(cout=one * cout + (1 - one) * C.flatten(1).gather(1, best[:, None]).squeeze(1),
+    return Tiles(cout=one * torch.clamp(cout, min=1.0) + (1 - one) * C.flatten(1).gather(1, best[:, None]).squeeze(1),
                  rows=one * ho + (1 - one) * pick(r_cand, ir),
                  cols=one * wo + (1 - one) * pick(w_cand, iw), whole=one)
 
@@ -228,7 +228,7 @@ def tiled_cycles_table(v: LayerValues, target: Target, k: PulpConstants | None =
     dw, lin = _kinds(t)
     (ho, wo), (hi, wi) = t.out_hw, t.input_hw
     kh, kw = t.kernel_hw
-    n_c = torch.ceil(cout.detach() / tiles.cout)
+    n_c = torch.clamp(torch.ceil(cout.detach() / tiles.cout), min=1.0)  # (no channel left: one tile)
     n_r, n_w = torch.ceil(ho / tiles.rows), torch.ceil(wo / tiles.cols)
     spatial = n_r * n_w
     n = n_c * spatial
