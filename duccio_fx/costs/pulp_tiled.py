@@ -114,13 +114,64 @@ def _kinds(t: TermTable) -> tuple[torch.Tensor, torch.Tensor]:
     return t.flag(["depthwise"]).on, t.flag(["linear"]).on
 
 
+@dataclass
+class TileGrid:
+    """The candidate tiles of every layer that depend on its shape only (made once per `TermTable`):
+    output rows x columns per tile, the input rows x columns they read, and the parts of DORY's objective
+    that do not depend on the channels."""
+
+    rows: torch.Tensor       # [L, R] candidate output rows per tile
+    cols: torch.Tensor       # [L, W] candidate output columns per tile
+    pixels: torch.Tensor     # [L, 1, R, W] output pixels of a tile
+    inputs: torch.Tensor     # [L, 1, R, W] input pixels it reads
+    conv_score: torch.Tensor  # [L, 1, R, W]
+    dw_score: torch.Tensor   # [L, 1, R, W]
+
+    @classmethod
+    def of(cls, t: TermTable) -> TileGrid:
+        grid = getattr(t, "_tile_grid", None)
+        if grid is None:
+            grid = cls._make(t)
+            t._tile_grid = grid  # type: ignore[attr-defined]
+        return grid
+
+    @classmethod
+    def _make(cls, t: TermTable) -> TileGrid:
+        dw, lin = _kinds(t)
+        (ho, wo), (hi, wi) = t.out_hw, t.input_hw
+        (kh, kw), (sh, sw) = t.kernel_hw, t.stride
+        splits = torch.tensor(_SPLITS, dtype=torch.float64, device=ho.device)
+        r_even = torch.minimum(ho[:, None], 8.0 * torch.ceil(ho[:, None] / (8.0 * splits)))
+        rows = torch.cat([torch.ceil(ho[:, None] / splits), r_even], 1)
+        quarters = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64, device=ho.device)
+        cols = torch.minimum(wo[:, None], 2.0 * torch.ceil(wo[:, None] / (2.0 * quarters)))
+        cols[:, 0] = wo
+        # depthwise layers: whole rows and columns when the input is at most 32x32, else whole columns;
+        # linear layers: only output neurons are tiled
+        small = ((hi <= 32) & (wi <= 32)).to(torch.float64) * dw
+        keep_rows = torch.clamp(small + lin, max=1.0)[:, None]
+        keep_cols = torch.clamp(dw + lin, max=1.0)[:, None]
+        rows = keep_rows * ho[:, None] + (1 - keep_rows) * rows
+        cols = keep_cols * wo[:, None] + (1 - keep_cols) * cols
+        R, W = rows[:, None, :, None], cols[:, None, None, :]
+        col = lambda x: x[:, None, None, None]  # noqa: E731
+        inputs = torch.minimum(col(hi), (R - 1.0) * col(sh) + col(kh)) * torch.minimum(col(wi), (W - 1.0) * col(sw) + col(kw))
+        mod = torch.remainder
+        conv_score = (2e6 * mod(R - 1.0, 8.0) + 3e6 * mod(W - 1.0, 2.0) + 1e6 * (R * W >= 16.0)
+                      + 2e4 * mod(mod(col(ho) - 1.0, R), 8.0) + 3e4 * mod(mod(col(wo) - 1.0, W), 2.0))
+        dw_score = 1e4 * (mod(R, 4.0) == 0) + 1e3 * W + 1e3 * R
+        return cls(rows, cols, R * W, inputs, conv_score, dw_score)
+
+
 def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Target) -> Tiles:
-    """DORY's L2->L1 tiler, on a grid of candidate tiles per layer (all layers at once, no gradient)."""
+    """DORY's L2->L1 tiler (Common/Tiler/tiler_conv2d.py): the whole layer when it fits L1, else the best
+    tile on its objective among a grid of rows x columns per tile, each with the most output channels that
+    fit (all layers at once, no gradient)."""
     cin, cout = cin.detach(), cout.detach()
-    dev = cout.device
+    grid = TileGrid.of(t)
     dw, lin = _kinds(t)
     (ho, wo), (hi, wi) = t.out_hw, t.input_hw
-    (kh, kw), (sh, sw) = t.kernel_hw, t.stride
+    (kh, kw), sh = t.kernel_hw, t.stride[0]
     l1 = _l1(target)
     budget = float(l1.usable) if l1 is not None else float("inf")
     db = float(target.deployment.double_buffering)
@@ -132,54 +183,31 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     pointwise = ((kh * kw == 1) & (sh == 1)).to(torch.float64)  # the pointwise kernel reads pixels in place
     im2col = (1.0 - dw) * (1.0 - lin) * (1.0 - pointwise) * 2.0 * cores * kh * kw * cin_g + dw * cores * (kh * hi + kh)
     weights_per_cout = (1.0 - dw) * cin_g * kh * kw + dw * kh * kw
-    whole = (cin * hi * wi + cout * ho * wo + weights_per_cout * cout + requant_bytes * cout + bias_bytes
+    whole = (cin * hi * wi + cout * ho * wo + (weights_per_cout + requant_bytes) * cout + bias_bytes
              + im2col) <= budget
-
-    splits = torch.tensor(_SPLITS, dtype=torch.float64, device=dev)
-    r_even = torch.minimum(ho[:, None], 8.0 * torch.ceil(ho[:, None] / (8.0 * splits)))
-    r_cand = torch.cat([torch.ceil(ho[:, None] / splits), r_even], 1)               # [L, R]
-    quarters = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64, device=dev)
-    w_cand = torch.minimum(wo[:, None], 2.0 * torch.ceil(wo[:, None] / (2.0 * quarters)))
-    w_cand[:, 0] = wo
-    # depthwise layers: whole rows and columns when the input is at most 32x32, else whole columns; linear:
-    # only output neurons are tiled
-    small = ((hi <= 32) & (wi <= 32)).to(torch.float64) * dw
-    keep_rows = torch.clamp(small + lin, max=1.0)
-    keep_cols = torch.clamp(dw + lin, max=1.0)
-    r_cand = keep_rows[:, None] * ho[:, None] + (1 - keep_rows[:, None]) * r_cand
-    w_cand = keep_cols[:, None] * wo[:, None] + (1 - keep_cols[:, None]) * w_cand
-
-    R, W = r_cand[:, None, :, None], w_cand[:, None, None, :]                       # [L, 1, R, W]
     col = lambda x: x[:, None, None, None]  # noqa: E731
-    rows_in = torch.minimum(col(hi), (R - 1.0) * col(sh) + col(kh))
-    cols_in = torch.minimum(col(wi), (W - 1.0) * col(sw) + col(kw))
-    # for each rows x columns, the most output channels that fit (as many as fit, and the most that are a
-    # multiple of 4): L1 is linear in the channels of a tile
-    per_channel = db * (col(dw) * rows_in * cols_in + R * W + col(weights_per_cout) + col(requant_bytes))
-    fixed = db * col(1.0 - dw) * col(cin) * rows_in * cols_in + col(im2col) + col(bias_bytes) + spare
+    # L1 bytes are linear in a tile's output channels: per rows x columns, the most channels that fit, and
+    # the most that are a multiple of 4
+    per_channel = db * (col(dw) * grid.inputs + grid.pixels + col(weights_per_cout + requant_bytes))
+    fixed = db * col((1.0 - dw) * cin) * grid.inputs + col(im2col + bias_bytes + spare)
     most = torch.clamp(torch.floor((budget - fixed) / per_channel), min=0.0)
     C = torch.minimum(col(cout), torch.cat([most, torch.where(most >= 4.0, 4.0 * torch.floor(most / 4.0), most)], 1))
-    C = torch.clamp(C, min=1.0)                                                      # [L, 2, R, W]
+    C = torch.clamp(C, min=1.0)                                                     # [L, 2, R, W]
     used = C * per_channel + fixed
-    ok = used <= budget
     mod = torch.remainder
-    conv_score = (2e6 * mod(R - 1.0, 8.0) + 3e6 * mod(W - 1.0, 2.0) + 1e6 * mod(C - 1.0, 4.0)
-                  + 1e6 * (R * W >= 16.0) + used + 1e5 * C + 1e4 * mod(col(cout) - 1.0, C)
-                  + 1e4 * mod(mod(col(cout) - 1.0, C), 4.0) + 2e4 * mod(mod(col(ho) - 1.0, R), 8.0)
-                  + 3e4 * mod(mod(col(wo) - 1.0, W), 2.0))
-    dw_score = (1e4 * (C > 7.0) + 2e4 * mod(C - 1.0, 16.0) + 1e4 * (mod(R, 4.0) == 0) + used + 1e3 * W
-                + 1e3 * R)
-    score = col(dw) * dw_score + col(1.0 - dw) * conv_score
+    left = mod(col(cout) - 1.0, C)
+    conv_score = grid.conv_score + 1e6 * mod(C - 1.0, 4.0) + 1e5 * C + 1e4 * left + 1e4 * mod(left, 4.0)
+    dw_score = grid.dw_score + 1e4 * (C > 7.0) + 2e4 * mod(C - 1.0, 16.0)
+    score = col(dw) * dw_score + col(1.0 - dw) * conv_score + used
     # nothing fits: the smallest tile (DORY's tiler would fail; the cost stays finite and large)
-    score = torch.where(ok, score, -1e12 - used)
+    score = torch.where(used <= budget, score, -1e12 - used)
     best = score.flatten(1).argmax(1)
-    n_r, n_w = R.shape[2], W.shape[3]
-    ir, iw = (best // n_w) % n_r, best % n_w
+    n_r, n_w = grid.rows.shape[1], grid.cols.shape[1]
     pick = lambda cand, i: cand.gather(1, i[:, None]).squeeze(1)  # noqa: E731
     one = whole.to(torch.float64)
-    return Tiles(cout=one * torch.clamp(cout, min=1.0) + (1 - one) * C.flatten(1).gather(1, best[:, None]).squeeze(1),
-                 rows=one * ho + (1 - one) * pick(r_cand, ir),
-                 cols=one * wo + (1 - one) * pick(w_cand, iw), whole=one)
+    return Tiles(cout=one * torch.clamp(cout, min=1.0) + (1 - one) * pick(C.flatten(1), best),
+                 rows=one * ho + (1 - one) * pick(grid.rows, (best // n_w) % n_r),
+                 cols=one * wo + (1 - one) * pick(grid.cols, best % n_w), whole=one)
 
 
 def _l1(target: Target) -> Any:
