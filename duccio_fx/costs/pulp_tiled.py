@@ -59,13 +59,13 @@ class PulpConstants:
     dw_per_4k: float = 3.0            # code: depthwise, per 4 taps: 2 lw + 1 sdotp; leftover tap lb+lb+mac
     dw_column: float = 2.0            # code: depthwise column buffer, per input row and 4 kernel columns
     linear_per_4k: float = 3.0        # code: pulp_nn_linear, per 4 inputs: 2 lw + 1 sdotp
-    requant: float = 22.9             # fitted: per output, requantization (k*acc + l) >> d, clip, store
-    requant_64: float = 22.9          # fitted: extra per output with 64-bit k, l (BNRelu_bits 64: 64-bit products)
+    requant: float = 18.6             # fitted: per output, requantization (k*acc + l) >> d, clip, store
+    requant_64: float = 18.6          # fitted: extra per output with 64-bit k, l (BNRelu_bits 64: 64-bit products)
     output_overhead: float = 4.0      # code: per depthwise/linear output: loop, store
     dma_bytes_per_cycle: float = 8.0  # DORY's GAP8 HW_description.json: "L2 bandwidth": 8
     dma_byte_gather: float = 1.0      # assumed: bytes/cycle of the 1-byte transposing copies of depthwise inputs
     dma_command: float = 10.0         # assumed: programming one DMA transfer (a row of a 3-d tile) and its wait
-    tile_overhead: float = 17.7       # fitted: per tile, barriers and the kernel call
+    tile_overhead: float = 2138.0     # fitted: per tile, barriers, the kernel call, programming its DMA
     layer_overhead: float = 10000.0   # fitted (at its bound, weakly determined): per layer, fork/join, L1 allocation,
     #                                   bias and constant loads, the layer's share of the network loop
 
@@ -94,9 +94,11 @@ def ceil_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.ceil(x) - x).detach()
 
 
-# tile-count candidates: a layer splits its output rows into this many tiles (or into multiples of 8 rows,
-# which DORY's objective prefers); columns are kept whole or halved / quartered; the channels follow
+# candidate tiles: output rows split into this many tiles, or any multiple of 8 rows (DORY's objective prefers
+# them); columns whole, halved or quartered, each with the most channels that fit; or every channel with the
+# most columns that fit
 _SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128)
+_ROW_BLOCKS = 32  # and every multiple of 8 rows up to 256
 
 
 @dataclass
@@ -126,6 +128,7 @@ class TileGrid:
     inputs: torch.Tensor     # [L, 1, R, W] input pixels it reads
     conv_score: torch.Tensor  # [L, 1, R, W]
     dw_score: torch.Tensor   # [L, 1, R, W]
+    valid: torch.Tensor      # [L, 1, R, W] tiles DORY's geometry constraints allow
 
     @classmethod
     def of(cls, t: TermTable) -> TileGrid:
@@ -141,8 +144,8 @@ class TileGrid:
         (ho, wo), (hi, wi) = t.out_hw, t.input_hw
         (kh, kw), (sh, sw) = t.kernel_hw, t.stride
         splits = torch.tensor(_SPLITS, dtype=torch.float64, device=ho.device)
-        r_even = torch.minimum(ho[:, None], 8.0 * torch.ceil(ho[:, None] / (8.0 * splits)))
-        rows = torch.cat([torch.ceil(ho[:, None] / splits), r_even], 1)
+        eights = 8.0 * torch.arange(1, _ROW_BLOCKS + 1, dtype=torch.float64, device=ho.device)
+        rows = torch.cat([torch.ceil(ho[:, None] / splits), torch.minimum(ho[:, None], eights)], 1)
         quarters = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64, device=ho.device)
         cols = torch.minimum(wo[:, None], 2.0 * torch.ceil(wo[:, None] / (2.0 * quarters)))
         cols[:, 0] = wo
@@ -155,12 +158,15 @@ class TileGrid:
         cols = keep_cols * wo[:, None] + (1 - keep_cols) * cols
         R, W = rows[:, None, :, None], cols[:, None, None, :]
         col = lambda x: x[:, None, None, None]  # noqa: E731
-        inputs = torch.minimum(col(hi), (R - 1.0) * col(sh) + col(kh)) * torch.minimum(col(wi), (W - 1.0) * col(sw) + col(kw))
+        rows_read, cols_read = (R - 1.0) * col(sh) + col(kh), (W - 1.0) * col(sw) + col(kw)
+        inputs = torch.minimum(col(hi), rows_read) * torch.minimum(col(wi), cols_read)
+        # DORY's geometry: a tile that does not cover the whole output reads fewer rows (columns) than the input
+        valid = ((R >= col(ho)) | (rows_read < col(hi))) & ((W >= col(wo)) | (cols_read < col(wi)))
         mod = torch.remainder
         conv_score = (2e6 * mod(R - 1.0, 8.0) + 3e6 * mod(W - 1.0, 2.0) + 1e6 * (R * W >= 16.0)
                       + 2e4 * mod(mod(col(ho) - 1.0, R), 8.0) + 3e4 * mod(mod(col(wo) - 1.0, W), 2.0))
         dw_score = 1e4 * (mod(R, 4.0) == 0) + 1e3 * W + 1e3 * R
-        return cls(rows, cols, R * W, inputs, conv_score, dw_score)
+        return cls(rows, cols, R * W, inputs, conv_score, dw_score, valid)
 
 
 def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Target) -> Tiles:
@@ -199,15 +205,44 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     conv_score = grid.conv_score + 1e6 * mod(C - 1.0, 4.0) + 1e5 * C + 1e4 * left + 1e4 * mod(left, 4.0)
     dw_score = grid.dw_score + 1e4 * (C > 7.0) + 2e4 * mod(C - 1.0, 16.0)
     score = col(dw) * dw_score + col(1.0 - dw) * conv_score + used
+    score = torch.where((used <= budget) & grid.valid, score, -1e12 - used)
+    shape = C.shape
+    C_all = C.flatten(1)
+    R_all = grid.rows[:, None, :, None].expand(shape).flatten(1)
+    W_all = grid.cols[:, None, None, :].expand(shape).flatten(1)
+    # and every output channel, with as many columns as fit (DORY rewards channels above bytes), for layers
+    # whose columns are tiled
+    R = grid.rows                                                                    # [L, R]
+    rows_in = torch.minimum(hi[:, None], (R - 1.0) * sh[:, None] + kh[:, None])
+    c_full = torch.clamp(cout, min=1.0)[:, None]
+    per_col = db * (cin[:, None] * rows_in * t.stride[1][:, None] + c_full * R)
+    fixed_cols = db * (cin[:, None] * rows_in * (kw - t.stride[1])[:, None]
+                       + c_full * (weights_per_cout + requant_bytes)[:, None]) + (im2col + bias_bytes + spare)[:, None]
+    fit = torch.floor((budget - fixed_cols) / per_col)
+    partial = torch.floor((wi - 1.0 - kw) / t.stride[1]) + 1.0  # the most columns a partial tile may have
+    fit = torch.where(fit >= wo[:, None], wo[:, None], torch.minimum(fit, partial[:, None]))
+    W = torch.clamp(torch.minimum(wo[:, None], torch.where(fit >= 2.0, 2.0 * torch.floor(fit / 2.0), fit)), min=1.0)
+    row_ok = (R >= ho[:, None]) | ((R - 1.0) * sh[:, None] + kh[:, None] < hi[:, None])
+    cols_in = torch.minimum(wi[:, None], (W - 1.0) * t.stride[1][:, None] + kw[:, None])
+    used_cols = db * (cin[:, None] * rows_in * cols_in + c_full * R * W + c_full * (weights_per_cout + requant_bytes)[:, None]) \
+        + (im2col + bias_bytes + spare)[:, None]
+    ho_, wo_ = ho[:, None], wo[:, None]
+    score_cols = (2e6 * mod(R - 1.0, 8.0) + 3e6 * mod(W - 1.0, 2.0) + 1e6 * mod(c_full - 1.0, 4.0)
+                  + 1e6 * (R * W >= 16.0) + 1e5 * c_full + 2e4 * mod(mod(ho_ - 1.0, R), 8.0)
+                  + 3e4 * mod(mod(wo_ - 1.0, W), 2.0) + 1e4 * (c_full - 1.0) + 1e4 * mod(c_full - 1.0, 4.0)
+                  + used_cols)
+    tiled_cols = ((dw + lin) == 0)[:, None]
+    score_cols = torch.where((used_cols <= budget) & tiled_cols & row_ok, score_cols, torch.full_like(score_cols, -1e13))
+    score = torch.cat([score.flatten(1), score_cols], 1)
+    C_all = torch.cat([C_all, c_full.expand_as(R)], 1)
+    R_all = torch.cat([R_all, R], 1)
+    W_all = torch.cat([W_all, W], 1)
     # nothing fits: the smallest tile (DORY's tiler would fail; the cost stays finite and large)
-    score = torch.where(used <= budget, score, -1e12 - used)
-    best = score.flatten(1).argmax(1)
-    n_r, n_w = grid.rows.shape[1], grid.cols.shape[1]
-    pick = lambda cand, i: cand.gather(1, i[:, None]).squeeze(1)  # noqa: E731
+    best = score.argmax(1)
+    pick = lambda cand: cand.gather(1, best[:, None]).squeeze(1)  # noqa: E731
     one = whole.to(torch.float64)
-    return Tiles(cout=one * torch.clamp(cout, min=1.0) + (1 - one) * pick(C.flatten(1), best),
-                 rows=one * ho + (1 - one) * pick(grid.rows, (best // n_w) % n_r),
-                 cols=one * wo + (1 - one) * pick(grid.cols, best % n_w), whole=one)
+    return Tiles(cout=one * torch.clamp(cout, min=1.0) + (1 - one) * pick(C_all),
+                 rows=one * ho + (1 - one) * pick(R_all), cols=one * wo + (1 - one) * pick(W_all), whole=one)
 
 
 def _l1(target: Target) -> Any:
