@@ -4,6 +4,9 @@ gradients, and the target constants."""
 from __future__ import annotations
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +130,17 @@ def test_target_constants_replace_the_defaults_and_unknown_ones_are_refused():
 
 def test_gap8_and_gap9_use_the_tiled_model():
     assert load_target("gap8").latency.model == load_target("gap9").latency.model == "gap8-tiled"
+
+
+DORY_CHECK = os.environ.get("DORY_CHECK")
+
+
+@pytest.mark.skipif(not (DORY_CHECK and os.environ.get("DORY_VENV")),
+                    reason="set DORY_CHECK (path of check_dory.py) and DORY_VENV to run the real DORY tiler")
+def test_the_tiles_are_the_real_dory_tilers(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tile_agreement import compare
+
+    rows = [r for name in ("resnet8", "dscnn") for r in compare(name, tmp_path, str(DORY_CHECK))]
+    assert len(rows) >= 18
+    assert all(r["same_tile"] for r in rows), [r for r in rows if not r["same_tile"]]
