@@ -127,7 +127,10 @@ def _mv2() -> tuple[nn.Module, torch.Tensor]:
     return mobilenet_v2(num_classes=1000, input_size=128).eval(), torch.randn(1, 3, 128, 128)
 
 
-def _of(cls: Callable[..., nn.Module], shape: tuple[int, ...], *args: bool) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
+Builder = Callable[[], tuple[nn.Module, torch.Tensor]]
+
+
+def _of(cls: Callable[..., nn.Module], shape: tuple[int, ...], *args: bool) -> Builder:
     return lambda: (cls(*args).eval(), torch.randn(1, *shape))
 
 

@@ -205,6 +205,7 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     conv_score = grid.conv_score + 1e6 * mod(C - 1.0, 4.0) + 1e5 * C + 1e4 * left + 1e4 * mod(left, 4.0)
     dw_score = grid.dw_score + 1e4 * (C > 7.0) + 2e4 * mod(C - 1.0, 16.0)
     score = col(dw) * dw_score + col(1.0 - dw) * conv_score + used
+    # when nothing fits, the tile that needs the least L1 (DORY's tiler would fail; the cost stays finite)
     score = torch.where((used <= budget) & grid.valid, score, -1e12 - used)
     shape = C.shape
     C_all = C.flatten(1)
@@ -224,20 +225,20 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     W = torch.clamp(torch.minimum(wo[:, None], torch.where(fit >= 2.0, 2.0 * torch.floor(fit / 2.0), fit)), min=1.0)
     row_ok = (R >= ho[:, None]) | ((R - 1.0) * sh[:, None] + kh[:, None] < hi[:, None])
     cols_in = torch.minimum(wi[:, None], (W - 1.0) * t.stride[1][:, None] + kw[:, None])
-    used_cols = db * (cin[:, None] * rows_in * cols_in + c_full * R * W + c_full * (weights_per_cout + requant_bytes)[:, None]) \
-        + (im2col + bias_bytes + spare)[:, None]
+    used_cols = db * (cin[:, None] * rows_in * cols_in + c_full * R * W
+                      + c_full * (weights_per_cout + requant_bytes)[:, None]) + (im2col + bias_bytes + spare)[:, None]
     ho_, wo_ = ho[:, None], wo[:, None]
     score_cols = (2e6 * mod(R - 1.0, 8.0) + 3e6 * mod(W - 1.0, 2.0) + 1e6 * mod(c_full - 1.0, 4.0)
                   + 1e6 * (R * W >= 16.0) + 1e5 * c_full + 2e4 * mod(mod(ho_ - 1.0, R), 8.0)
                   + 3e4 * mod(mod(wo_ - 1.0, W), 2.0) + 1e4 * (c_full - 1.0) + 1e4 * mod(c_full - 1.0, 4.0)
                   + used_cols)
     tiled_cols = ((dw + lin) == 0)[:, None]
-    score_cols = torch.where((used_cols <= budget) & tiled_cols & row_ok, score_cols, torch.full_like(score_cols, -1e13))
+    allowed = (used_cols <= budget) & tiled_cols & row_ok
+    score_cols = torch.where(allowed, score_cols, torch.full_like(score_cols, -1e13))
     score = torch.cat([score.flatten(1), score_cols], 1)
     C_all = torch.cat([C_all, c_full.expand_as(R)], 1)
     R_all = torch.cat([R_all, R], 1)
     W_all = torch.cat([W_all, W], 1)
-    # nothing fits: the smallest tile (DORY's tiler would fail; the cost stays finite and large)
     best = score.argmax(1)
     pick = lambda cand: cand.gather(1, best[:, None]).squeeze(1)  # noqa: E731
     one = whole.to(torch.float64)
