@@ -77,7 +77,7 @@ class Compute(_Strict):
 class Latency(_Strict):
     """Which latency model turns a layer into cycles, and its parameters."""
 
-    model: str = Field(description="a registered latency model: 'gap8-analytic' or 'mac-rate'")
+    model: str = Field(description="a registered latency model: 'gap8-tiled', 'gap8-analytic' or 'mac-rate'")
     macs_per_cycle: dict[LayerKind, float] = Field(default_factory=dict,
                                                    description="'mac-rate': sustained MAC/cycle per layer kind")
     constants: dict[str, float] = Field(default_factory=dict, description="'gap8-tiled': cycle constants that "

@@ -12,6 +12,9 @@ the first-layer/pooling/add kernels are not modelled. A layer that does not fit 
 level (GAP8: L2) additionally pays its bytes once through the next level at that level's `bytes_per_cycle`.
 `ceil` rounds in the forward pass and passes gradients straight through.
 
+`gap8-tiled` (GAP8's and GAP9's default) models DORY's generated code: its L1 tiles, the PULP-NN kernel's
+cycles per tile, the DMA and the fixed costs per tile and per layer (`duccio_fx.costs.pulp_tiled`).
+
 `mac-rate` divides MACs by a sustained MAC/cycle per layer kind (generic microcontrollers).
 """
 
