@@ -43,48 +43,31 @@ class Residual(nn.Module):
         return self.fc(torch.flatten(self.c6(z), 1))
 
 
-class DSCNNTest(nn.Module):
+def flatten_into(features: list[nn.Module], head: list[nn.Module]) -> nn.Sequential:
+    """A feature extractor, flattened into a fully connected head."""
+    return nn.Sequential(*features, nn.Flatten(), *head)
+
+
+def dscnn_test() -> nn.Module:
     """dscnn_test: 49x10x1, conv 10x4 /2 (pads 5,1) -> 64, four dw3x3 + pw blocks, average pool, FC 10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers = [cbr(1, 64, (10, 4), 2, (5, 1))]
-        for _ in range(4):
-            layers += [cbr(64, 64, 3, 1, 1, g=64), cbr(64, 64, 1)]
-        self.features = nn.Sequential(*layers, nn.AvgPool2d((25, 5)))
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(x), 1))
+    blocks = [m for _ in range(4) for m in (cbr(64, 64, 3, 1, 1, g=64), cbr(64, 64, 1))]
+    return flatten_into([cbr(1, 64, (10, 4), 2, (5, 1)), *blocks, nn.AvgPool2d((25, 5))], [nn.Linear(64, 10)])
 
 
-class PenguiNet(nn.Module):
+def penguinet() -> nn.Module:
     """PenguiNet: 96x160x1, conv 5x5 /2, max pool 2, six 3x3 convs, FC 1920 -> 4."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(cbr(1, 32, 5, 2, 2), nn.MaxPool2d(2), cbr(32, 32, 3, 2, 1), cbr(32, 32, 3, 1, 1),
-                                      cbr(32, 64, 3, 2, 1), cbr(64, 64, 3, 1, 1), cbr(64, 128, 3, 2, 1),
-                                      cbr(128, 128, 3, 1, 1))
-        self.fc = nn.Linear(1920, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.features(x), 1))
+    return flatten_into([cbr(1, 32, 5, 2, 2), nn.MaxPool2d(2), cbr(32, 32, 3, 2, 1), cbr(32, 32, 3, 1, 1),
+                         cbr(32, 64, 3, 2, 1), cbr(64, 64, 3, 1, 1), cbr(64, 128, 3, 2, 1), cbr(128, 128, 3, 1, 1)],
+                        [nn.Linear(1920, 4)])
 
 
-class SmartAgri(nn.Module):
+def smart_agri() -> nn.Module:
     """SmartAgri-net: 40x40x1, four conv 3x3 + max pool stages, four FC layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        conv = lambda cin, cout: nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.ReLU())  # noqa: E731
-        self.features = nn.Sequential(conv(1, 32), nn.MaxPool2d(2), conv(32, 64), nn.MaxPool2d(2), conv(64, 128),
-                                      nn.MaxPool2d(2), conv(128, 128), nn.MaxPool2d(3, 2))
-        self.head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10),
-                                  nn.ReLU(), nn.Linear(10, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.features(x), 1))
+    conv = lambda cin, cout: nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.ReLU())  # noqa: E731
+    return flatten_into([conv(1, 32), nn.MaxPool2d(2), conv(32, 64), nn.MaxPool2d(2), conv(64, 128), nn.MaxPool2d(2),
+                         conv(128, 128), nn.MaxPool2d(3, 2)],
+                        [nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10), nn.ReLU(),
+                         nn.Linear(10, 2)])
 
 
 class Dronet(nn.Module):
@@ -136,13 +119,13 @@ def _of(cls: Callable[..., nn.Module], shape: tuple[int, ...], *args: bool) -> B
 
 NETWORKS = (
     Measured("MobileNetV1-128", _mv1, 21_746_304, 186_400_768, 32, readme=8.759356),
-    Measured("DS-CNN", _of(DSCNNTest, (1, 49, 10)), 894_814, 2_656_640, 64, readme=2.975287),
+    Measured("DS-CNN", _of(dscnn_test, (1, 49, 10)), 894_814, 2_656_640, 64, readme=2.975287),
     Measured("MobileNetV2-128", _mv2, 24_544_774, 102_973_440, 64, l1=34000, l2=360000, readme=3.860595),
     Measured("Residual-1", _of(Residual, (1, 200, 200), False), 2_483_003, 15_700_000, 32, readme=6.442216),
     Measured("Residual-2", _of(Residual, (1, 200, 200), True), 3_436_930, 15_860_000, 64, readme=4.667706),
-    Measured("PenguiNet-32", _of(PenguiNet, (1, 96, 160)), 2_912_105, 14_138_880, 32, readme=4.790517),
-    Measured("PenguiNet-64", _of(PenguiNet, (1, 96, 160)), 3_493_610, 14_138_880, 64, readme=3.983492),
-    Measured("SmartAgri", _of(SmartAgri, (1, 40, 40)), 3_217_734, 19_288_596, 64, readme=5.930013),
+    Measured("PenguiNet-32", _of(penguinet, (1, 96, 160)), 2_912_105, 14_138_880, 32, readme=4.790517),
+    Measured("PenguiNet-64", _of(penguinet, (1, 96, 160)), 3_493_610, 14_138_880, 64, readme=3.983492),
+    Measured("SmartAgri", _of(smart_agri, (1, 40, 40)), 3_217_734, 19_288_596, 64, readme=5.930013),
     Measured("Dronet", _of(Dronet, (1, 200, 200), True), 7_485_495, 43_238_144, 64, l2=420000, readme=5.754563),
     Measured("Dronet-no-pool", _of(Dronet, (1, 200, 200), False), 8_844_734, 55_358_208, 64, l1=34000, l2=420000,
              readme=5.810254),

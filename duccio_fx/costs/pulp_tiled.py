@@ -283,10 +283,10 @@ def kernel_cycles(t: TermTable, cin: Number, cout_tile: Number, rows: torch.Tens
     return dw * depthwise + lin * linear + (1.0 - dw) * (1.0 - lin) * conv
 
 
-def tiled_cycles_table(v: LayerValues, target: Target, k: PulpConstants | None = None) -> torch.Tensor:
+def tiled_cycles_table(v: LayerValues, target: Target) -> torch.Tensor:
     """Cycles of every layer of a `TermTable` (a column)."""
     t: TermTable = v.term  # type: ignore[assignment]
-    k = k or PulpConstants.of(target)
+    k = PulpConstants.of(target)
     cin, cout = _column(v.cin, t), _column(v.cout, t)
     tiles = choose_tiles(t, cin, cout, target)
     dw, lin = _kinds(t)
@@ -337,8 +337,6 @@ def tiled_cycles(v: LayerValues, target: Target) -> Number:
     if isinstance(v.term, TermTable):
         return tiled_cycles_table(v, target)
     term: LayerTerm = v.term
-    if term.kind == "fixed":
-        return v.macs / 8.0
     table = TermTable([term], v.cin.device if isinstance(v.cin, torch.Tensor) else None)
     one = LayerValues(table, _column(v.cin, table), _column(v.cout, table), v.weights, v.macs)
     out = tiled_cycles_table(one, target)[0]

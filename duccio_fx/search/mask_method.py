@@ -101,7 +101,7 @@ class SearchableModel(SearchSpace):
             blocks = self.bank.block_sizes[index]
             if len(blocks) != channels:  # blocks of N: every block all kept or all removed
                 mask = mask.cpu()
-                starts = [sum(blocks[:k]) for k in range(len(blocks))]
+                starts = self.bank.block_starts(index)
                 for k, (start, n) in enumerate(zip(starts, blocks)):
                     part = mask[start:start + n]
                     if part.any() and not part.all():
@@ -141,10 +141,11 @@ class SearchableModel(SearchSpace):
             return {g.id: torch.nn.functional.one_hot(torch.tensor(0), g.channels).double()
                     for g in self.channel_groups}
         out = {}
-        for g, blocks in zip(self.channel_groups, self.bank.block_sizes):
+        for index, (g, blocks) in enumerate(zip(self.channel_groups, self.bank.block_sizes)):
             k = min(range(len(blocks)), key=lambda i: (blocks[i], i))
+            start = self.bank.block_starts(index)[k]
             mask = torch.zeros(g.channels, dtype=torch.float64)
-            mask[sum(blocks[:k]):sum(blocks[:k + 1])] = 1
+            mask[start:start + blocks[k]] = 1
             out[g.id] = mask
         return out
 

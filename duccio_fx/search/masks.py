@@ -3,15 +3,17 @@
 Each searchable channel group owns a vector α (initialised to 1). The forward pass uses the binarized mask
 `|α| ≥ threshold` (the channel with the largest |α| always stays), the backward pass a straight-through
 estimator. With `channel_multiple` N > 1 (hardware-friendly widths) each α rules a block of N channels, so a
-group keeps a multiple of N channels (the last block of a group whose width N does not divide is smaller). Masks are applied on the *input side of every layer that mixes channels* (conv with groups=1,
-linear): multiplying a consumer's weights by the mask of its input channels is exactly removing those
-input channels. Everything between a producer and its consumers acts per channel (BN, activations,
-depthwise convs, adds, concats), so a removed channel never reaches anything that is not masked — which
-is why the exported, physically smaller model computes the same function.
+group keeps a multiple of N channels (the last block of a group whose width N does not divide is smaller).
+Masks are applied on the *input side of every layer that mixes channels* (conv with groups=1, linear):
+multiplying a consumer's weights by the mask of its input channels is exactly removing those input channels.
+Everything between a producer and its consumers acts per channel (BN, activations, depthwise convs, adds,
+concats), so a removed channel never reaches anything that is not masked — which is why the exported,
+physically smaller model computes the same function.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -36,6 +38,11 @@ def hard_masks(alpha: torch.Tensor, segment: torch.Tensor, groups: int, threshol
     candidates = torch.where(magnitude == largest[segment], position, alpha.numel())
     first = position.new_full((groups,), alpha.numel()).scatter_reduce(0, segment, candidates, "amin")
     return (hard | (position == first[segment])).to(alpha.dtype)
+
+
+def starts(sizes: Sequence[int]) -> list[int]:
+    """Where each of consecutive runs of these sizes starts: [3, 2, 4] -> [0, 3, 5]."""
+    return [0, *itertools.accumulate(sizes)][:len(sizes)]
 
 
 def channel_blocks(channels: int, multiple: int) -> list[int]:
@@ -124,19 +131,15 @@ class MaskBank(nn.Module):
 
     def offsets(self) -> list[int]:
         """Where each group starts in the flat per-channel mask vector."""
-        out, start = [], 0
-        for n in self.sizes:
-            out.append(start)
-            start += n
-        return out
+        return starts(self.sizes)
 
     def alpha_offsets(self) -> list[int]:
         """Where each group starts in α (= `offsets()` with block = 1)."""
-        out, start = [], 0
-        for b in self.block_sizes:
-            out.append(start)
-            start += len(b)
-        return out
+        return starts([len(b) for b in self.block_sizes])
+
+    def block_starts(self, index: int) -> list[int]:
+        """The first channel of each block of the `index`-th group."""
+        return starts(self.block_sizes[index])
 
     def group_alpha(self, index: int) -> torch.Tensor:
         """The α of the `index`-th group, one entry per block (a view of the flat vector)."""
