@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Node
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.meta import INTNET_KEY, QuantSpec, TensorInfo, dory_part, quant_spec, tensor_info
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.ir.precision import weight_bits_of
 from duccio_fx.lower.intnet import (NETWORK_INPUT, Add, Branch, Conv, IntLayer, IntNet, IntType, Linear,
                                     Pool, Requant)
 from duccio_fx.passes.calibrate import head_layers
@@ -160,7 +161,8 @@ class Integerize(Pass):
         weight = module.weight.detach().double().cpu()
         bias = (module.bias.detach().double().cpu() if module.bias is not None
                 else torch.zeros(weight.shape[0], dtype=torch.float64))
-        qmax = (1 << (self.weight_bits - 1)) - 1
+        bits = weight_bits_of(module) or self.weight_bits  # a layer's own precision (mixed precision)
+        qmax = (1 << (bits - 1)) - 1
         flat = weight.reshape(weight.shape[0], -1)
         x_max = max(abs(_type(in_spec).lo), _type(in_spec).hi)
         if kind == "linear" and index in self.heads:
@@ -172,7 +174,7 @@ class Integerize(Pass):
                                   "calibrated activations before the head are almost zero)", where=f"node '{node.name}'",
                                   fix="calibrate a trained model on real inputs (the model file's train_loader())")
             self._note(node, in_spec.scale * s_w, None, 0.5)
-            return Linear(name, source, w_q, None, b_q, self.weight_bits), in_spec.scale * s_w
+            return Linear(name, source, w_q, None, b_q, bits), in_spec.scale * s_w
         assert spec is not None
         s_w = flat.abs().amax(dim=1) / qmax
         s_w = torch.where(s_w > 0, s_w, torch.ones_like(s_w))
@@ -187,10 +189,10 @@ class Integerize(Pass):
             raise err.locate(f"node '{node.name}'")
         self._note(node, spec.scale, requant.shift, bound)
         if kind == "linear":
-            return Linear(name, source, w_q.numpy(), requant, None, self.weight_bits), spec.scale
+            return Linear(name, source, w_q.numpy(), requant, None, bits), spec.scale
         assert isinstance(module, nn.Conv2d)
         return Conv(name, source, w_q.numpy(), _pair(module.stride), self._conv_pads(module), module.groups,
-                    requant, None, self.weight_bits), spec.scale
+                    requant, None, bits), spec.scale
 
     def _conv_pads(self, conv: nn.Conv2d) -> tuple[int, int, int, int]:
         if isinstance(conv.padding, str):

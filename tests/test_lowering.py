@@ -393,7 +393,7 @@ def test_cli_qat_needs_training_data(tmp_path):
 
 
 def test_adds_over_unaligned_channels_get_zero_channels_and_the_outputs_do_not_change():
-    from duccio_fx.lower.pad_channels import pad_add_channels
+    from duccio_fx.lower.pad_channels import pad_for_kernels
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -421,7 +421,7 @@ def test_adds_over_unaligned_channels_get_zero_channels_and_the_outputs_do_not_c
     for i, (before, after) in enumerate(zip(run(unpadded, x), run(net, x))):
         assert torch.equal(after[:, :before.shape[1]], before), f"layer {i}"
         assert not after[:, before.shape[1]:].any()
-    assert pad_add_channels(net)[1] == {}  # already aligned
+    assert pad_for_kernels(net)[1] == {}  # already aligned
     assert bundle.report["checks"]["twin_max_abs_diff"] == 0
 
 

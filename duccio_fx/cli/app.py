@@ -30,6 +30,7 @@ from duccio_fx.cli.target_view import render_target
 from duccio_fx.common.device import resolve_amp, resolve_device
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.pass_manager import DumpIR, Instrument, PassContext, PrintIR, TimePasses
+from duccio_fx.ir.precision import check_bits
 from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
@@ -218,6 +219,11 @@ def optimize(
     channel_multiple: int = typer.Option(1, "--channel-multiple", help="--method mask: keep a multiple of N "
                                          "channels in every searched group (masks of blocks of N channels), e.g. "
                                          "4 for PULP-NN's channel blocking, 8 or 16 for GAP9's NE16"),
+    bits: Optional[str] = typer.Option(None, "--bits", help="--method mask: also search every layer's weight "
+                                       "precision among these widths, e.g. 2,4,8 (mixed precision; the head "
+                                       "stays at the target's width)"),
+    bits_only: bool = typer.Option(False, "--bits-only", help="with --bits: search the precisions alone (every "
+                                   "channel kept)"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -239,8 +245,10 @@ def optimize(
             if value is not None and not value > 0:
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
         resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
-        method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay)
+        method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay,
+                                       bits is not None)
         method_options.update(_mask_options(method, channel_multiple))
+        method_options.update(_bits_options(method, bits, bits_only, temperature, temperature_decay))
         w, s, f = _epochs(epochs)
         if max_search_epochs is not None and max_search_epochs < s:
             raise DuccioError(f"--max-search-epochs {max_search_epochs} is below the minimum search epochs {s}",
@@ -283,11 +291,12 @@ def _launch(nproc: int) -> int:
 
 
 def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str, temperature: float,
-                  temperature_decay: float) -> dict[str, Any]:
-    """The path method's options; refuses them with another method (they would be silently ignored)."""
+                  temperature_decay: float, bits: bool = False) -> dict[str, Any]:
+    """The path method's options; refuses them with another method (they would be silently ignored). The
+    temperatures also serve --bits."""
     given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
-             "--path-costs": path_costs != "sampled", "--temperature": temperature != 5.0,
-             "--temperature-decay": temperature_decay != 0.8}
+             "--path-costs": path_costs != "sampled", "--temperature": temperature != 5.0 and not bits,
+             "--temperature-decay": temperature_decay != 0.8 and not bits}
     if method != "path":
         for name, used in given.items():
             if used:
@@ -307,6 +316,28 @@ def _mask_options(method: str, channel_multiple: int) -> dict[str, Any]:
         raise DuccioError(f"--channel-multiple belongs to the mask method (got --method {method})",
                           where="--channel-multiple", fix="add --method mask, or drop --channel-multiple")
     return {"channel_multiple": channel_multiple}
+
+
+def _bits_options(method: str, bits: str | None, bits_only: bool, temperature: float,
+                  temperature_decay: float) -> dict[str, Any]:
+    """`--bits 2,4,8` (and `--bits-only`): the mask method's precision search; refused elsewhere."""
+    if bits is None:
+        if bits_only:
+            raise DuccioError("--bits-only needs --bits", where="--bits-only", fix="e.g. --bits 2,4,8 --bits-only")
+        return {}
+    if method != "mask":
+        raise DuccioError(f"--bits belongs to the mask method (got --method {method})", where="--bits",
+                          fix="add --method mask, or drop --bits")
+    try:
+        widths = [int(b) for b in bits.split(",") if b.strip()]
+    except ValueError:
+        raise DuccioError(f"--bits {bits!r} is not a list of whole numbers", where="--bits", fix="e.g. --bits 2,4,8")
+    options: dict[str, Any] = {"bits": list(check_bits(widths, "--bits"))}
+    if bits_only:
+        options["channels"] = False
+    if (temperature, temperature_decay) != (5.0, 0.8):
+        options.update(temperature=temperature, temperature_decay=temperature_decay)
+    return options
 
 
 @app.command("lower")

@@ -141,3 +141,18 @@ def render_widths(widths: list[dict[str, Any]], multiple: int, console: Console,
                       blocks_text(w["blocks"]) if w["searchable"] else "[dim]not searched[/]",
                       *([str(w["kept"])] if kept else []), verdict, escape(w["note"]))
     console.print(table)
+
+
+def render_precisions(rows: list[dict[str, Any]], console: Console) -> None:
+    """Every quantisable layer's weight width (--bits): the chosen one and how sure the search is of it."""
+    table = Table(title="weight precision (--bits)")
+    for col in ("layer", "bits", "probability", "note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        if r["bits"] is None:
+            table.add_row(r["layer"], "[dim]target's[/]", "", escape(r["note"]))
+            continue
+        p = r["probabilities"]
+        table.add_row(r["layer"], str(r["bits"]), f"{p[str(r['bits'])]:.2f}",
+                      ", ".join(f"{b}-bit {v:.2f}" for b, v in p.items() if b != str(r["bits"])))
+    console.print(table)

@@ -11,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from duccio_fx.cli.inspect_view import render_widths
+from duccio_fx.cli.inspect_view import render_precisions, render_widths
 from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.path_view import render_choices
 from duccio_fx.costs.metrics import get_metric
@@ -108,6 +108,9 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
         **({"channel_multiple": result.searchable.channel_multiple,  # type: ignore[attr-defined]
             "widths": result.searchable.width_report()}  # type: ignore[attr-defined]
            if hasattr(result.searchable, "width_report") else {}),
+        # mask method with --bits: every quantisable layer's chosen weight width and its probabilities
+        **({"weight_bits": result.searchable.precision_report()}  # type: ignore[attr-defined]
+           if getattr(result.searchable, "precision", None) is not None else {}),
         "status": "met" if result.met else "violated",
         "constraints": constraints,
         "critical_layers": result.critical,
@@ -179,8 +182,10 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
         status = "[green]met[/]" if c["met"] else f"[bold red]VIOLATED by {_num(c['excess'], unit)}[/]"
         cons.add_row(c["description"], _num(c["bound"], unit), _num(c["seed"], unit), _num(c["final"], unit), status)
     console.print(cons)
-    if report.get("architecture"):
+    if report.get("architecture") and report["method"] == "path":
         render_choices(report["architecture"], console)
+    if report.get("weight_bits"):
+        render_precisions(report["weight_bits"], console)
     if report.get("channel_multiple", 1) > 1:
         render_widths(report["widths"], report["channel_multiple"], console, kept=True)
         off = [f"g{w['id']} ({w['kept']})" for w in report["widths"] if w["searchable"] and not w["kept_multiple"]]

@@ -3,7 +3,8 @@
 Memory per layer follows DORY's accounting (Layer_node / tiler_conv2d of pulp-platform/dory), so that
 "fits L2" means the same thing to both tools:
   input activations + output activations (activation bits)
-  + weights (weight bits; grouped/depthwise weights and biases times the target's `grouped_factor`)
+  + weights (at the layer's weight bits, packed: pulp-nn-mixed packs 2/4-bit weights 4/2 to a byte;
+    grouped/depthwise weights and biases times the target's `grouped_factor`)
   + requantization constants k and l per output channel (`requant` bits each) for layers that requantize
   + bias (bias bits) only for layers that do not requantize (the head; otherwise the bias folds into l).
 A head layer (its output is a model output) is not requantized and writes 32-bit accumulators.
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from duccio_fx.costs.terms import LayerValues, Number, by_kind, select, stores, value
+from duccio_fx.costs.terms import LayerValues, Number, by_kind, select, stores, value, weight_bits
 from duccio_fx.targets import MemoryLevel, Target
 
 
@@ -47,7 +48,7 @@ def _parameter_bytes(v: LayerValues, target: Target, accounting: bool) -> Number
     t, bits = v.term, target.bits
     factor = float(target.accounting.grouped_factor)
     grouped = by_kind(t, 1.0, depthwise=factor, grouped=factor) if accounting else 1.0
-    total = _bytes(v.weights, bits.weights * grouped)
+    total = _bytes(v.weights, weight_bits(v, bits.weights) * grouped)
     per_channel = select(t.bias, _bytes(v.cout, bits.bias * grouped), 0)
     if bits.requant > 0:  # layers that requantize store k and l per output channel (the bias folds into l)
         per_channel = select(t.requant, _bytes(v.cout, 2 * bits.requant), per_channel)

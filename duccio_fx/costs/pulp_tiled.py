@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.costs.terms import LayerValues, Number, TermTable
+from duccio_fx.costs.terms import LayerValues, Number, TermTable, weight_bits
 from duccio_fx.ir.meta import LayerTerm
 from duccio_fx.targets import Target
 
@@ -51,6 +51,9 @@ class PulpConstants:
 
     cores: float = 8.0                # cluster cores (target compute.cores)
     matmul_per_4k: float = 14.0       # code: 4x2 block, per 4 inputs: 4 lw weights + 2 lw pixels + 8 sdotp
+    matmul_per_4k_i4: float = 40.0    # code (C source, pulp-nn-mixed matmul_u8_u8_i4): 4-bit weights unpacked to
+    #                                   8 bits (extract + pack per 4) before the sdotp: 36-44, the midpoint
+    matmul_per_4k_i2: float = 39.0    # code (matmul_u8_u4_i2): 2-bit weights, 35-43: no faster than 4-bit
     matmul_per_k_left: float = 14.0   # code: per leftover input (K % 4) of a 4x2 block: 6 lb + 8 mac
     chan_left_per_4k: float = 5.0     # code: leftover output channel, 1x2 block per 4 inputs: 3 lw + 2 sdotp
     block_overhead: float = 14.0      # code: per 4x2 block: 4 bias loads, 8 stores, loop setup (assumed ~2)
@@ -169,11 +172,13 @@ class TileGrid:
         return cls(rows, cols, R * W, inputs, conv_score, dw_score, valid)
 
 
-def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Target) -> Tiles:
+def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Target,
+                 wbits: Number = 8.0) -> Tiles:
     """DORY's L2->L1 tiler (Common/Tiler/tiler_conv2d.py): the whole layer when it fits L1, else the best
     tile on its objective among a grid of rows x columns per tile, each with the most output channels that
-    fit (all layers at once, no gradient)."""
+    fit (all layers at once, no gradient). `wbits`: the layers' weight precision (packed sub-byte weights)."""
     cin, cout = cin.detach(), cout.detach()
+    wbytes = wbits.detach() / 8.0 if isinstance(wbits, torch.Tensor) else wbits / 8.0
     grid = TileGrid.of(t)
     dw, lin = _kinds(t)
     (ho, wo), (hi, wi) = t.out_hw, t.input_hw
@@ -188,7 +193,7 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     cores = float(target.compute.cores)
     pointwise = ((kh * kw == 1) & (sh == 1)).to(torch.float64)  # the pointwise kernel reads pixels in place
     im2col = (1.0 - dw) * (1.0 - lin) * (1.0 - pointwise) * 2.0 * cores * kh * kw * cin_g + dw * cores * (kh * hi + kh)
-    weights_per_cout = (1.0 - dw) * cin_g * kh * kw + dw * kh * kw
+    weights_per_cout = ((1.0 - dw) * cin_g * kh * kw + dw * kh * kw) * wbytes
     whole = (cin * hi * wi + cout * ho * wo + (weights_per_cout + requant_bytes) * cout + bias_bytes
              + im2col) <= budget
     col = lambda x: x[:, None, None, None]  # noqa: E731
@@ -250,13 +255,28 @@ def _l1(target: Target) -> Any:
     return next((m for m in target.memory if m.name.upper() == "L1"), target.memory[0] if target.memory else None)
 
 
+def weight_unpacking(wbits: Number, k: PulpConstants) -> Number:
+    """How much slower the matmul inner loop runs with `wbits`-bit weights than with 8-bit ones (1 at 8 bits):
+    pulp-nn-mixed unpacks sub-byte weights to bytes before GAP8's 8-bit dot products. Piecewise linear between
+    2, 4 and 8 bits (exact there; a precision search's relaxed bits get its slope as gradient)."""
+    if isinstance(wbits, torch.Tensor):
+        low, high = torch.clamp(wbits, 2.0, 4.0), torch.clamp(wbits, 4.0, 8.0)
+    else:
+        low, high = min(max(wbits, 2.0), 4.0), min(max(wbits, 4.0), 8.0)
+    per_4k = (k.matmul_per_4k_i2 + (k.matmul_per_4k_i4 - k.matmul_per_4k_i2) * (low - 2.0) / 2.0
+              + (k.matmul_per_4k - k.matmul_per_4k_i4) * (high - 4.0) / 4.0)
+    return per_4k / k.matmul_per_4k
+
+
 def kernel_cycles(t: TermTable, cin: Number, cout_tile: Number, rows: torch.Tensor, cols: torch.Tensor,
-                  k: PulpConstants, requant_bits: int = 32) -> Number:
+                  k: PulpConstants, requant_bits: int = 32, wbits: Number = 8.0) -> Number:
     """Cycles of one PULP-NN kernel call on a tile of `cout_tile` output channels x `rows` x `cols` pixels
-    (every input channel), for every layer kind (columns)."""
+    (every input channel), for every layer kind (columns). Sub-byte weights (`wbits`) slow the conv and
+    linear inner loops by `weight_unpacking`; depthwise kernels unpack them once per channel (negligible)."""
     dw, lin = _kinds(t)
     kh, kw = t.kernel_hw
     cores = k.cores
+    unpack = weight_unpacking(wbits, k)
     k = replace(k, requant=k.requant + (k.requant_64 if requant_bits > 32 else 0.0))
     kk = cin / t.groups * kh * kw                                          # inputs per output
     k4 = floor_ste(kk / 4.0)
@@ -270,15 +290,15 @@ def kernel_cycles(t: TermTable, cin: Number, cout_tile: Number, rows: torch.Tens
     pixels = pointwise * rows_howo + (1.0 - pointwise) * rows_ho            # per core
     pairs = torch.ceil(pixels / 2.0)
     im2col = (1.0 - pointwise) * 2.0 * (k.im2col_per_4 * torch.ceil(kk / 4.0) + k.im2col_call * kh)
-    block = k.matmul_per_4k * k4 + k.matmul_per_k_left * k_left + 8.0 * k.requant + k.block_overhead
-    left = k.chan_left_per_4k * (k4 + k_left) + 2.0 * k.requant + k.block_overhead / 4.0
+    block = unpack * (k.matmul_per_4k * k4 + k.matmul_per_k_left * k_left) + 8.0 * k.requant + k.block_overhead
+    left = unpack * k.chan_left_per_4k * (k4 + k_left) + 2.0 * k.requant + k.block_overhead / 4.0
     conv = pairs * (im2col + c4 * block + c_left * left)
     taps = kh * kw
     per_out = k.dw_per_4k * (torch.floor(taps / 4.0) + torch.remainder(taps, 4.0)) + k.requant + k.output_overhead
     rows_in = torch.minimum(t.input_hw[0], (rows - 1.0) * t.stride[0] + kh)
     depthwise = ceil_ste(cout_tile / cores) * (cols * rows_in * torch.ceil(kw / 4.0) * k.dw_column
                                                + rows * cols * per_out)
-    neuron = k.linear_per_4k * ceil_ste(cin / 4.0) + t.requant.on * k.requant + k.output_overhead
+    neuron = unpack * k.linear_per_4k * ceil_ste(cin / 4.0) + t.requant.on * k.requant + k.output_overhead
     linear = ceil_ste(cout_tile / cores) * neuron * rows
     return dw * depthwise + lin * linear + (1.0 - dw) * (1.0 - lin) * conv
 
@@ -288,7 +308,8 @@ def tiled_cycles_table(v: LayerValues, target: Target) -> torch.Tensor:
     t: TermTable = v.term  # type: ignore[assignment]
     k = PulpConstants.of(target)
     cin, cout = _column(v.cin, t), _column(v.cout, t)
-    tiles = choose_tiles(t, cin, cout, target)
+    wbits = weight_bits(v, target.bits.weights)
+    tiles = choose_tiles(t, cin, cout, target, wbits)
     dw, lin = _kinds(t)
     (ho, wo), (hi, wi) = t.out_hw, t.input_hw
     kh, kw = t.kernel_hw
@@ -297,15 +318,15 @@ def tiled_cycles_table(v: LayerValues, target: Target) -> torch.Tensor:
     spatial = n_r * n_w
     n = n_c * spatial
     cout_tile = cout / n_c                                                  # differentiable in cout
-    kernel = kernel_cycles(t, cin, cout_tile, tiles.rows, tiles.cols, k, target.bits.requant)
+    kernel = kernel_cycles(t, cin, cout_tile, tiles.rows, tiles.cols, k, target.bits.requant, wbits)
     # bytes moved: the input once per spatial tile, again for every output-channel tile when tiled spatially
     rows_in = torch.minimum(hi, (tiles.rows - 1.0) * t.stride[0] + kh)
     cols_in = torch.minimum(wi, (tiles.cols - 1.0) * t.stride[1] + kw)
     cin_tile = dw * cout_tile + (1.0 - dw) * cin
     in_tile = cin_tile * rows_in * cols_in
     in_loads = torch.where(spatial > 1, n, dw * n + (1.0 - dw) * 1.0)
-    weights_tile = ((1.0 - dw) * cin / t.groups * kh * kw + dw * kh * kw + t.requant.on * 2.0 * target.bits.requant
-                    / 8.0) * cout_tile
+    weights_tile = (((1.0 - dw) * cin / t.groups * kh * kw + dw * kh * kw) * (wbits / 8.0)
+                    + t.requant.on * 2.0 * target.bits.requant / 8.0) * cout_tile
     out_bits = (t.requant.on * target.bits.activations + t.requant.off * target.bits.bias) / 8.0
     out_tile = cout_tile * tiles.rows * tiles.cols * out_bits
     gather = dw * (1.0 / k.dma_byte_gather - 1.0 / k.dma_bytes_per_cycle)  # depthwise input: 1-byte copies
@@ -338,7 +359,8 @@ def tiled_cycles(v: LayerValues, target: Target) -> Number:
         return tiled_cycles_table(v, target)
     term: LayerTerm = v.term
     table = TermTable([term], v.cin.device if isinstance(v.cin, torch.Tensor) else None)
-    one = LayerValues(table, _column(v.cin, table), _column(v.cout, table), v.weights, v.macs)
+    bits = None if v.weight_bits is None else _column(v.weight_bits, table)
+    one = LayerValues(table, _column(v.cin, table), _column(v.cout, table), v.weights, v.macs, weight_bits=bits)
     out = tiled_cycles_table(one, target)[0]
     tensors = any(isinstance(x, torch.Tensor) for x in (v.cin, v.cout))
     return out if tensors else float(out)

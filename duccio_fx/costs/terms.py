@@ -21,6 +21,7 @@ from torch.fx import GraphModule, Node
 
 from duccio_fx.ir.meta import (ChannelSpec, LayerTerm, TensorInfo, channel_layout, op_role, spec_of, tensor_info,
                                weighted_work)
+from duccio_fx.ir.precision import weight_bits_of
 
 Number = Union[torch.Tensor, int, float]
 KeptChannels = Mapping[int, torch.Tensor]  # group id -> 0/1 vector of its kept channels (absent: all kept)
@@ -96,7 +97,7 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
             positions = in_positions  # MACs of a transposed conv scale with its input
     return LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
                      module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions,
-                     in_hw=in_hw, kernel_hw=kernel_hw, stride=stride)
+                     in_hw=in_hw, kernel_hw=kernel_hw, stride=stride, weight_bits=weight_bits_of(module) or 0)
 
 
 def _rows_cols(fold: int, dims: Sequence[int]) -> tuple[int, int]:
@@ -175,7 +176,7 @@ class TermTable:
     evaluates. The flags `bias`, `requant` and `stores` are `Flag`s; `flag(kinds)` tells the layers' kinds."""
 
     _NUMBERS = ("kernel", "positions", "in_positions", "output_positions", "groups", "fixed_weights",
-                "fixed_macs", "fixed_biases")
+                "fixed_macs", "fixed_biases", "weight_bits")
 
     def __init__(self, terms: Sequence[LayerTerm], device: torch.device | str | None = None) -> None:
         self.names: tuple[str, ...] = tuple(t.name for t in terms)
@@ -194,6 +195,7 @@ class TermTable:
         self.kind_names = tuple(t.kind for t in terms)
         self.zeros = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
         self._flags: dict[frozenset[str], Flag] = {}
+        self._bits: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -204,6 +206,12 @@ class TermTable:
         if key not in self._flags:
             self._flags[key] = Flag([k in key for k in self.kind_names], self.device)
         return self._flags[key]
+
+    def resolved_weight_bits(self, default: int) -> torch.Tensor:
+        """The `weight_bits` column with the layers that set none at `default` (made once per default)."""
+        if default not in self._bits:
+            self._bits[default] = torch.where(self.weight_bits > 0, self.weight_bits, float(default))
+        return self._bits[default]
 
     @property
     def kinds(self) -> list[str]:
@@ -279,6 +287,7 @@ class LayerValues:
     weights: Number
     macs: Number
     memo: dict[Any, Number] = field(default_factory=dict, compare=False, repr=False)  # shared sub-results
+    weight_bits: Number | None = None  # per layer, the precision a search samples (None: the layers' own)
 
     def remember(self, key: Any, compute: Callable[[], Number]) -> Number:
         """`compute()` once per key (a layer's bytes at a level feed its size, the overflow and the
@@ -302,6 +311,17 @@ class LayerValues:
         t = self.term
         own = self.weights + by_kind(t, select(t.bias, self.cout, 0), fixed=t.fixed_biases)
         return select(stores(t), own, 0)
+
+
+def weight_bits(v: LayerValues, default: int) -> Number:
+    """Each layer's weight precision: the one a search samples now, else its module's, else `default` (the
+    target's); a column for a table (resolved once per default, no op per step)."""
+    if v.weight_bits is not None:
+        return v.weight_bits
+    t = v.term
+    if isinstance(t, LayerTerm):
+        return t.weight_bits or default
+    return t.resolved_weight_bits(default)
 
 
 def values_of(t: Terms, cin: Number, cout: Number) -> LayerValues:

@@ -143,6 +143,7 @@ class LayerTerm:
     in_hw: tuple[int, int] = (0, 0)
     kernel_hw: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
+    weight_bits: int = 0  # the module's weight precision (`duccio_fx.ir.precision`); 0: the target's
 
     @property
     def output_positions(self) -> int:

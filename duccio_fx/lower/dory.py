@@ -36,7 +36,7 @@ from duccio_fx.ir.tracer import LeafSpec, locate_errors, symbolic_trace
 from duccio_fx.lower.dory_files import config_json, golden_text
 from duccio_fx.lower.int_executor import output_shapes, quantize_input, run
 from duccio_fx.lower.intnet import Add, Conv, IntNet, Linear, Pool
-from duccio_fx.lower.pad_channels import pad_add_channels
+from duccio_fx.lower.pad_channels import pad_for_kernels
 from duccio_fx.lower.qat import insert_fake_quant
 from duccio_fx.lower.quantlab_onnx import read_quantlab, write_quantlab
 from duccio_fx.lower.twin_onnx import run_twin, write_twin
@@ -377,7 +377,7 @@ def lower_to_dory(model: nn.Module, calib: Iterable[Any] | torch.Tensor, target:
         context.run(gm, [integerize])
     net: IntNet = gm.meta[INTNET_KEY]
     net.sources = [note.module or note.node for note in integerize.notes]
-    net, padded = pad_add_channels(net)  # DORY's add kernel needs channels x width to be a multiple of 4
+    net, padded = pad_for_kernels(net)  # channel counts DORY's add and sub-byte kernels can step through
     shapes = output_shapes(net)
     _refuse_unaligned_adds(net, shapes)
     memory = _memory_rows(model, example, net, shapes, target, leaf_modules)

@@ -1,9 +1,15 @@
-"""Zero channels for DORY's residual-add kernel, which needs (channels × width) to be a multiple of 4.
+"""Zero channels where DORY's kernels need a channel count they can step through.
 
-The add kernel processes 4 values at a time with no remainder loop (pulp-nn-mixed `Add/pulp_nn_add_*.c`), so a
-searched width such as 50 channels at 7×7 would leave values uncomputed on the board. Rather than refuse such
-a network, the tensors that share the add's channel indexing (a "channel class": the add's inputs and output,
-and whatever depthwise convs and pools carry it on) get zero channels appended:
+* The residual-add kernel processes 4 values at a time with no remainder loop (pulp-nn-mixed
+  `Add/pulp_nn_add_*.c`): (channels × width) must be a multiple of 4, so a searched width such as 50
+  channels at 7×7 would leave values uncomputed on the board.
+* Sub-byte weights (mixed precision): pulp-nn-mixed reads every output channel's weights from a whole byte
+  and DORY packs them with no padding, so a conv's (input channels × kernel) must be a multiple of 8/bits
+  (`matmul_u8_u8_i4.c`, `matmul_u8_u4_i2.c`: the leftover loops step by 2 or 4 and never end otherwise); a
+  linear layer's input length a multiple of 16; a depthwise conv's channels a multiple of 8/bits.
+
+Rather than refuse such a network, the tensors that share the channel indexing (a "channel class": an add's
+inputs and output, and whatever depthwise convs and pools carry it on) get zero channels appended:
 
 * a conv or linear that produces the class gets zero weight rows and k = l = 0, so its new channels are 0;
 * depthwise convs in the class get zero filters and k = l = 0; pools and adds map zeros to zeros (their
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from duccio_fx.common.errors import DuccioError
 from duccio_fx.lower.int_executor import output_shapes
 from duccio_fx.lower.intnet import NETWORK_INPUT, Add, Conv, IntNet, Linear, Pool, Requant
 
@@ -38,8 +45,32 @@ def _pad_requant(rq: Requant, extra: int) -> Requant:
     return Requant(np.concatenate([rq.mul, zeros]), np.concatenate([rq.add, zeros]), rq.shift, rq.out)
 
 
-def pad_add_channels(net: IntNet) -> tuple[IntNet, dict[int, tuple[int, int]]]:
-    """The network with zero channels where an add needs them, and {layer: (channels before, after)}."""
+def _requirements(net: IntNet, shapes: list[tuple[int, ...]], parent: dict[int, int]
+                  ) -> dict[int, list[tuple[int, int, str]]]:
+    """Per channel class: (m, q, why) with channels x m to be a multiple of q."""
+    need: dict[int, list[tuple[int, int, str]]] = {}
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Add):
+            need.setdefault(_find(parent, i), []).append((shapes[i][2], 4, f"add '{layer.name}'"))
+            continue
+        bits = getattr(layer, "weight_bits", 8)
+        if bits >= 8:
+            continue
+        why = f"{bits}-bit weights of '{layer.name}'"
+        if isinstance(layer, Conv) and layer.groups > 1:
+            need.setdefault(_find(parent, i), []).append((1, 8 // bits, why))
+        elif isinstance(layer, Conv):
+            kernel = int(np.prod(layer.weight.shape[2:]))
+            need.setdefault(_find(parent, layer.input), []).append((kernel, 8 // bits, why))
+        elif isinstance(layer, Linear):
+            source = net.input_shape if layer.input == NETWORK_INPUT else shapes[layer.input]
+            need.setdefault(_find(parent, layer.input), []).append((int(np.prod(source[1:])), 16, why))
+    return need
+
+
+def pad_for_kernels(net: IntNet) -> tuple[IntNet, dict[int, tuple[int, int]]]:
+    """The network with zero channels where a kernel needs them, and {layer: (channels before, after)}.
+    Refuses (DuccioError) a requirement on the network input's channels, which come from the data."""
     shapes = output_shapes(net)
     parent: dict[int, int] = {}
     for i, layer in enumerate(net.layers):
@@ -48,21 +79,24 @@ def pad_add_channels(net: IntNet) -> tuple[IntNet, dict[int, tuple[int, int]]]:
                 parent[_find(parent, source)] = _find(parent, i)
         elif _carries_class(layer):
             parent[_find(parent, layer.input)] = _find(parent, i)  # type: ignore[union-attr]
-    widths: dict[int, list[int]] = {}
-    for i, layer in enumerate(net.layers):
-        if isinstance(layer, Add):
-            widths.setdefault(_find(parent, i), []).append(shapes[i][2])
     target: dict[int, int] = {}  # class -> padded channel count
-    for root, ws in widths.items():
+    for root, needs in _requirements(net, shapes, parent).items():
         members = [i for i in range(-1, len(net.layers)) if _find(parent, i) == root]
-        if NETWORK_INPUT in members:
-            continue  # the input's channels come from the data: nothing to pad
-        channels = shapes[members[-1]][0]
+        channels = net.input_shape[0] if members[-1] == NETWORK_INPUT else shapes[members[-1]][0]
         padded = channels
-        while any((padded * w) % 4 for w in ws):
+        while any((padded * m) % q for m, q, _ in needs):
             padded += 1
-        if padded != channels:
-            target[root] = padded
+        if padded == channels:
+            continue
+        if NETWORK_INPUT in members:
+            subbyte = [why for m, q, why in needs if (channels * m) % q and "weights" in why]
+            if subbyte:  # the input's channels come from the data: nothing to pad
+                raise DuccioError(f"{subbyte[0]} need the network input's {channels} channels x kernel to pack into "
+                                  "whole bytes per output channel, and the input cannot be padded",
+                                  where=subbyte[0].split(" of ")[-1],
+                                  fix="keep that layer at 8 bits (the precision search does so by itself)")
+            continue
+        target[root] = padded
     if not target:
         return net, {}
 

@@ -2,7 +2,7 @@
 
 After `calibrate` has fixed every activation's 8-bit type and scale, `insert_fake_quant` makes the float graph
 compute what the integer network will, up to the requantization rounding: every calibrated activation is
-rounded and clipped to its grid, and every conv/linear weight to its int8 grid (per output channel; one scale
+rounded and clipped to its grid, and every conv/linear weight to its grid (int8, or the layer's own `duccio_weight_bits`) (per output channel; one scale
 for the int32 head, as `integerize` does). Gradients pass straight through the rounding. The user's training
 loop fine-tunes the weights under that noise; `remove` then restores the plain graph with the trained weights,
 which `integerize` quantizes exactly as the fake quantization did.
@@ -18,12 +18,9 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
 
 from duccio_fx.ir.meta import QuantSpec, dory_part, quant_spec
+from duccio_fx.ir.precision import fake_quant_weight, round_ste, weight_bits_of
 
 PREFIX = "duccio_fake_quant_"
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 class FakeQuant(nn.Module):
@@ -36,22 +33,19 @@ class FakeQuant(nn.Module):
         self.hi = (1 << (spec.bits - 1)) - 1 if spec.signed else (1 << spec.bits) - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(_round_ste(x / self.scale), self.lo, self.hi) * self.scale
+        return torch.clamp(round_ste(x / self.scale), self.lo, self.hi) * self.scale
 
 
 class WeightFakeQuant(nn.Module):
-    """Symmetric int8 weights, one scale per output channel (or one for the whole layer)."""
+    """Symmetric weights at `bits`, one scale per output channel (or one for the whole layer)."""
 
     def __init__(self, bits: int = 8, per_channel: bool = True) -> None:
         super().__init__()
-        self.qmax = (1 << (bits - 1)) - 1
+        self.bits = bits
         self.per_channel = per_channel
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        flat = w.detach().reshape(w.shape[0], -1).abs()
-        top = flat.amax(dim=1) if self.per_channel else flat.max().expand(w.shape[0])
-        scale = torch.where(top > 0, top / self.qmax, torch.ones_like(top)).reshape(-1, *([1] * (w.dim() - 1)))
-        return torch.clamp(_round_ste(w / scale), -self.qmax, self.qmax) * scale
+        return fake_quant_weight(w, self.bits, self.per_channel)
 
 
 def insert_fake_quant(gm: GraphModule, heads: set[int], weight_bits: int = 8) -> Callable[[], None]:
@@ -72,8 +66,9 @@ def insert_fake_quant(gm: GraphModule, heads: set[int], weight_bits: int = 8) ->
         part = dory_part(node)
         if part is not None and part.kind in ("conv", "linear") and node.op == "call_module":
             module = gm.get_submodule(str(node.target))
+            bits = weight_bits_of(module) or weight_bits  # a layer's own precision (mixed precision)
             parametrize.register_parametrization(module, "weight",
-                                                 WeightFakeQuant(weight_bits, per_channel=part.layer not in heads))
+                                                 WeightFakeQuant(bits, per_channel=part.layer not in heads))
             weighted.append(module)
     gm.recompile()
 

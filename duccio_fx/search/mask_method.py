@@ -4,7 +4,8 @@
     loss = task_loss + lam * torch.relu(sm.costs()["params"] - target)
     small = sm.export()                                          # plain nn.Module, fewer channels
 
-The IR keeps its typed annotations through mask insertion; they travel with the module through
+With `bits=(2, 4, 8)` every quantisable layer also searches its weight precision (`duccio_fx.search.precision`;
+`channels=False` searches the precisions alone). The IR keeps its typed annotations through mask insertion; they travel with the module through
 `torch.save` (pickling a GraphModule drops `meta`, so the module gives them back when it is loaded), and a
 `state_dict` loads into a fresh `make_searchable` of the same seed.
 """
@@ -27,9 +28,14 @@ from duccio_fx.ir.channels import ChannelGroup
 from duccio_fx.ir.meta import GROUPS_KEY, LayerTerm, duccio_meta, layer_terms, restore_meta
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.ir.precision import check_bits
 from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
+from duccio_fx.passes.precision_export import PrecisionExport
+from duccio_fx.passes.precision_insertion import PrecisionInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport
 from duccio_fx.pipeline import analyze
+from duccio_fx.search.precision import BANK as PRECISION
+from duccio_fx.search.precision import PrecisionBank
 from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
@@ -37,10 +43,15 @@ from duccio_fx.targets import Target, load_target
 class SearchableModel(SearchSpace):
     """A model whose searchable channel groups carry trainable masks (mask-based DNAS)."""
 
-    def __init__(self, graph_module: GraphModule, excluded: dict[int, str]) -> None:
+    def __init__(self, graph_module: GraphModule, excluded: dict[int, str], *,
+                 bits_excluded: dict[str, str] | None = None, channels: bool = True,
+                 temperature: float = 5.0, temperature_decay: float = 0.8) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.excluded = dict(excluded)
+        self.bits_excluded = dict(bits_excluded or {})  # layer -> why its precision is not searched
+        self.channels = channels  # False: the masks stay all-ones (a precision-only search)
+        self.temperature, self.temperature_decay = temperature, temperature_decay
         self.terms: list[LayerTerm] = layer_terms(graph_module)
         groups: tuple[ChannelGroup, ...] = graph_module.meta[GROUPS_KEY]
         ids = self.bank.group_ids if self.bank is not None else []
@@ -61,9 +72,42 @@ class SearchableModel(SearchSpace):
     def bank(self) -> nn.Module | None:
         return getattr(self.graph_module, BANK, None)
 
+    @property
+    def precision(self) -> PrecisionBank | None:
+        """The weight-precision θ (with `bits=`), else None."""
+        return getattr(self.graph_module, PRECISION, None)
+
     def arch_parameters(self) -> Iterator[nn.Parameter]:
-        """The α vectors (train them without weight decay)."""
-        return iter(self.bank.parameters()) if self.bank is not None else iter(())
+        """The α vector (unless `channels=False`) and the precision θ (train them without weight decay)."""
+        params = list(self.bank.parameters()) if self.bank is not None and getattr(self, "channels", True) else []
+        if self.precision is not None:
+            params.append(self.precision.theta)
+        return iter(params)
+
+    def on_epoch(self, epoch: int) -> None:
+        """The precision's Gumbel temperature: `temperature` x `temperature_decay`^epoch."""
+        if self.precision is not None:
+            self.precision.temperature = self.temperature * self.temperature_decay ** epoch
+
+    def weight_bits(self) -> dict[str, int]:
+        """The weight width every searched layer would be exported at (argmax θ), by module name."""
+        return self.precision.choice() if self.precision is not None else {}
+
+    def architecture(self) -> dict[str, Any]:
+        return {"weight_bits": self.weight_bits()} if self.precision is not None else {}
+
+    def precision_report(self) -> list[dict[str, Any]]:
+        """Per quantisable layer: the width it would be exported at, the probability of each width
+        (softmax θ), or why its width is not searched (`note`)."""
+        bank = self.precision
+        if bank is None:
+            return []
+        probs = torch.softmax(bank.logits().detach().double(), 1).cpu().tolist()
+        rows = [{"layer": name, "bits": bits, "probabilities": dict(zip(map(str, bank.widths), p)), "note": ""}
+                for (name, bits), p in zip(bank.choice().items(), probs)]
+        rows += [{"layer": name, "bits": None, "probabilities": {}, "note": f"not searched: {why}"}
+                 for name, why in self.bits_excluded.items()]
+        return rows
 
     # -- masks --------------------------------------------------------------------------------------
     def _flat_masks(self) -> torch.Tensor:
@@ -122,6 +166,35 @@ class SearchableModel(SearchSpace):
             self._program = CostProgram(self.terms, [(g.id, g.channels) for g in self.channel_groups])
         return self._program
 
+    def _bits_column(self, hw: Target | None, chosen: bool = False) -> torch.Tensor | None:
+        """Every layer's weight bits for the costs: searched layers from the precision g (the last forward
+        pass's sample, or the argmax with `chosen`), the others at their own width."""
+        bank = self.precision
+        if bank is None or hw is None:
+            return None
+        program = self.program()
+        rows, which = self._bits_rows()
+        device = bank.theta.device
+        base = program.on(device).table.resolved_weight_bits(hw.bits.weights)
+        return base.index_copy(0, rows.to(device), bank.layer_bits(chosen).index_select(0, which.to(device)))
+
+    def _bits_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which cost-table rows take a searched precision, and the bank row of each (a module's later calls,
+        `<module>#k`, share its row)."""
+        if getattr(self, "_rows", None) is None:
+            index = {name: i for i, name in enumerate(self.precision.layers)}
+            pairs = [(r, index[t.name.split("#")[0]]) for r, t in enumerate(self.terms)
+                     if t.name.split("#")[0] in index]
+            self._rows = (torch.tensor([p[0] for p in pairs], dtype=torch.long),
+                          torch.tensor([p[1] for p in pairs], dtype=torch.long))
+        return self._rows
+
+    def cost_values(self, target: Target | str | None = None) -> Costs:
+        """Costs (floats) of the architecture `export()` returns now: the argmax precisions."""
+        hw = load_target(target) if target is not None else None
+        with torch.no_grad():
+            return self.program().costs(self._flat_masks(), hw, self._bits_column(hw, chosen=True)).floats()
+
     def costs(self, target: Target | str | None = None) -> Costs:
         """Costs of the binarized architecture, differentiable w.r.t. the α (straight-through).
 
@@ -132,7 +205,7 @@ class SearchableModel(SearchSpace):
         over all layers (`CostProgram`): a fixed number of ops whatever the depth, and no host sync.
         """
         hw = load_target(target) if target is not None else None
-        return self.program().costs(self._flat_masks(), hw)
+        return self.program().costs(self._flat_masks(), hw, self._bits_column(hw))
 
     def minimum_masks(self) -> dict[int, torch.Tensor]:
         """One channel (one block with `channel_multiple` N > 1: the smallest, so the last one when N does
@@ -152,7 +225,12 @@ class SearchableModel(SearchSpace):
     def minimum_costs(self, target: Target | str | None = None) -> Costs:
         hw = load_target(target) if target is not None else None
         program = self.program()
-        return program.costs(program.flatten(self.minimum_masks()), hw).floats()
+        masks = program.flatten(self.minimum_masks()) if getattr(self, "channels", True) else None
+        bits = self._bits_column(hw)
+        if bits is not None:  # every searched layer at the narrowest width
+            rows, _ = self._bits_rows()
+            bits = bits.detach().index_fill(0, rows.to(bits.device), float(min(self.precision.widths)))
+        return program.costs(masks, hw, bits).floats()
 
     def structure(self) -> str:
         return self.graph_module.code + repr(self)
@@ -201,7 +279,8 @@ class SearchableModel(SearchSpace):
     def export(self, context: PassContext | None = None) -> GraphModule:
         """A plain model of ordinary torch modules holding only the kept channels (eval-exact)."""
         gm = copy.deepcopy(self.graph_module)
-        (context or PassContext()).run(gm, [ShrinkExport(self.masks())])
+        passes = [PrecisionExport(self.weight_bits())] if self.precision is not None else []
+        (context or PassContext()).run(gm, passes + [ShrinkExport(self.masks())])
         gm.train(self.training)
         return gm
 
@@ -209,19 +288,32 @@ class SearchableModel(SearchSpace):
 @register_search_method("mask")
 def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                     context: PassContext | None = None, threshold: float = 0.5,
-                    channel_multiple: int = 1) -> SearchableModel:
+                    channel_multiple: int = 1, bits: Sequence[int] | None = None, channels: bool = True,
+                    temperature: float = 5.0, temperature_decay: float = 0.8) -> SearchableModel:
     """Analyse a copy of `model` and insert one trainable mask per searchable channel group.
 
     `channel_multiple` N > 1: hardware-friendly widths: each mask entry keeps or removes a block of N
     channels, so every group keeps a multiple of N (e.g. 4 for PULP-NN's channel blocking, 8 or 16 for
     GAP9's NE16). Groups of at most N channels are not searched; a group whose width N does not divide ends
-    with a smaller block (`SearchableModel.width_report()` says which)."""
+    with a smaller block (`SearchableModel.width_report()` says which).
+
+    `bits` (e.g. (2, 4, 8)): also search every quantisable layer's weight width among these (Gumbel-softmax
+    over θ, `temperature` at the first search epoch times `temperature_decay` each epoch); `channels=False`:
+    search the widths alone (the masks stay all-ones)."""
     check_channel_multiple(channel_multiple)
+    widths = check_bits(bits, "bits") if bits is not None else None
+    if not channels and widths is None:
+        raise DuccioError("channels=False leaves nothing to search", where="make_searchable(..., channels=False)",
+                          fix="give bits=(2, 4, 8) to search the weight precisions alone, or keep channels=True")
     context = context or PassContext()
     gm = analyze(copy.deepcopy(model), example_inputs, leaf_modules, context=context)
     insertion = MaskInsertion(threshold=threshold, channel_multiple=int(channel_multiple))
-    context.run(gm, [insertion])
-    space = SearchableModel(gm, insertion.excluded)
+    precision = PrecisionInsertion(widths) if widths is not None else None
+    context.run(gm, [insertion] + ([precision] if precision is not None else []))
+    space = SearchableModel(gm, insertion.excluded, bits_excluded=precision.excluded if precision else None,
+                            channels=channels, temperature=temperature, temperature_decay=temperature_decay)
+    if not channels and space.bank is not None:
+        space.bank.alpha.requires_grad_(False)  # every channel stays: α is neither searched nor trained
     space._multiple = int(channel_multiple)  # (the bank holds it too; this covers a model with nothing searchable)
     return space
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duccio_fx.ir.meta import ChannelSpec
+from duccio_fx.search.precision import mixed_weight
 
 # A channel spec with bank slots in place of group ids: (index in the bank or -1 for "always on", start, stop,
 # block).
@@ -206,30 +207,42 @@ def kept_entries(spec: ChannelSpec, masks: Mapping[int, torch.Tensor]) -> torch.
     return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
 
 
-class MaskedConv1d(nn.Conv1d):
-    """A Conv1d whose input channels are multiplied by a 0/1 mask (through the weights: cheap)."""
+WIDTHS = "duccio_bit_widths"  # on a quantised twin: the widths its `precision` g selects among
 
-    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+
+def _quantized(module: nn.Module, w: torch.Tensor, precision: torch.Tensor | None) -> torch.Tensor:
+    return w if precision is None else mixed_weight(w, precision, getattr(module, WIDTHS))
+
+
+class MaskedConv1d(nn.Conv1d):
+    """A Conv1d whose input channels are multiplied by a 0/1 mask (through the weights: cheap), and whose
+    weights are fake-quantized at the width `precision` (a one-hot g over its widths) selects."""
+
+    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None,  # type: ignore[override]
+                precision: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if in_mask is None else self.weight * in_mask.view(1, -1, 1)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, _quantized(self, w, precision), self.bias)
 
 
 class MaskedConv2d(nn.Conv2d):
-    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None,  # type: ignore[override]
+                precision: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if in_mask is None else self.weight * in_mask.view(1, -1, 1, 1)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, _quantized(self, w, precision), self.bias)
 
 
 class MaskedConv3d(nn.Conv3d):
-    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None,  # type: ignore[override]
+                precision: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if in_mask is None else self.weight * in_mask.view(1, -1, 1, 1, 1)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, _quantized(self, w, precision), self.bias)
 
 
 class MaskedLinear(nn.Linear):
-    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None,  # type: ignore[override]
+                precision: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if in_mask is None else self.weight * in_mask
-        return F.linear(x, w, self.bias)
+        return F.linear(x, _quantized(self, w, precision), self.bias)
 
 
 MASKED: dict[type, type] = {nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Conv3d: MaskedConv3d,

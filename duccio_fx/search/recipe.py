@@ -34,6 +34,7 @@ from duccio_fx.costs.model import Costs
 from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.ir.pass_manager import PassContext
+from duccio_fx.ir.precision import bake_weight_bits, fake_quantize_weights
 from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.pipeline import analyze, graph_costs
 from duccio_fx.search.checkpoint import Checkpoint
@@ -345,6 +346,7 @@ class Recipe:
                 self.space.load_state(best)
             exported_epoch, exported_feasible = (best_epoch, True) if best is not None else (epoch - 1, False)
             exported = self.space.export(self.context)
+            fake_quantize_weights(exported)  # layers with a searched precision fine-tune on its grid (QAT)
             search_loss, search_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn,
                                                         self.device, during="the exported model's validation")
             ft_start, ft_opt = 0, self._weight_optimizer(exported.parameters())
@@ -371,6 +373,7 @@ class Recipe:
                         "exported_feasible": exported_feasible})
         self.progress("done", {"phase": "finetune", "epochs": s.finetune_epochs})
         exported.load_state_dict(ft_best)
+        bake_weight_bits(exported)  # plain modules whose float weights lie on their grids
         _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn, self.device,
                                          during="the final validation")
         exported.eval()
