@@ -225,7 +225,8 @@ class SearchableModel(SearchSpace):
     def minimum_costs(self, target: Target | str | None = None) -> Costs:
         hw = load_target(target) if target is not None else None
         program = self.program()
-        masks = program.flatten(self.minimum_masks()) if getattr(self, "channels", True) else None
+        masks = program.flatten(self.minimum_masks()) if getattr(self, "channels", True) else \
+            self._flat_masks().detach()  # every channel kept
         bits = self._bits_column(hw)
         if bits is not None:  # every searched layer at the narrowest width
             rows, _ = self._bits_rows()
