@@ -1,0 +1,313 @@
+"""Mixed precision: per-layer weight widths in the costs, the precision search of the mask method, its export,
+fine-tuning and DORY lowering (integer executor == standard-ops twin at 2 and 4 bits), and what is refused."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from typer.testing import CliRunner
+
+import duccio_fx
+from duccio_fx.cli.app import app
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.costs.pulp_tiled import PulpConstants, weight_unpacking
+from duccio_fx.ir.precision import (WEIGHT_BITS, bake_weight_bits, fake_quant_weight, fake_quantize_weights,
+                                    set_weight_bits, weight_bits_of)
+from duccio_fx.lower.dory import lower_to_dory
+from duccio_fx.lower.int_executor import quantize_input, run
+from duccio_fx.lower.intnet import Conv, Linear
+from duccio_fx.lower.quantlab_onnx import read_quantlab
+from duccio_fx.lower.twin_onnx import run_twin
+from duccio_fx.pipeline import analyze, graph_costs
+from duccio_fx.targets import load_target
+
+runner = CliRunner()
+GAP8 = load_target("gap8")
+
+
+class Net(nn.Module):
+    """A stem on the 2-channel input, two 3x3 convs, a pointwise one, pooling, a hidden linear and a head."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(2 * c, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.hidden = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw(self.conv2(self.conv1(self.stem(x))))
+        return self.fc(self.hidden(torch.flatten(self.pool(x), 1)))
+
+
+def _warm(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    return model.eval()
+
+
+def _costs(model: nn.Module, x: torch.Tensor):
+    return graph_costs(analyze(model, x[:1]), GAP8)
+
+
+# -- costs ------------------------------------------------------------------------------------------------
+
+def test_a_layers_weight_bits_set_its_bytes_and_its_kernel_cycles():
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 16, 16)
+    model = Net().eval()
+    base = _costs(model, x)
+    set_weight_bits(model, {"conv2.0": 4, "pw.0": 2})
+    mixed = _costs(model, x)
+    conv2 = 16 * 16 * 9  # weights of conv2
+    assert base.layer_size_bytes["conv2.0"] - mixed.layer_size_bytes["conv2.0"] == conv2 - conv2 * 4 / 8
+    assert base.layer_size_bytes["pw.0"] - mixed.layer_size_bytes["pw.0"] == 16 * 16 * (1 - 2 / 8)
+    assert mixed.layer_size_bytes["stem.0"] == base.layer_size_bytes["stem.0"]  # untouched layers keep theirs
+    assert mixed.size_bytes == sum(mixed.layer_size_bytes.values())
+    # pulp-nn-mixed unpacks sub-byte weights before its 8-bit dot products: slower, not faster
+    assert mixed.layer_cycles["conv2.0"] > base.layer_cycles["conv2.0"]
+    assert mixed.layer_cycles["stem.0"] == base.layer_cycles["stem.0"]
+
+
+def test_the_unpacking_slowdown_is_the_kernel_counts_at_2_4_8_bits_and_linear_between():
+    k = PulpConstants()
+    assert weight_unpacking(8, k) == 1.0
+    assert weight_unpacking(4, k) == pytest.approx(40 / 14)
+    assert weight_unpacking(2, k) == pytest.approx(39 / 14)
+    bits = torch.tensor([2.0, 3.0, 4.0, 6.0, 8.0], dtype=torch.float64, requires_grad=True)
+    got = weight_unpacking(bits, k)
+    assert torch.allclose(got, torch.tensor([39, 39.5, 40, 27, 14], dtype=torch.float64) / 14)
+    got.sum().backward()
+    assert bits.grad[1] > 0 > bits.grad[3]  # the slope of each segment
+
+
+def test_set_weight_bits_refuses_unknown_layers_and_widths():
+    model = Net()
+    with pytest.raises(DuccioError, match="not a conv/linear"):
+        set_weight_bits(model, {"pool": 4})
+    with pytest.raises(DuccioError, match="3 is not a weight bit width"):
+        set_weight_bits(model, {"conv2.0": 3})
+    set_weight_bits(model, 4)
+    assert {weight_bits_of(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))} == {4}
+
+
+# -- the precision search ----------------------------------------------------------------------------------
+
+def _space(channels: bool = True, c: int = 8):
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 16, 16)
+    return duccio_fx.make_searchable(_warm(Net(c), x), x[:2], bits=(2, 4, 8), channels=channels), x
+
+
+def test_the_search_excludes_the_head_and_bars_widths_the_input_cannot_pack_with_reasons():
+    sm, _ = _space()
+    assert sm.precision.layers == ["stem.0", "conv1.0", "conv2.0", "pw.0", "hidden.0"]
+    assert "head" in sm.bits_excluded["fc"]
+    # the stem reads the 2-channel input: 18 weights per output channel fill whole bytes at 8 and 4 bits,
+    # not at 2, and the input cannot be padded: it searches between 8 and 4
+    assert sm.precision.barred[0].tolist() == [False, False, True]
+    assert not sm.precision.barred[1:].any()
+    with torch.no_grad():
+        sm.precision.theta[0] = torch.tensor([0.0, 0.0, 9.0])
+    assert sm.weight_bits()["stem.0"] == 8  # a barred width is never chosen
+    sm3 = duccio_fx.make_searchable(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)),
+                                    torch.randn(1, 1, 8, 8), bits=(2, 4, 8))
+    assert sm3.precision is None and "model's input" in sm3.bits_excluded["0"]
+    dw = duccio_fx.make_searchable(nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
+                                                 nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(),
+                                                 nn.Linear(8 * 36, 3)), torch.randn(1, 4, 8, 8), bits=(2, 4, 8))
+    assert "depthwise" in dw.bits_excluded["2"]
+
+
+def test_an_untrained_bank_runs_the_widest_width_and_theta_gets_gradients_from_task_and_costs():
+    sm, x = _space()
+    assert set(sm.weight_bits().values()) == {8}
+    sm.train()
+    y = sm(x)
+    costs = sm.costs(GAP8)
+    (y.square().mean() + 1e-4 * costs["size_bytes"]).backward()
+    grad = sm.precision.theta.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
+def test_costs_of_the_chosen_precisions_equal_the_exported_models_and_the_export_is_exact():
+    sm, x = _space()
+    with torch.no_grad():
+        sm.precision.theta.copy_(torch.tensor([[0, 5, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0], [0, 5, 0]],
+                                              dtype=torch.float32))
+        sm.bank.alpha[:3] = -1.0  # drop three channels of the first group
+    assert sm.weight_bits() == {"stem.0": 4, "conv1.0": 4, "conv2.0": 2, "pw.0": 8, "hidden.0": 4}
+    sm.eval()
+    want = sm.cost_values(GAP8)
+    exported = sm.export()
+    assert {n: weight_bits_of(m) for n, m in exported.named_modules() if weight_bits_of(m)} == sm.weight_bits()
+    fake_quantize_weights(exported)  # what fine-tuning trains: the same function as the search model's
+    with torch.no_grad():
+        assert torch.allclose(exported(x), sm(x), atol=1e-5)
+    bake_weight_bits(exported)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in exported.modules() if hasattr(m, "weight")
+               and isinstance(m, (nn.Conv2d, nn.Linear)))
+    with torch.no_grad():
+        assert torch.allclose(exported(x), sm(x), atol=1e-5)
+    got = _costs(exported, x)
+    for key in ("size_bytes", "params", "macs", "cycles"):
+        assert got[key] == want[key], key
+    assert dict(got.layer_bytes) == dict(want.layer_bytes)
+    for name, bits in sm.weight_bits().items():  # baked weights lie on their grids
+        w = exported.get_submodule(name).weight
+        assert torch.equal(w, fake_quant_weight(w, bits))
+
+
+def test_a_precision_only_space_keeps_every_channel_and_trains_no_alpha():
+    sm, x = _space(channels=False)
+    assert [p is sm.precision.theta for p in sm.arch_parameters()] == [True]
+    assert not sm.bank.alpha.requires_grad
+    smallest = sm.minimum_costs(GAP8)
+    assert smallest.macs == sm.cost_values(GAP8).macs  # the widths change, the channels do not
+    assert smallest.layer_size_bytes["conv2.0"] == 16 * 16 * 9 * 2 / 8 + 16 * 2 * 4  # 2-bit weights + k, l
+    with pytest.raises(DuccioError, match="nothing to search"):
+        duccio_fx.make_searchable(Net(), x[:1], channels=False)
+
+
+def test_a_bits_space_pickles_and_keeps_its_choice():
+    sm, x = _space()
+    with torch.no_grad():
+        sm.precision.theta[:, 1] = 1.0
+    buffer = io.BytesIO()
+    torch.save(sm, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=False)
+    assert back.weight_bits() == sm.weight_bits()
+    assert back.cost_values(GAP8).size_bytes == sm.cost_values(GAP8).size_bytes
+
+
+def test_optimize_with_bits_meets_a_bound_channels_alone_could_not_and_reports_the_widths(tmp_path):
+    sm, x = _space()
+    bound = 0.3 * sm.cost_values(GAP8).size_bytes
+    from duccio_fx.search.constraints import Constraint
+    from duccio_fx.search.recipe import optimize
+    from duccio_fx.search.settings import SearchSettings
+    data = [(x, torch.randint(0, 5, (8,)))] * 4
+    settings = SearchSettings(warmup_epochs=1, search_epochs=4, finetune_epochs=1, method="mask",
+                              method_options={"bits": [2, 4, 8]}, bn_recalibration_batches=0, arch_lr=0.2)
+    result = optimize(_warm(Net(), x), (x[:1],), data, data, [Constraint.parse("size", f"{bound:.0f}B")],
+                      target=GAP8, settings=settings, loss_fn=nn.functional.cross_entropy)
+    assert result.met
+    bits = {n: weight_bits_of(m) for n, m in result.model.named_modules() if weight_bits_of(m)}
+    assert min(bits.values()) < 8
+    assert result.final_costs.size_bytes <= bound
+
+
+# -- lowering ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.lists(st.sampled_from([2, 4, 8]), min_size=3, max_size=3), c=st.sampled_from([3, 6, 8]),
+       seed=st.integers(0, 1000))
+def test_random_bit_assignments_lower_exactly_executor_equals_twin(bits, c, seed):
+    torch.manual_seed(seed)
+    calib = torch.rand(6, 2, 12, 12)
+    model = _warm(Net(c), calib)
+    set_weight_bits(model, dict(zip(["conv1.0", "conv2.0", "pw.0"], bits)))
+    bake_weight_bits(model)
+    bundle = lower_to_dory(model, calib, "gap8")
+    net = bundle.net
+    convs = [layer for layer in net.layers if isinstance(layer, Conv)]
+    assert [layer.weight_bits for layer in convs] == [8, *bits]  # the stem was not set
+    for layer in convs:  # the integers fit their widths
+        qmax = (1 << (layer.weight_bits - 1)) - 1
+        assert np.abs(layer.weight).max() <= qmax
+        # every output channel's weights fill whole bytes (channels padded where they did not)
+        assert (layer.weight[0].size * layer.weight_bits) % 8 == 0 or layer.input == -1
+    x = quantize_input(net, calib)
+    for i, (ours, theirs) in enumerate(zip(run(net, x), run_twin(bundle.files["network_twin.onnx"], x.numpy()))):
+        assert np.array_equal(ours.numpy(), theirs), f"layer {i}"
+    back = read_quantlab(bundle.files["network.onnx"])
+    assert [getattr(L, "weight_bits", None) for L in back.layers] == [getattr(L, "weight_bits", None)
+                                                                     for L in net.layers]
+    with torch.no_grad():
+        want = model(calib)
+    got = run(net, x)[-1].double() * net.scales[-1]
+    assert float((got - want).abs().max()) <= 0.25 * float(want.abs().max()) + 1e-3
+
+
+def test_channels_are_padded_so_sub_byte_weights_pack_and_the_outputs_do_not_change():
+    torch.manual_seed(3)
+    calib = torch.rand(4, 2, 12, 12)
+    model = _warm(Net(c=3), calib)  # conv1 reads 3 channels: 27 weights per output channel
+    set_weight_bits(model, {"conv1.0": 2})
+    bake_weight_bits(model)
+    bundle = lower_to_dory(model, calib, "gap8")
+    conv1 = [layer for layer in bundle.net.layers if isinstance(layer, Conv)][1]
+    assert conv1.weight.shape[1] == 4 and not conv1.weight[:, 3].any()  # a zero input channel
+    assert bundle.report["padded_channels"] == {"0": [3, 4]}
+    with torch.no_grad():  # the same logits as the float model, up to quantization
+        want = model(calib)
+    got = run(bundle.net, quantize_input(bundle.net, calib))[-1].double() * bundle.net.scales[-1]
+    assert float((got - want).abs().max()) <= 0.25 * float(want.abs().max()) + 1e-3
+
+
+def test_sub_byte_weights_on_the_network_input_are_refused_naming_the_layer():
+    model = _warm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)),
+                  torch.rand(4, 1, 8, 8))
+    set_weight_bits(model, {"0": 2})
+    with pytest.raises(DuccioError) as info:
+        lower_to_dory(model, torch.rand(4, 1, 8, 8), "gap8")
+    assert "2-bit weights" in info.value.what and "input cannot be padded" in info.value.what
+    assert "8 bits" in info.value.fix
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "2,3"], "3 is not a weight bit width"),
+    (["--bits", "2,x"], "not a list of whole numbers"),
+    (["--bits-only"], "--bits-only needs --bits"),
+    (["--bits", "4,8", "--method", "path"], "--bits belongs to the mask method"),
+])
+def test_cli_refuses_bad_bits_options(args, message, tmp_path):
+    model = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"
+    result = runner.invoke(app, ["optimize", str(model), "--target", "gap8", "--max-size", "50%",
+                                 "--out", str(tmp_path / "run"), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+# -- the real DORY --------------------------------------------------------------------------------------------
+
+DORY_CHECK = os.environ.get("DORY_CHECK")
+
+
+@pytest.mark.skipif(not (DORY_CHECK and os.environ.get("DORY_VENV")),
+                    reason="set DORY_CHECK (path of check_dory.py) and DORY_VENV to run the real DORY")
+def test_real_dory_accepts_mixed_weights_and_counts_their_bytes_as_we_do(tmp_path):
+    from dory_probes import run_checker
+    torch.manual_seed(0)
+    calib = torch.rand(4, 2, 12, 12)
+    model = _warm(Net(c=6), calib)
+    set_weight_bits(model, {"conv1.0": 4, "conv2.0": 2, "pw.0": 4, "hidden.0": 2})
+    bake_weight_bits(model)
+    bundle = lower_to_dory(model, calib, "gap8")
+    bundle.save(tmp_path / "mixed")
+    rc, result, log = run_checker(str(DORY_CHECK), tmp_path / "mixed", tmp_path / "mixed.json")
+    assert rc == 0 and result["accepted"] is True, log
+    weighted = [L for L in result["layers"] if L["bits"]["weight"] is not None]
+    ours = [L for L in bundle.net.layers if isinstance(L, (Conv, Linear))]
+    assert [L["bits"]["weight"] for L in weighted] == [L.weight_bits for L in ours]
+    for theirs, layer in zip(weighted, ours):
+        assert theirs["memory_bytes"]["weights"] == layer.weight.size * layer.weight_bits // 8
