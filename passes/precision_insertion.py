@@ -5,8 +5,8 @@ quantised layer its row of g (`MaskedConv2d(x, in_mask, precision=g_row)`: the l
 twin if mask-insertion has not made it one). A module called twice shares one row. Layers left at the
 target's width, with the reason: the head (its int32 output is not requantized, so its weights take one
 scale for the whole layer; DORY's int32 linear kernels are 8-bit), grouped convs (frozen), opaque ops and
-modules other than Conv1d/Conv2d/Linear, and depthwise convs (DORY packs sub-byte depthwise weights in a layout
-pulp-nn-mixed's 2-bit kernel does not read; 4 bits is unverified).
+modules other than Conv1d/Conv2d/Linear, and, for depthwise convs, 2 bits (DORY packs 2-bit depthwise weights in
+channel pairs, pulp-nn-mixed's kernel reads them in fours: they take 8 or 4 bits).
 
 pulp-nn-mixed reads each output channel's weights from a whole byte and DORY adds no padding, so a layer's
 input channels x kernel must be a multiple of 8/bits. The lowering pads channels it computes; the model's
@@ -51,14 +51,16 @@ class PrecisionInsertion(Pass):
                 continue
             target = str(node.target) if node.op == "call_module" else node.name
             reason = self._reason(gm, node, term.kind, term.requant)
-            ok = tuple(True for _ in self.widths)
+            ok = tuple(b >= 4 or term.kind != "depthwise" for b in self.widths)
             if not reason and any(group in from_input for group, *_ in term.in_spec):
                 per_channel = width(term.in_spec) * term.kernel // max(term.groups, 1)
-                ok = tuple(per_channel % (8 // b) == 0 for b in self.widths)
+                ok = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(self.widths, ok))
                 if sum(ok) < 2:
                     reason = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
                               f"bytes only at {', '.join(str(b) for b, y in zip(self.widths, ok) if y) or 'no'} "
                               "of the widths, and the input's channels cannot be padded")
+            if not reason and sum(ok) < 2:
+                reason = "depthwise: its kernels take 8 or 4 bits, and 4 is not among the widths"
             if reason:
                 self.excluded.setdefault(target, reason)
                 continue
@@ -96,9 +98,6 @@ class PrecisionInsertion(Pass):
             return f"a {type(module).__name__}: the mixed-precision kernels run Conv1d/Conv2d/Linear"
         if kind == "grouped":
             return "a grouped conv (frozen)"
-        if kind == "depthwise":
-            return ("depthwise: DORY packs sub-byte depthwise weights in a layout pulp-nn-mixed's kernels do not "
-                    "all read (2 bits), so it stays at the target's width")
         if not requant:
             return "the head: its int32 output is not requantized, so it stays at the target's width"
         return ""

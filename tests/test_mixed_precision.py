@@ -129,7 +129,12 @@ def test_the_search_excludes_the_head_and_bars_widths_the_input_cannot_pack_with
     dw = duccio_fx.make_searchable(nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
                                                  nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(),
                                                  nn.Linear(8 * 36, 3)), torch.randn(1, 4, 8, 8), bits=(2, 4, 8))
-    assert "depthwise" in dw.bits_excluded["2"]
+    assert dw.precision.layers == ["0", "2", "4"]  # depthwise: between 8 and 4 bits
+    assert dw.precision.barred.tolist() == [[False, False, False], [False, False, True], [False, False, False]]
+    only2 = duccio_fx.make_searchable(nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
+                                                    nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3)),
+                                      torch.randn(1, 4, 8, 8), bits=(2, 8))
+    assert "depthwise" in only2.bits_excluded["2"]
 
 
 def test_an_untrained_bank_runs_the_widest_width_and_theta_gets_gradients_from_task_and_costs():
@@ -271,6 +276,35 @@ def test_sub_byte_weights_on_the_network_input_are_refused_naming_the_layer():
     assert "8 bits" in info.value.fix
 
 
+class _DwNet(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pw1 = nn.Sequential(nn.Conv2d(4, c, 1), nn.BatchNorm2d(c), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU())
+        self.pw2 = nn.Sequential(nn.Conv2d(c, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.pw2(self.dw(self.pw1(x))), 1), 1))
+
+
+def test_4_bit_depthwise_weights_lower_with_an_even_channel_count_and_2_bit_ones_are_refused():
+    torch.manual_seed(5)
+    calib = torch.rand(4, 4, 10, 10)
+    model = _warm(_DwNet(5), calib)
+    set_weight_bits(model, {"dw.0": 4})
+    bake_weight_bits(model)
+    bundle = lower_to_dory(model, calib, "gap8")
+    dw = [layer for layer in bundle.net.layers if isinstance(layer, Conv) and layer.groups > 1][0]
+    assert dw.weight_bits == 4 and dw.weight.shape[0] == 6  # 5 channels padded to 6: two 4-bit filters a byte
+    x = quantize_input(bundle.net, calib)
+    for ours, theirs in zip(run(bundle.net, x), run_twin(bundle.files["network_twin.onnx"], x.numpy())):
+        assert np.array_equal(ours.numpy(), theirs)
+    set_weight_bits(model, {"dw.0": 2})
+    with pytest.raises(DuccioError, match="2-bit depthwise weights"):
+        lower_to_dory(model, calib, "gap8")
+
+
 # -- command line ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -286,6 +320,14 @@ def test_cli_refuses_bad_bits_options(args, message, tmp_path):
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()
+
+
+def test_sweep_refuses_bits_with_the_path_method_before_running(tmp_path):
+    model = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"
+    result = runner.invoke(app, ["sweep", str(model), "--method", "mask,path", "--bits", "4,8",
+                                 "--out", str(tmp_path / "sweep")], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "--bits belongs to the mask method" in " ".join(result.output.split())
+    assert not (tmp_path / "sweep").exists()
 
 
 # -- the real DORY --------------------------------------------------------------------------------------------
@@ -311,3 +353,18 @@ def test_real_dory_accepts_mixed_weights_and_counts_their_bytes_as_we_do(tmp_pat
     assert [L["bits"]["weight"] for L in weighted] == [L.weight_bits for L in ours]
     for theirs, layer in zip(weighted, ours):
         assert theirs["memory_bytes"]["weights"] == layer.weight.size * layer.weight_bits // 8
+
+
+@pytest.mark.skipif(not (DORY_CHECK and os.environ.get("DORY_VENV")),
+                    reason="set DORY_CHECK (path of check_dory.py) and DORY_VENV to run the real DORY")
+def test_real_dory_accepts_a_padded_4_bit_depthwise_layer(tmp_path):
+    from dory_probes import run_checker
+    torch.manual_seed(5)
+    calib = torch.rand(4, 4, 10, 10)
+    model = _warm(_DwNet(5), calib)
+    set_weight_bits(model, {"dw.0": 4, "pw2.0": 2})
+    bake_weight_bits(model)
+    lower_to_dory(model, calib, "gap8").save(tmp_path / "dw")
+    rc, result, log = run_checker(str(DORY_CHECK), tmp_path / "dw", tmp_path / "dw.json")
+    assert rc == 0 and result["accepted"] is True, log
+    assert [L["bits"]["weight"] for L in result["layers"] if L["bits"]["weight"] is not None] == [8, 4, 2, 8]

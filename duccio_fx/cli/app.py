@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from duccio_fx import zoo as z
-from duccio_fx.cli.inspect_view import inspect_report, render_inspect, render_widths
+from duccio_fx.cli.inspect_view import inspect_report, render_inspect, render_precisions, render_widths
 from duccio_fx.cli.lower_cmd import run_lower
 from duccio_fx.cli.model_file import load_model_file
 from duccio_fx.cli.optimize_cmd import run_optimize
@@ -84,6 +84,8 @@ def inspect(
                                                      "optimize"),
     channel_multiple: int = typer.Option(1, "--channel-multiple", help="mask method: show how blocks of N "
                                          "channels cut every group, and which groups cannot keep a multiple of N"),
+    bits: Optional[str] = typer.Option(None, "--bits", help="mask method: the weight widths each layer may take "
+                                       "with optimize --bits (e.g. 2,4,8), and why a layer keeps the target's"),
 ) -> None:
     """Show every layer of MODEL with its shapes and costs, and its channel groups with frozen reasons."""
     timer = TimePasses()
@@ -104,6 +106,7 @@ def inspect(
             raise DuccioError("--alternatives belongs to the path method", where="--alternatives",
                               fix="add --method path")
         mask_options = _mask_options(method, channel_multiple)
+        mask_options.update(_bits_options(method, bits, False, 5.0, 0.8))
         if method == "path":
             space = make_searchable(spec.model, spec.example_inputs, "path", leaf_modules=spec.leaf_modules,
                                     context=PassContext(instruments[1:]), alternatives=alternatives)
@@ -113,6 +116,10 @@ def inspect(
                                     **mask_options)
             report["channel_multiple"] = channel_multiple
             report["widths"] = space.width_report()  # type: ignore[attr-defined]
+            if bits is not None:
+                report["weight_bits"] = space.precision_report()  # type: ignore[attr-defined]
+                if hw is not None:
+                    report["target"]["smallest_size_bytes"] = space.minimum_costs(hw).size_bytes
     except DuccioError as err:
         raise _fail(err) from None
     if as_json:
@@ -124,8 +131,14 @@ def inspect(
             render_target_report(report["target"], console)
         if "path" in report:
             render_path_report(report["path"], console)
-        if "widths" in report:
+        if "widths" in report and report["channel_multiple"] > 1:
             render_widths(report["widths"], report["channel_multiple"], console)
+        if "weight_bits" in report:
+            render_precisions(report["weight_bits"], console, chosen=False)
+            if hw is not None:
+                console.print(f"smallest size with --bits {bits}: {report['target']['smallest_size_bytes']:,.0f} B "
+                              f"(every searched layer at its narrowest width, one channel per group)",
+                              highlight=False)
 
 
 def _ir_instruments(print_between_passes: bool, dump_ir: Path | None, stream: Any) -> list[Instrument]:
@@ -391,6 +404,9 @@ def sweep(
                                       "the cluster this machine belongs to) or a cluster ADDRESS"),
     channel_multiple: int = typer.Option(1, "--channel-multiple", help="--method mask: every point keeps a "
                                          "multiple of N channels per group (see optimize)"),
+    bits: Optional[str] = typer.Option(None, "--bits", help="--method mask: every point also searches its "
+                                       "layers' weight widths among these, e.g. 2,4,8 (see optimize)"),
+    bits_only: bool = typer.Option(False, "--bits-only", help="with --bits: the widths alone, every channel kept"),
 ) -> None:
     """Run a grid of searches (methods x seeds x size x ops targets), sharing one warmup per method and
     seed; skip finished points when run again; write sweep.json, sweep.csv and pareto.png.
@@ -405,6 +421,7 @@ def sweep(
                                   fix=f"use one of: {', '.join(search_methods())}")
         for m in method.split(","):
             _mask_options(m.strip(), channel_multiple)
+            _bits_options(m.strip(), bits, bits_only, 5.0, 0.8)
         _epochs(epochs)
         resolve_device(device)
         load_target(target)
@@ -416,10 +433,14 @@ def sweep(
         executor = ray_executor(ray) if ray else None
         # (another N gets its own default directory: a finished point of one N is no point of another)
         out = out or Path("runs") / (f"sweep-{Path(model.removeprefix('zoo:')).stem}"
-                                     + (f"-cm{channel_multiple}" if channel_multiple > 1 else ""))
+                                     + (f"-cm{channel_multiple}" if channel_multiple > 1 else "")
+                                     + (f"-bits{bits.replace(',', '')}" if bits else "")
+                                     + ("-only" if bits_only else ""))
         extra = ["--layerwise", str(layerwise)] if layerwise is not None else []
         if channel_multiple > 1:
             extra += ["--channel-multiple", str(channel_multiple)]
+        if bits:
+            extra += ["--bits", bits] + (["--bits-only"] if bits_only else [])
         spec = SweepSpec(model=model, out=out, target=target, epochs=epochs, ops_of=ops_of, workers=workers,
                          device=device, extra=extra)
         console = Console()

@@ -143,16 +143,20 @@ def render_widths(widths: list[dict[str, Any]], multiple: int, console: Console,
     console.print(table)
 
 
-def render_precisions(rows: list[dict[str, Any]], console: Console) -> None:
-    """Every quantisable layer's weight width (--bits): the chosen one and how sure the search is of it."""
+def render_precisions(rows: list[dict[str, Any]], console: Console, chosen: bool = True) -> None:
+    """Every quantisable layer's weight widths (--bits); `chosen`: also the one the search chose and how sure
+    it is of it (its probability, then the others')."""
     table = Table(title="weight precision (--bits)")
-    for col in ("layer", "bits", "probability", "note"):
+    for col in ("layer", "widths", *(["bits", "probability", "others"] if chosen else []), "note"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        if r["bits"] is None:
-            table.add_row(r["layer"], "[dim]target's[/]", "", escape(r["note"]))
-            continue
-        p = r["probabilities"]
-        table.add_row(r["layer"], str(r["bits"]), f"{p[str(r['bits'])]:.2f}",
-                      ", ".join(f"{b}-bit {v:.2f}" for b, v in p.items() if b != str(r["bits"])))
+        widths = ",".join(map(str, r["widths"])) if r["widths"] else "[dim]target's[/]"
+        if not chosen:
+            table.add_row(r["layer"], widths, escape(r["note"]))
+        elif r["bits"] is None:
+            table.add_row(r["layer"], widths, "", "", "", escape(r["note"]))
+        else:
+            p = r["probabilities"]
+            others = ", ".join(f"{b}-bit {v:.2f}" for b, v in p.items() if b != str(r["bits"]))
+            table.add_row(r["layer"], widths, str(r["bits"]), f"{p[str(r['bits'])]:.2f}", others, escape(r["note"]))
     console.print(table)

@@ -57,6 +57,10 @@ def _requirements(net: IntNet, shapes: list[tuple[int, ...]], parent: dict[int, 
         if bits >= 8:
             continue
         why = f"{bits}-bit weights of '{layer.name}'"
+        if isinstance(layer, Conv) and layer.groups > 1 and bits < 4:
+            raise DuccioError(f"2-bit depthwise weights ('{layer.name}'): DORY packs them in channel pairs and "
+                              "pulp-nn-mixed's kernel reads them in fours, so the board would compute wrong values",
+                              where=f"layer '{layer.name}'", fix="give depthwise convs 4 or 8 bits")
         if isinstance(layer, Conv) and layer.groups > 1:
             need.setdefault(_find(parent, i), []).append((1, 8 // bits, why))
         elif isinstance(layer, Conv):

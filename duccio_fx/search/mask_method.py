@@ -103,9 +103,15 @@ class SearchableModel(SearchSpace):
         if bank is None:
             return []
         probs = torch.softmax(bank.logits().detach().double(), 1).cpu().tolist()
-        rows = [{"layer": name, "bits": bits, "probabilities": dict(zip(map(str, bank.widths), p)), "note": ""}
-                for (name, bits), p in zip(bank.choice().items(), probs)]
-        rows += [{"layer": name, "bits": None, "probabilities": {}, "note": f"not searched: {why}"}
+        barred = bank.barred.cpu().tolist()
+        rows = []
+        for (name, bits), p, off in zip(bank.choice().items(), probs, barred):
+            widths = [b for b, no in zip(bank.widths, off) if not no]
+            note = "" if len(widths) == len(bank.widths) else \
+                "reads the model's input: only the widths whose weights pack into whole bytes per output channel"
+            rows.append({"layer": name, "bits": bits, "widths": widths, "note": note,
+                         "probabilities": {str(b): q for b, q, no in zip(bank.widths, p, off) if not no}})
+        rows += [{"layer": name, "bits": None, "widths": [], "probabilities": {}, "note": f"not searched: {why}"}
                  for name, why in self.bits_excluded.items()]
         return rows
 
