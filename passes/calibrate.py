@@ -12,6 +12,11 @@ scale is at least each input's (DORY's add kernel clips each input, moved to the
 pooling keeps its input's type and scale (it has no requantization); average pooling keeps its input's type.
 The last linear layer, when it is the model's output without an activation, is the int32 head and gets no
 type here. The result is a `QuantSpec` (real value = scale × integer) on each layer's output node.
+
+Mixed precision: a conv/linear layer whose module sets an output width (`duccio_act_bits`, e.g. 4) gets that
+many bits instead of 8, and one with a learned clipping range (`duccio_act_clip`, PACT's α from the search)
+takes it as its range instead of the percentile. Adds and average pools output 8 bits; a max pool keeps its
+input's width.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.meta import QuantSpec, dory_part, set_quant_spec
 from duccio_fx.ir.pass_manager import Pass
+from duccio_fx.ir.precision import act_bits_of, act_clip_of
 from duccio_fx.passes.dory_layers import producing_layer
 
 SAMPLES_PER_BATCH = 1 << 16  # values kept per tensor and batch for the percentile (a fixed random subset)
@@ -106,7 +112,10 @@ class Calibrate(Pass):
             else:
                 unsigned = (part.clamp is not None and part.clamp[0] >= 0) or (
                     part.kind == "add" and part.clamp is None and not any(s.signed for s in inputs))
-                spec = self._spec(values, signed=not unsigned, clamp=part.clamp)
+                module = gm.get_submodule(str(main.target)) if main.op == "call_module" else None
+                bits = (act_bits_of(module) if module is not None else None) or self.bits
+                clip = act_clip_of(module) if module is not None else None
+                spec = self._spec(values, signed=not unsigned, clamp=part.clamp, bits=bits, top=clip)
                 if part.kind == "add":  # each branch is clipped to its input's 8-bit range at the output scale
                     spec = QuantSpec(max([spec.scale] + [s.scale for s in inputs]), spec.bits, spec.signed)
             specs[part.layer] = spec
@@ -119,12 +128,16 @@ class Calibrate(Pass):
             raise DuccioError(f"no quantized producer for '{value.name}'", where="pass 'calibrate'")
         return input_spec if layer < 0 else specs[layer]
 
-    def _spec(self, values: torch.Tensor, *, signed: bool, clamp: tuple[float, float] | None) -> QuantSpec:
-        q = min(max(self.percentile / 100.0, 0.0), 1.0)
-        magnitude = values.abs() if signed else values.clamp(min=0)
-        top = float(torch.quantile(magnitude, q)) if magnitude.numel() else 0.0
+    def _spec(self, values: torch.Tensor, *, signed: bool, clamp: tuple[float, float] | None,
+              bits: int | None = None, top: float | None = None) -> QuantSpec:
+        """`bits` wide (the pass's by default) over `top` (a learned range), else over the percentile."""
+        bits = bits or self.bits
+        if top is None:
+            q = min(max(self.percentile / 100.0, 0.0), 1.0)
+            magnitude = values.abs() if signed else values.clamp(min=0)
+            top = float(torch.quantile(magnitude, q)) if magnitude.numel() else 0.0
         if clamp is not None:
             top = min(top, max(abs(clamp[0]), abs(clamp[1])) if signed else clamp[1])
         top = max(top, 1e-8)
-        levels = (1 << (self.bits - 1)) - 1 if signed else (1 << self.bits) - 1
-        return QuantSpec(scale=top / levels, bits=self.bits, signed=signed)
+        levels = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        return QuantSpec(scale=top / levels, bits=bits, signed=signed)

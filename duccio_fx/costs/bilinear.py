@@ -60,18 +60,19 @@ class BilinearCosts:
         self.coefficients = torch.stack(coefficients, 2) if coefficients else table.zeros.new_zeros(layers, 3, 0)
         self.constants = torch.stack(constants, 1) if constants else table.zeros.new_zeros(layers, 0)
 
-    def values(self, cin: torch.Tensor, cout: torch.Tensor, weight_bits: torch.Tensor | None = None) -> LayerValues:
+    def values(self, cin: torch.Tensor, cout: torch.Tensor, weight_bits: torch.Tensor | None = None,
+               in_bits: torch.Tensor | None = None, out_bits: torch.Tensor | None = None) -> LayerValues:
         """The layers' values for these kept channels, every bilinear quantity computed in one product.
-        `weight_bits`: each layer's weight precision as a search samples it; the bytes then follow from the
-        formulas (the coefficients hold the layers' own precisions)."""
+        `weight_bits`, `in_bits`, `out_bits`: each layer's precisions as a search samples them; the bytes then
+        follow from the formulas (the coefficients hold the layers' own precisions)."""
         features = torch.stack([cin * cout, cin, cout], 1).unsqueeze(1)  # [layers, 1, 3]
         columns = torch.baddbmm(self.constants.unsqueeze(1), features, self.coefficients).squeeze(1).unbind(1)
         memo = dict(zip(self.keys, columns))
-        if weight_bits is not None:
+        if any(b is not None for b in (weight_bits, in_bits, out_bits)):
             memo = {k: c for k, c in memo.items() if isinstance(k, str)}  # the target's bytes depend on the bits
         weights = memo.pop("weights") if "weights" in memo else None
         macs = memo.pop("macs") if "macs" in memo else None
         if weights is None or macs is None:  # (not bilinear: a layer kind this fit does not cover)
             fallback = values_of(self.table, cin, cout)
             weights, macs = fallback.weights, fallback.macs
-        return LayerValues(self.table, cin, cout, weights, macs, memo, weight_bits)
+        return LayerValues(self.table, cin, cout, weights, macs, memo, weight_bits, in_bits, out_bits)

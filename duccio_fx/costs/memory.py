@@ -2,7 +2,7 @@
 
 Memory per layer follows DORY's accounting (Layer_node / tiler_conv2d of pulp-platform/dory), so that
 "fits L2" means the same thing to both tools:
-  input activations + output activations (activation bits)
+  input activations + output activations (at their widths: the target's, or the layers' own)
   + weights (at the layer's weight bits, packed: pulp-nn-mixed packs 2/4-bit weights 4/2 to a byte;
     grouped/depthwise weights and biases times the target's `grouped_factor`)
   + requantization constants k and l per output channel (`requant` bits each) for layers that requantize
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from duccio_fx.costs.terms import LayerValues, Number, by_kind, select, stores, value, weight_bits
+from duccio_fx.costs.terms import LayerValues, Number, by_kind, in_bits, out_bits, select, stores, value, weight_bits
 from duccio_fx.targets import MemoryLevel, Target
 
 
@@ -58,9 +58,11 @@ def _parameter_bytes(v: LayerValues, target: Target, accounting: bool) -> Number
 
 
 def layer_activation_bytes(v: LayerValues, target: Target) -> Number:
+    """Input + output activations at their widths (packed; a head writes 32-bit accumulators)."""
     bits = target.bits
-    out_bits = select(v.term.requant, bits.activations, bits.bias)  # a head writes 32-bit accumulators
-    return _bytes(v.cin * v.term.in_positions, bits.activations) + _bytes(v.cout * v.term.output_positions, out_bits)
+    written = select(v.term.requant, out_bits(v, bits.activations), bits.bias)
+    return (v.cin * v.term.in_positions * (in_bits(v, bits.activations) / 8.0)
+            + v.cout * v.term.output_positions * (written / 8.0))
 
 
 def layer_bytes(v: LayerValues, target: Target, level: MemoryLevel | None = None) -> Number:

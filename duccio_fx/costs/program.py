@@ -85,19 +85,22 @@ class CostProgram:
         return counts[:layers], counts[layers:]
 
     def values(self, masks: torch.Tensor | None = None, target: Target | None = None,
-               weight_bits: torch.Tensor | None = None) -> LayerValues:
+               weight_bits: torch.Tensor | None = None, in_bits: torch.Tensor | None = None,
+               out_bits: torch.Tensor | None = None) -> LayerValues:
         """Every layer's values as columns, with the bilinear costs for `target` computed in one product;
-        `weight_bits`: every layer's weight precision as a search samples it (None: the layers' own)."""
+        `weight_bits`, `in_bits`, `out_bits`: every layer's precisions as a search samples them (None: the
+        layers' own)."""
         program = self if masks is None else self.on(masks.device)
         key = target.name if target is not None else None
         if key not in program._fits:
             program._fits[key] = BilinearCosts(program.table, target)
-        return program._fits[key].values(*self.counts(masks), weight_bits)
+        return program._fits[key].values(*self.counts(masks), weight_bits, in_bits, out_bits)
 
     def costs(self, masks: torch.Tensor | None = None, target: Target | None = None,
-              weight_bits: torch.Tensor | None = None) -> Costs:
-        """The costs of the architecture `masks` (and `weight_bits`) select, differentiable w.r.t. both."""
-        return build_costs(self.values(masks, target, weight_bits), target)
+              weight_bits: torch.Tensor | None = None, in_bits: torch.Tensor | None = None,
+              out_bits: torch.Tensor | None = None) -> Costs:
+        """The costs of the architecture `masks` (and the precisions) select, differentiable w.r.t. all."""
+        return build_costs(self.values(masks, target, weight_bits, in_bits, out_bits), target)
 
 
 def plain_costs(terms: Sequence[LayerTerm], target: Target | None = None) -> Costs:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from duccio_fx.common.errors import DuccioError
-from duccio_fx.costs.terms import LayerValues, Number, TermTable, weight_bits
+from duccio_fx.costs.terms import LayerValues, Number, TermTable, in_bits, out_bits, weight_bits
 from duccio_fx.ir.meta import LayerTerm
 from duccio_fx.targets import Target
 
@@ -54,6 +54,8 @@ class PulpConstants:
     matmul_per_4k_i4: float = 40.0    # code (C source, pulp-nn-mixed matmul_u8_u8_i4): 4-bit weights unpacked to
     #                                   8 bits (extract + pack per 4) before the sdotp: 36-44, the midpoint
     matmul_per_4k_i2: float = 39.0    # code (matmul_u8_u4_i2): 2-bit weights, 35-43: no faster than 4-bit
+    im2col_per_4_subbyte: float = 7.5  # code (pulp_nn_im2col_u4_to_u8): sub-byte inputs unpacked to bytes,
+    #                                    1 lw + 8 extract + 4 pack + 2 sw per 8 elements; 1x1 convs too
     matmul_per_k_left: float = 14.0   # code: per leftover input (K % 4) of a 4x2 block: 6 lb + 8 mac
     chan_left_per_4k: float = 5.0     # code: leftover output channel, 1x2 block per 4 inputs: 3 lw + 2 sdotp
     block_overhead: float = 14.0      # code: per 4x2 block: 4 bias loads, 8 stores, loop setup (assumed ~2)
@@ -173,12 +175,14 @@ class TileGrid:
 
 
 def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Target,
-                 wbits: Number = 8.0) -> Tiles:
+                 wbits: Number = 8.0, ibits: Number = 8.0, obits: Number = 8.0) -> Tiles:
     """DORY's L2->L1 tiler (Common/Tiler/tiler_conv2d.py): the whole layer when it fits L1, else the best
     tile on its objective among a grid of rows x columns per tile, each with the most output channels that
-    fit (all layers at once, no gradient). `wbits`: the layers' weight precision (packed sub-byte weights)."""
+    fit (all layers at once, no gradient). `wbits`, `ibits`, `obits`: the layers' weight, input and output
+    precisions (sub-byte tensors are packed)."""
     cin, cout = cin.detach(), cout.detach()
-    wbytes = wbits.detach() / 8.0 if isinstance(wbits, torch.Tensor) else wbits / 8.0
+    per_byte = lambda b: b.detach() / 8.0 if isinstance(b, torch.Tensor) else b / 8.0  # noqa: E731
+    wbytes, ib, ob = per_byte(wbits), _column(per_byte(ibits), t), _column(per_byte(obits), t)
     grid = TileGrid.of(t)
     dw, lin = _kinds(t)
     (ho, wo), (hi, wi) = t.out_hw, t.input_hw
@@ -194,13 +198,13 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     pointwise = ((kh * kw == 1) & (sh == 1)).to(torch.float64)  # the pointwise kernel reads pixels in place
     im2col = (1.0 - dw) * (1.0 - lin) * (1.0 - pointwise) * 2.0 * cores * kh * kw * cin_g + dw * cores * (kh * hi + kh)
     weights_per_cout = ((1.0 - dw) * cin_g * kh * kw + dw * kh * kw) * wbytes
-    whole = (cin * hi * wi + cout * ho * wo + (weights_per_cout + requant_bytes) * cout + bias_bytes
+    whole = (cin * hi * wi * ib + cout * ho * wo * ob + (weights_per_cout + requant_bytes) * cout + bias_bytes
              + im2col) <= budget
     col = lambda x: x[:, None, None, None]  # noqa: E731
     # L1 bytes are linear in a tile's output channels: per rows x columns, the most channels that fit, and
     # the most that are a multiple of 4
-    per_channel = db * (col(dw) * grid.inputs + grid.pixels + col(weights_per_cout + requant_bytes))
-    fixed = db * col((1.0 - dw) * cin) * grid.inputs + col(im2col + bias_bytes + spare)
+    per_channel = db * (col(dw * ib) * grid.inputs + grid.pixels * col(ob) + col(weights_per_cout + requant_bytes))
+    fixed = db * col((1.0 - dw) * cin * ib) * grid.inputs + col(im2col + bias_bytes + spare)
     most = torch.clamp(torch.floor((budget - fixed) / per_channel), min=0.0)
     C = torch.minimum(col(cout), torch.cat([most, torch.where(most >= 4.0, 4.0 * torch.floor(most / 4.0), most)], 1))
     C = torch.clamp(C, min=1.0)                                                     # [L, 2, R, W]
@@ -221,8 +225,9 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     R = grid.rows                                                                    # [L, R]
     rows_in = torch.minimum(hi[:, None], (R - 1.0) * sh[:, None] + kh[:, None])
     c_full = torch.clamp(cout, min=1.0)[:, None]
-    per_col = db * (cin[:, None] * rows_in * t.stride[1][:, None] + c_full * R)
-    fixed_cols = db * (cin[:, None] * rows_in * (kw - t.stride[1])[:, None]
+    ib_, ob_ = ib[:, None], ob[:, None]
+    per_col = db * (cin[:, None] * ib_ * rows_in * t.stride[1][:, None] + c_full * ob_ * R)
+    fixed_cols = db * (cin[:, None] * ib_ * rows_in * (kw - t.stride[1])[:, None]
                        + c_full * (weights_per_cout + requant_bytes)[:, None]) + (im2col + bias_bytes + spare)[:, None]
     fit = torch.floor((budget - fixed_cols) / per_col)
     partial = torch.floor((wi - 1.0 - kw) / t.stride[1]) + 1.0  # the most columns a partial tile may have
@@ -230,7 +235,7 @@ def choose_tiles(t: TermTable, cin: torch.Tensor, cout: torch.Tensor, target: Ta
     W = torch.clamp(torch.minimum(wo[:, None], torch.where(fit >= 2.0, 2.0 * torch.floor(fit / 2.0), fit)), min=1.0)
     row_ok = (R >= ho[:, None]) | ((R - 1.0) * sh[:, None] + kh[:, None] < hi[:, None])
     cols_in = torch.minimum(wi[:, None], (W - 1.0) * t.stride[1][:, None] + kw[:, None])
-    used_cols = db * (cin[:, None] * rows_in * cols_in + c_full * R * W
+    used_cols = db * (cin[:, None] * ib_ * rows_in * cols_in + c_full * ob_ * R * W
                       + c_full * (weights_per_cout + requant_bytes)[:, None]) + (im2col + bias_bytes + spare)[:, None]
     ho_, wo_ = ho[:, None], wo[:, None]
     score_cols = (2e6 * mod(R - 1.0, 8.0) + 3e6 * mod(W - 1.0, 2.0) + 1e6 * mod(c_full - 1.0, 4.0)
@@ -269,10 +274,12 @@ def weight_unpacking(wbits: Number, k: PulpConstants) -> Number:
 
 
 def kernel_cycles(t: TermTable, cin: Number, cout_tile: Number, rows: torch.Tensor, cols: torch.Tensor,
-                  k: PulpConstants, requant_bits: int = 32, wbits: Number = 8.0) -> Number:
+                  k: PulpConstants, requant_bits: int = 32, wbits: Number = 8.0, ibits: Number = 8.0) -> Number:
     """Cycles of one PULP-NN kernel call on a tile of `cout_tile` output channels x `rows` x `cols` pixels
     (every input channel), for every layer kind (columns). Sub-byte weights (`wbits`) slow the conv and
-    linear inner loops by `weight_unpacking`; depthwise kernels unpack them once per channel (negligible)."""
+    linear inner loops by `weight_unpacking`; depthwise kernels unpack them once per channel (negligible).
+    Sub-byte inputs (`ibits`) are unpacked by the im2col copy, which 1x1 convs then need too (linear in the
+    bits between 4 and 8: exact at both)."""
     dw, lin = _kinds(t)
     kh, kw = t.kernel_hw
     cores = k.cores
@@ -283,13 +290,15 @@ def kernel_cycles(t: TermTable, cin: Number, cout_tile: Number, rows: torch.Tens
     k_left = kk - 4.0 * k4
     c4 = floor_ste(cout_tile / 4.0)
     c_left = cout_tile - 4.0 * c4
-    pointwise = ((kh * kw == 1) & (t.stride[0] == 1)).to(torch.float64)
+    packed = torch.clamp((8.0 - _column(ibits, t)) / 4.0, 0.0, 1.0)       # 0 at 8 bits, 1 at 4 and 2
+    pointwise = ((kh * kw == 1) & (t.stride[0] == 1)).to(torch.float64) * (1.0 - packed)
+    per_4 = k.im2col_per_4 + (k.im2col_per_4_subbyte - k.im2col_per_4) * packed
     rows_ho = torch.ceil(rows / cores) * cols                               # conv_Ho_parallel: rows over cores
     rows_howo = torch.where(torch.remainder(rows, cores) == 0, rows / cores * cols,
                             torch.ceil(rows / (cores / 2.0)) * torch.ceil(cols / 2.0))
     pixels = pointwise * rows_howo + (1.0 - pointwise) * rows_ho            # per core
     pairs = torch.ceil(pixels / 2.0)
-    im2col = (1.0 - pointwise) * 2.0 * (k.im2col_per_4 * torch.ceil(kk / 4.0) + k.im2col_call * kh)
+    im2col = (1.0 - pointwise) * 2.0 * (per_4 * torch.ceil(kk / 4.0) + k.im2col_call * kh)
     block = unpack * (k.matmul_per_4k * k4 + k.matmul_per_k_left * k_left) + 8.0 * k.requant + k.block_overhead
     left = unpack * k.chan_left_per_4k * (k4 + k_left) + 2.0 * k.requant + k.block_overhead / 4.0
     conv = pairs * (im2col + c4 * block + c_left * left)
@@ -309,7 +318,8 @@ def tiled_cycles_table(v: LayerValues, target: Target) -> torch.Tensor:
     k = PulpConstants.of(target)
     cin, cout = _column(v.cin, t), _column(v.cout, t)
     wbits = weight_bits(v, target.bits.weights)
-    tiles = choose_tiles(t, cin, cout, target, wbits)
+    ibits, obits = in_bits(v, target.bits.activations), out_bits(v, target.bits.activations)
+    tiles = choose_tiles(t, cin, cout, target, wbits, ibits, obits)
     dw, lin = _kinds(t)
     (ho, wo), (hi, wi) = t.out_hw, t.input_hw
     kh, kw = t.kernel_hw
@@ -318,17 +328,17 @@ def tiled_cycles_table(v: LayerValues, target: Target) -> torch.Tensor:
     spatial = n_r * n_w
     n = n_c * spatial
     cout_tile = cout / n_c                                                  # differentiable in cout
-    kernel = kernel_cycles(t, cin, cout_tile, tiles.rows, tiles.cols, k, target.bits.requant, wbits)
+    kernel = kernel_cycles(t, cin, cout_tile, tiles.rows, tiles.cols, k, target.bits.requant, wbits, ibits)
     # bytes moved: the input once per spatial tile, again for every output-channel tile when tiled spatially
     rows_in = torch.minimum(hi, (tiles.rows - 1.0) * t.stride[0] + kh)
     cols_in = torch.minimum(wi, (tiles.cols - 1.0) * t.stride[1] + kw)
     cin_tile = dw * cout_tile + (1.0 - dw) * cin
-    in_tile = cin_tile * rows_in * cols_in
+    in_tile = cin_tile * rows_in * cols_in * (ibits / 8.0)
     in_loads = torch.where(spatial > 1, n, dw * n + (1.0 - dw) * 1.0)
     weights_tile = (((1.0 - dw) * cin / t.groups * kh * kw + dw * kh * kw) * (wbits / 8.0)
                     + t.requant.on * 2.0 * target.bits.requant / 8.0) * cout_tile
-    out_bits = (t.requant.on * target.bits.activations + t.requant.off * target.bits.bias) / 8.0
-    out_tile = cout_tile * tiles.rows * tiles.cols * out_bits
+    written = (t.requant.on * obits + t.requant.off * target.bits.bias) / 8.0  # a head: int32
+    out_tile = cout_tile * tiles.rows * tiles.cols * written
     gather = dw * (1.0 / k.dma_byte_gather - 1.0 / k.dma_bytes_per_cycle)  # depthwise input: 1-byte copies
     in_cycles = in_tile * (1.0 / k.dma_bytes_per_cycle + gather) \
         + k.dma_command * (dw * torch.ceil(cout_tile / k.cores) + (1.0 - dw) * torch.ceil(rows_in / k.cores))
@@ -359,8 +369,8 @@ def tiled_cycles(v: LayerValues, target: Target) -> Number:
         return tiled_cycles_table(v, target)
     term: LayerTerm = v.term
     table = TermTable([term], v.cin.device if isinstance(v.cin, torch.Tensor) else None)
-    bits = None if v.weight_bits is None else _column(v.weight_bits, table)
-    one = LayerValues(table, _column(v.cin, table), _column(v.cout, table), v.weights, v.macs, weight_bits=bits)
+    sampled = [None if b is None else _column(b, table) for b in (v.weight_bits, v.in_bits, v.out_bits)]
+    one = LayerValues(table, _column(v.cin, table), _column(v.cout, table), v.weights, v.macs, {}, *sampled)
     out = tiled_cycles_table(one, target)[0]
     tensors = any(isinstance(x, torch.Tensor) for x in (v.cin, v.cout))
     return out if tensors else float(out)

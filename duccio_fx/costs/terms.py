@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 
 from duccio_fx.ir.meta import (ChannelSpec, LayerTerm, TensorInfo, channel_layout, op_role, spec_of, tensor_info,
                                weighted_work)
-from duccio_fx.ir.precision import weight_bits_of
+from duccio_fx.ir.precision import act_bits_of, weight_bits_of
 
 Number = Union[torch.Tensor, int, float]
 KeptChannels = Mapping[int, torch.Tensor]  # group id -> 0/1 vector of its kept channels (absent: all kept)
@@ -97,7 +97,30 @@ def term_of(gm: GraphModule, node: Node) -> LayerTerm | None:
             positions = in_positions  # MACs of a transposed conv scale with its input
     return LayerTerm(str(node.target), kind, in_spec, out_spec, kernel, out_hw, positions, in_positions,
                      module.bias is not None, groups, module.weight.numel(), not is_head(node), out_positions,
-                     in_hw=in_hw, kernel_hw=kernel_hw, stride=stride, weight_bits=weight_bits_of(module) or 0)
+                     in_hw=in_hw, kernel_hw=kernel_hw, stride=stride, weight_bits=weight_bits_of(module) or 0,
+                     act_bits=act_bits_of(module) or 0, in_act_bits=_input_bits(gm, src))
+
+
+# ops an activation passes through keeping its integer width (DORY fuses them, or a max pool keeps its input's)
+_KEEPS_WIDTH = ("batchnorm", "relu", "hardtanh", "clamp", "dropout", "identity", "flatten", "view", "reshape",
+                "maxpool", "max_pool", "contiguous", "squeeze")
+
+
+def _input_bits(gm: GraphModule, src: Any) -> int:
+    """The width a layer's input arrives at: the output width set on the conv/linear that produced it,
+    looking through fused activations, batch norms, max pools and reshapes; 0 (the target's) otherwise."""
+    while isinstance(src, Node) and src.op in ("call_module", "call_function", "call_method"):
+        if src.op == "call_module":
+            module = gm.get_submodule(str(src.target))
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                return act_bits_of(module) or 0
+            name = type(module).__name__.lower()
+        else:
+            name = getattr(src.target, "__name__", str(src.target)).lower()
+        if not any(k in name for k in _KEEPS_WIDTH) or not src.args:
+            return 0
+        src = src.args[0]
+    return 0
 
 
 def _rows_cols(fold: int, dims: Sequence[int]) -> tuple[int, int]:
@@ -176,7 +199,7 @@ class TermTable:
     evaluates. The flags `bias`, `requant` and `stores` are `Flag`s; `flag(kinds)` tells the layers' kinds."""
 
     _NUMBERS = ("kernel", "positions", "in_positions", "output_positions", "groups", "fixed_weights",
-                "fixed_macs", "fixed_biases", "weight_bits")
+                "fixed_macs", "fixed_biases", "weight_bits", "act_bits", "in_act_bits")
 
     def __init__(self, terms: Sequence[LayerTerm], device: torch.device | str | None = None) -> None:
         self.names: tuple[str, ...] = tuple(t.name for t in terms)
@@ -195,7 +218,7 @@ class TermTable:
         self.kind_names = tuple(t.kind for t in terms)
         self.zeros = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
         self._flags: dict[frozenset[str], Flag] = {}
-        self._bits: dict[int, torch.Tensor] = {}
+        self._bits: dict[tuple[str, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -207,11 +230,14 @@ class TermTable:
             self._flags[key] = Flag([k in key for k in self.kind_names], self.device)
         return self._flags[key]
 
-    def resolved_weight_bits(self, default: int) -> torch.Tensor:
-        """The `weight_bits` column with the layers that set none at `default` (made once per default)."""
-        if default not in self._bits:
-            self._bits[default] = torch.where(self.weight_bits > 0, self.weight_bits, float(default))
-        return self._bits[default]
+    def resolved_bits(self, column: str, default: int) -> torch.Tensor:
+        """A bits column (`weight_bits`, `act_bits`, `in_act_bits`) with the layers that set none at
+        `default` (made once per column and default)."""
+        key = (column, default)
+        if key not in self._bits:
+            values = getattr(self, column)
+            self._bits[key] = torch.where(values > 0, values, float(default))
+        return self._bits[key]
 
     @property
     def kinds(self) -> list[str]:
@@ -288,6 +314,8 @@ class LayerValues:
     macs: Number
     memo: dict[Any, Number] = field(default_factory=dict, compare=False, repr=False)  # shared sub-results
     weight_bits: Number | None = None  # per layer, the precision a search samples (None: the layers' own)
+    in_bits: Number | None = None  # per layer, its input's precision as a search samples it
+    out_bits: Number | None = None  # per layer, its output's precision as a search samples it
 
     def remember(self, key: Any, compute: Callable[[], Number]) -> Number:
         """`compute()` once per key (a layer's bytes at a level feed its size, the overflow and the
@@ -316,12 +344,26 @@ class LayerValues:
 def weight_bits(v: LayerValues, default: int) -> Number:
     """Each layer's weight precision: the one a search samples now, else its module's, else `default` (the
     target's); a column for a table (resolved once per default, no op per step)."""
-    if v.weight_bits is not None:
-        return v.weight_bits
+    return _bits(v, "weight_bits", "weight_bits", default)
+
+
+def in_bits(v: LayerValues, default: int) -> Number:
+    """Each layer's input activation precision (as `weight_bits`)."""
+    return _bits(v, "in_bits", "in_act_bits", default)
+
+
+def out_bits(v: LayerValues, default: int) -> Number:
+    """Each layer's requantized output precision (as `weight_bits`)."""
+    return _bits(v, "out_bits", "act_bits", default)
+
+
+def _bits(v: LayerValues, sampled: str, column: str, default: int) -> Number:
+    if getattr(v, sampled) is not None:
+        return getattr(v, sampled)
     t = v.term
     if isinstance(t, LayerTerm):
-        return t.weight_bits or default
-    return t.resolved_weight_bits(default)
+        return getattr(t, column) or default
+    return t.resolved_bits(column, default)
 
 
 def values_of(t: Terms, cin: Number, cout: Number) -> LayerValues:

@@ -144,6 +144,8 @@ class LayerTerm:
     kernel_hw: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     weight_bits: int = 0  # the module's weight precision (`duccio_fx.ir.precision`); 0: the target's
+    act_bits: int = 0  # its requantized output's precision; 0: the target's
+    in_act_bits: int = 0  # its input's precision (the producing layer's output); 0: the target's
 
     @property
     def output_positions(self) -> int:

@@ -1,10 +1,14 @@
-"""Per-layer weight precision: which bit width a conv/linear layer's weights are stored and run at.
+"""Per-layer precision: the bit width a conv/linear layer's weights are stored at, and its output's.
 
 A layer's precision is an attribute of its module (`duccio_weight_bits`), so it travels with the module
 through `deepcopy`, pickling, the shrinking export and batch-norm folding, and every side reads it from one
 place: the cost terms (bytes, DMA, kernel cycles at that width), the lowering (the integer weights and the
 Quantlab `weight_bits`), and quantization-aware fine-tuning. A module without it runs at its target's
 `[bits] weights`.
+
+A layer's output precision (`duccio_act_bits`, the requantized activation DORY writes; 8 when absent) and
+optionally its learned clipping range (`duccio_act_clip`, PACT's α: the largest magnitude the integers
+represent) are attributes of the same module; calibration uses that range instead of a percentile.
 
 Quantization (the same grid everywhere: the search's fake quantization, fine-tuning, the lowering's
 integerization): symmetric, one scale per output channel, `scale = max|w| / qmax`, integers in
@@ -22,6 +26,8 @@ from torch import nn
 from duccio_fx.common.errors import DuccioError
 
 WEIGHT_BITS = "duccio_weight_bits"
+ACT_BITS = "duccio_act_bits"
+ACT_CLIP = "duccio_act_clip"
 SUPPORTED_BITS = (2, 4, 8)  # what pulp-nn-mixed's kernels take for weights
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -32,12 +38,24 @@ def weight_bits_of(module: nn.Module) -> int | None:
     return int(bits) if bits is not None else None
 
 
+def act_bits_of(module: nn.Module) -> int | None:
+    """The bit width set on `module`'s requantized output (None: the target's)."""
+    bits = getattr(module, ACT_BITS, None)
+    return int(bits) if bits is not None else None
+
+
+def act_clip_of(module: nn.Module) -> float | None:
+    """The learned clipping range of `module`'s output (None: calibrate it)."""
+    clip = getattr(module, ACT_CLIP, None)
+    return float(clip) if clip is not None else None
+
+
 def check_bits(bits: Iterable[int], where: str) -> tuple[int, ...]:
     """Bit widths as a tuple, widest first; refuses widths the kernels do not run."""
     out = []
     for b in bits:
         if isinstance(b, bool) or not isinstance(b, int) or b not in SUPPORTED_BITS:
-            raise DuccioError(f"{b!r} is not a weight bit width the deployment kernels run", where=where,
+            raise DuccioError(f"{b!r} is not a bit width the deployment kernels run", where=where,
                               fix=f"use some of {', '.join(map(str, SUPPORTED_BITS))} (pulp-nn-mixed)")
         out.append(int(b))
     if not out:
@@ -48,15 +66,25 @@ def check_bits(bits: Iterable[int], where: str) -> tuple[int, ...]:
 def set_weight_bits(model: nn.Module, bits: Mapping[str, int] | int) -> None:
     """Set the weight precision of `model`'s conv/linear modules: one width for all, or {qualified name:
     bits}. Unknown names and widths the kernels do not run are refused."""
+    _set(model, bits, WEIGHT_BITS, "set_weight_bits")
+
+
+def set_act_bits(model: nn.Module, bits: Mapping[str, int] | int) -> None:
+    """Set the output precision of `model`'s conv/linear modules (the activation after them, requantized):
+    one width for all, or {qualified name: bits}."""
+    _set(model, bits, ACT_BITS, "set_act_bits")
+
+
+def _set(model: nn.Module, bits: Mapping[str, int] | int, attribute: str, where: str) -> None:
     modules = dict(model.named_modules())
     items = ({name: bits for name, m in modules.items() if isinstance(m, QUANTIZABLE)}
              if isinstance(bits, int) else dict(bits))
     for name, b in items.items():
         module = modules.get(name)
         if not isinstance(module, QUANTIZABLE):
-            raise DuccioError(f"{name!r} is not a conv/linear module of the model", where="set_weight_bits",
+            raise DuccioError(f"{name!r} is not a conv/linear module of the model", where=where,
                               fix="name a Conv1d/Conv2d/Linear by its qualified name (model.named_modules())")
-        setattr(module, WEIGHT_BITS, check_bits([b], f"set_weight_bits: {name}")[0])
+        setattr(module, attribute, check_bits([b], f"{where}: {name}")[0])
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -178,9 +178,8 @@ def _memory_rows(model: nn.Module, example: torch.Tensor, net: IntNet, shapes: l
             row["weight_bytes"] = value(layer_parameter_bytes(v, target, accounting=True))
             row["activation_bytes"] = value(layer_activation_bytes(v, target))
         else:
-            in_elems = sum(int(np.prod(net.input_shape if s < 0 else shapes[s])) for s in net.inputs_of(i))
-            total = in_elems + int(np.prod(shapes[i]))
-            row["bytes"] = total * target.bits.activations // 8
+            in_bytes = sum(_tensor_bytes(net, shapes, s) for s in net.inputs_of(i))
+            row["bytes"] = int(in_bytes + _tensor_bytes(net, shapes, i))
             row["level"] = "L2" if l2 is not None and row["bytes"] <= l2.usable else "L3"
             row["cycles"] = None
         rows.append(row)
@@ -203,11 +202,12 @@ def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[in
     l2 = next((m for m in target.memory if m.name.upper() == "L2"), None)
     if l2 is None:
         return [(row["level"], None) for row in rows]
-    budget, act, bits = l2.usable, target.bits.activations / 8, target.bits
+    budget, bits = l2.usable, target.bits
     out_l3, flow = False, []
     for i, (row, layer) in enumerate(zip(rows, net.layers)):
         src = net.inputs_of(i)[0]
         c_in, *hw_in = net.input_shape if src < 0 else shapes[src]
+        act = net.in_type(i).bits / 8  # bytes per input element (sub-byte activations are packed)
         in_b = c_in * int(np.prod(hw_in)) * act
         in_l3 = out_l3 and not isinstance(layer, Add)
         problem = None
@@ -216,7 +216,7 @@ def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[in
             params = (layer.weight.size * layer.weight_bits / 8
                       + (cout * bits.bias / 8 if layer.bias is not None else 0)
                       + (2 * cout * bits.requant / 8 if layer.requant is not None else 0))
-            out_bits = bits.activations if layer.requant is not None else bits.bias  # an int32 head
+            out_bits = net.out_type(i).bits  # 32 for an int32 head
             out_b = int(np.prod(shapes[i])) * out_bits / 8
             out_rows = 2 * cout * (shapes[i][2] if isinstance(layer, Conv) else 1) * out_bits / 8  # 2 output rows
             if not in_l3:
@@ -232,7 +232,7 @@ def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[in
                 problem = ("its weights and its activations would both be L3-tiled, which DORY's tiler does not "
                            "support")
         elif isinstance(layer, Pool):
-            out_b = int(np.prod(shapes[i])) * act
+            out_b = int(np.prod(shapes[i])) * net.out_type(i).bits / 8
             fits = not in_l3 and row["bytes"] <= budget
             kernel_rows = hw_in[0] if layer.global_ else layer.kernel[0]
             out_l3 = not fits and (not in_l3 or 2 * c_in * kernel_rows * hw_in[1] * act + out_b > budget)
@@ -243,6 +243,13 @@ def _dory_l3_flow(rows: list[dict[str, Any]], net: IntNet, shapes: list[tuple[in
             fits, out_l3 = row["bytes"] <= budget, False
         flow.append(("L2" if fits else "L3", problem))
     return flow
+
+
+def _tensor_bytes(net: IntNet, shapes: list[tuple[int, ...]], index: int) -> float:
+    """Bytes of layer `index`'s output (the network input for -1) at its type's width, packed."""
+    if index < 0:
+        return int(np.prod(net.input_shape)) * net.input_type.bits / 8
+    return int(np.prod(shapes[index])) * net.out_type(index).bits / 8
 
 
 def _refuse_unaligned_adds(net: IntNet, shapes: list[tuple[int, ...]]) -> None:

@@ -3,6 +3,8 @@
 * The residual-add kernel processes 4 values at a time with no remainder loop (pulp-nn-mixed
   `Add/pulp_nn_add_*.c`): (channels × width) must be a multiple of 4, so a searched width such as 50
   channels at 7×7 would leave values uncomputed on the board.
+* Sub-byte activations: every pixel's channels fill whole bytes (channels a multiple of 8/bits), and a
+  linear layer reading them an input length that is a multiple of 16.
 * Sub-byte weights (mixed precision): pulp-nn-mixed reads every output channel's weights from a whole byte
   and DORY packs them with no padding, so a conv's (input channels × kernel) must be a multiple of 8/bits
   (`matmul_u8_u8_i4.c`, `matmul_u8_u4_i2.c`: the leftover loops step by 2 or 4 and never end otherwise); a
@@ -50,6 +52,14 @@ def _requirements(net: IntNet, shapes: list[tuple[int, ...]], parent: dict[int, 
     """Per channel class: (m, q, why) with channels x m to be a multiple of q."""
     need: dict[int, list[tuple[int, int, str]]] = {}
     for i, layer in enumerate(net.layers):
+        out_bits = net.out_type(i).bits
+        if out_bits < 8:  # sub-byte activations: whole bytes per pixel (pulp-nn-mixed's README, its im2col)
+            need.setdefault(_find(parent, i), []).append((1, 8 // out_bits, f"{out_bits}-bit output of '{layer.name}'"))
+        in_bits = net.in_type(i).bits
+        if isinstance(layer, Linear) and in_bits < 8:  # its leftover loop steps over 8 inputs
+            source = net.input_shape if layer.input == NETWORK_INPUT else shapes[layer.input]
+            need.setdefault(_find(parent, layer.input), []).append(
+                (int(np.prod(source[1:])), 16, f"{in_bits}-bit input of '{layer.name}'"))
         if isinstance(layer, Add):
             need.setdefault(_find(parent, i), []).append((shapes[i][2], 4, f"add '{layer.name}'"))
             continue
@@ -93,7 +103,7 @@ def pad_for_kernels(net: IntNet) -> tuple[IntNet, dict[int, tuple[int, int]]]:
         if padded == channels:
             continue
         if NETWORK_INPUT in members:
-            subbyte = [why for m, q, why in needs if (channels * m) % q and "weights" in why]
+            subbyte = [why for m, q, why in needs if (channels * m) % q and "-bit" in why]
             if subbyte:  # the input's channels come from the data: nothing to pad
                 raise DuccioError(f"{subbyte[0]} need the network input's {channels} channels x kernel to pack into "
                                   "whole bytes per output channel, and the input cannot be padded",

@@ -181,7 +181,7 @@ class SearchableModel(SearchSpace):
         program = self.program()
         rows, which = self._bits_rows()
         device = bank.theta.device
-        base = program.on(device).table.resolved_weight_bits(hw.bits.weights)
+        base = program.on(device).table.resolved_bits("weight_bits", hw.bits.weights)
         return base.index_copy(0, rows.to(device), bank.layer_bits(chosen).index_select(0, which.to(device)))
 
     def _bits_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
