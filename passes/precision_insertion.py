@@ -1,4 +1,5 @@
-"""precision-insertion: give every quantisable conv/linear layer a searchable weight precision.
+"""precision-insertion: give every quantisable conv/linear layer a searchable weight precision and, with
+activation widths, a searchable output precision.
 
 Adds a `duccio_precision` PrecisionBank (one θ row per layer, computed once per forward pass) and hands each
 quantised layer its row of g (`MaskedConv2d(x, in_mask, precision=g_row)`: the layer becomes its masked
@@ -12,6 +13,11 @@ pulp-nn-mixed reads each output channel's weights from a whole byte and DORY add
 input channels x kernel must be a multiple of 8/bits. The lowering pads channels it computes; the model's
 input it cannot, so a layer reading the input only takes the widths its seed shape packs (often 8 bits
 alone: 1 or 3 channels x 3x3).
+
+Activation widths: every conv/linear that requantizes (not the head) gets an `ActQuant` (PACT: a learned
+clipping range, then the grid of the width its row of a second bank's g selects) on its requantized output:
+after its batch norm and fused activation (ReLU, ReLU6, hardtanh) when each is the only user of the one
+before, where DORY's requantization happens. Unsigned after a ReLU-like activation, else signed.
 """
 
 from __future__ import annotations
@@ -21,25 +27,39 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from duccio_fx.costs.terms import width
-from duccio_fx.ir.meta import GROUPS_KEY, layer_term
+from duccio_fx.costs.terms import input_producer, width
+from duccio_fx.ir.meta import GROUPS_KEY, LAYOUT_KEY, TENSOR_KEY, layer_term
 from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.precision import QUANTIZABLE
 from duccio_fx.search.masks import MASKED, PLAIN, WIDTHS, as_masked
-from duccio_fx.search.precision import BANK, SELECT, PrecisionBank, PrecisionSelect
+from duccio_fx.search.precision import (ACT_BANK, ACT_QUANT, ACT_SELECT, BANK, SELECT, ActQuant, PrecisionBank,
+                                        PrecisionSelect)
 
 
 @dataclass
 class PrecisionInsertion(Pass):
-    """`widths`: the weight widths searched, widest first. Result: `gm.duccio_precision` and `excluded`
-    (layer → why its width is not searched)."""
+    """`widths`: the weight widths searched, widest first (None: weights stay at the target's); `act_widths`:
+    the activation widths (None: 8 bits). Result: the banks, and `excluded` / `act_excluded` (layer → why its
+    width is not searched)."""
 
-    widths: tuple[int, ...]
+    widths: tuple[int, ...] | None
+    act_widths: tuple[int, ...] | None = None
     excluded: dict[str, str] = field(default_factory=dict)
+    act_excluded: dict[str, str] = field(default_factory=dict)
+    # with activation widths: layer (its cost-term name) → the searched layer whose output it reads
+    reads: dict[str, str] = field(default_factory=dict)
     name = "precision-insertion"
     requires = ("shape-propagation", "channel-analysis")
 
     def run(self, gm: GraphModule) -> bool:
+        changed = False
+        if self.widths is not None:
+            changed |= self._weights(gm, self.widths)
+        if self.act_widths is not None:
+            changed |= self._activations(gm, self.act_widths)
+        return changed
+
+    def _weights(self, gm: GraphModule, widths: tuple[int, ...]) -> bool:
         rows: dict[str, int] = {}
         allowed: dict[str, tuple[bool, ...]] = {}
         users: list[tuple[Node, str]] = []
@@ -51,13 +71,13 @@ class PrecisionInsertion(Pass):
                 continue
             target = str(node.target) if node.op == "call_module" else node.name
             reason = self._reason(gm, node, term.kind, term.requant)
-            ok = tuple(b >= 4 or term.kind != "depthwise" for b in self.widths)
+            ok = tuple(b >= 4 or term.kind != "depthwise" for b in widths)
             if not reason and any(group in from_input for group, *_ in term.in_spec):
                 per_channel = width(term.in_spec) * term.kernel // max(term.groups, 1)
-                ok = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(self.widths, ok))
+                ok = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(widths, ok))
                 if sum(ok) < 2:
                     reason = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
-                              f"bytes only at {', '.join(str(b) for b, y in zip(self.widths, ok) if y) or 'no'} "
+                              f"bytes only at {', '.join(str(b) for b, y in zip(widths, ok) if y) or 'no'} "
                               "of the widths, and the input's channels cannot be padded")
             if not reason and sum(ok) < 2:
                 reason = "depthwise: its kernels take 8 or 4 bits, and 4 is not among the widths"
@@ -69,24 +89,65 @@ class PrecisionInsertion(Pass):
             users.append((node, target))
         if not rows:
             return False
-        bank = PrecisionBank(list(rows), self.widths, [allowed[name] for name in rows])
-        gm.add_submodule(BANK, bank)
-        gm.add_submodule(SELECT, nn.ModuleDict())
-        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-        with gm.graph.inserting_before(first):
-            g = gm.graph.call_module(BANK)
-        selects: dict[str, Node] = {}
-        last = g
+        g, selects = self._bank(gm, BANK, SELECT, PrecisionBank(list(rows), widths, [allowed[n] for n in rows]), rows)
         for node, target in users:
             module = as_masked(gm.get_submodule(target))
-            setattr(module, WIDTHS, self.widths)
-            key = target.replace(".", "_")
-            if key not in selects:
-                gm.get_submodule(SELECT)[key] = PrecisionSelect(rows[target])
-                with gm.graph.inserting_after(last):
-                    selects[key] = last = gm.graph.call_module(f"{SELECT}.{key}", (g,))
-            node.kwargs = {**node.kwargs, "precision": selects[key]}
+            setattr(module, WIDTHS, widths)
+            node.kwargs = {**node.kwargs, "precision": selects[target]}
         return True
+
+    def _activations(self, gm: GraphModule, widths: tuple[int, ...]) -> bool:
+        rows: dict[str, int] = {}
+        ends: list[tuple[Node, str, bool]] = []
+        for node in list(gm.graph.nodes):
+            term = layer_term(node)
+            if term is None:
+                continue
+            target = str(node.target) if node.op == "call_module" else node.name
+            reason = self._reason(gm, node, term.kind, term.requant)
+            if reason:
+                self.act_excluded.setdefault(target, reason)
+                continue
+            end, unsigned = _requant_point(gm, node)
+            rows.setdefault(target, len(rows))
+            ends.append((end, target, unsigned))
+        if not rows:
+            return False
+        for node in gm.graph.nodes:
+            term = layer_term(node)
+            producer = input_producer(gm, node.args[0]) if term is not None and node.args else None
+            if producer in rows:
+                self.reads[term.name] = producer
+        _, selects = self._bank(gm, ACT_BANK, ACT_SELECT, PrecisionBank(list(rows), widths), rows)
+        gm.add_submodule(ACT_QUANT, nn.ModuleDict())
+        for end, target, unsigned in ends:
+            key = end.name
+            gm.get_submodule(ACT_QUANT)[key] = ActQuant(widths, signed=not unsigned, layer=target)
+            with gm.graph.inserting_after(end):
+                quant = gm.graph.call_module(f"{ACT_QUANT}.{key}", (end,), {"precision": selects[target]})
+            # elementwise: the same shape and channels as what it quantizes (shrink-export cuts its readers by
+            # them); no cost term of its own
+            quant.meta.update({k: end.meta[k] for k in (TENSOR_KEY, LAYOUT_KEY) if k in end.meta})
+            end.replace_all_uses_with(quant, delete_user_cb=lambda user, quant=quant: user is not quant)
+        return True
+
+    @staticmethod
+    def _bank(gm: GraphModule, bank_name: str, select_name: str, bank: PrecisionBank,
+              rows: dict[str, int]) -> tuple[Node, dict[str, Node]]:
+        """Add `bank` (called once per forward pass, first) and one select of its g per layer."""
+        gm.add_submodule(bank_name, bank)
+        gm.add_submodule(select_name, nn.ModuleDict())
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        with gm.graph.inserting_before(first):
+            g = gm.graph.call_module(bank_name)
+        selects: dict[str, Node] = {}
+        last = g
+        for target, row in rows.items():
+            key = target.replace(".", "_")
+            gm.get_submodule(select_name)[key] = PrecisionSelect(row)
+            with gm.graph.inserting_after(last):
+                selects[target] = last = gm.graph.call_module(f"{select_name}.{key}", (g,))
+        return g, selects
 
     @staticmethod
     def _reason(gm: GraphModule, node: Node, kind: str, requant: bool) -> str:
@@ -101,3 +162,29 @@ class PrecisionInsertion(Pass):
         if not requant:
             return "the head: its int32 output is not requantized, so it stays at the target's width"
         return ""
+
+
+_FUSED = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_FUSED_FUNCTIONS = {"relu", "relu6", "relu_"}
+
+
+def _requant_point(gm: GraphModule, node: Node) -> tuple[Node, bool]:
+    """Where DORY requantizes a layer's output: after its batch norm and fused activation, each the only
+    user of the one before; and whether the output is unsigned (a ReLU-like activation ends it)."""
+    end, unsigned = node, False
+    while len(end.users) == 1:
+        user = next(iter(end.users))
+        if user.op == "call_module":
+            module = gm.get_submodule(str(user.target))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not unsigned:
+                end = user
+                continue
+            if isinstance(module, _FUSED) and not unsigned:
+                end, unsigned = user, not isinstance(module, nn.Hardtanh) or module.min_val >= 0
+                continue
+        elif user.op in ("call_function", "call_method") and not unsigned and \
+                getattr(user.target, "__name__", str(user.target)) in _FUSED_FUNCTIONS:
+            end, unsigned = user, True
+            continue
+        break
+    return end, unsigned

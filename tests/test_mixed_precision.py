@@ -19,14 +19,15 @@ import duccio_fx
 from duccio_fx.cli.app import app
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.pulp_tiled import PulpConstants, weight_unpacking
-from duccio_fx.ir.precision import (bake_weight_bits, fake_quant_weight, fake_quantize_weights, set_act_bits,
-                                    set_weight_bits, weight_bits_of)
+from duccio_fx.ir.precision import (act_bits_of, act_clip_of, bake_weight_bits, fake_quant_weight,
+                                    fake_quantize_weights, set_act_bits, set_weight_bits, weight_bits_of)
 from duccio_fx.lower.dory import lower_to_dory
 from duccio_fx.lower.int_executor import quantize_input, run
 from duccio_fx.lower.intnet import Conv, Linear
 from duccio_fx.lower.quantlab_onnx import read_quantlab
 from duccio_fx.lower.twin_onnx import run_twin
 from duccio_fx.pipeline import analyze, graph_costs
+from duccio_fx.search.precision import bake_precision
 from duccio_fx.targets import load_target
 
 runner = CliRunner()
@@ -216,6 +217,83 @@ def test_optimize_with_bits_meets_a_bound_channels_alone_could_not_and_reports_t
     assert result.final_costs.size_bytes <= bound
 
 
+def test_activation_widths_are_searched_where_dory_requantizes_and_export_costs_and_lowering_agree():
+    torch.manual_seed(0)
+    x = torch.rand(8, 2, 16, 16)
+    sm = duccio_fx.make_searchable(_warm(Net(8), x), x[:2], bits=(2, 4, 8), act_bits=(2, 4, 8))
+    assert sm.act_precision.layers == ["stem.0", "conv1.0", "conv2.0", "pw.0", "hidden.0"]
+    assert "head" in sm.act_excluded["fc"]
+    assert sm.act_reads == {"conv1.0": "stem.0", "conv2.0": "conv1.0", "pw.0": "conv2.0", "fc": "hidden.0"}
+    quants = dict(sm.graph_module.get_submodule("duccio_act_quant").items())
+    assert sorted(quants) == ["conv1_2", "conv2_2", "hidden_1", "pw_2", "stem_2"]  # after each BN + ReLU
+    assert not any(q.signed for q in quants.values())
+    sm.train()
+    y = sm(x)
+    assert all(q._ready and float(q.alpha.detach()) > 0 for q in quants.values())  # α from the first batch
+    costs = sm.costs(GAP8)
+    (y.square().mean() + 1e-4 * sum(costs.layer_bytes.values())).backward()
+    assert float(sm.act_precision.theta.grad.abs().sum()) > 0
+    assert all(q.alpha.grad is not None for q in quants.values())
+    with torch.no_grad():
+        sm.act_precision.theta.copy_(torch.tensor([[0, 5, 0], [0, 0, 5], [0, 5, 0], [5, 0, 0], [0, 5, 0]]))
+        sm.precision.theta[:, 1] = 1.0
+    assert sm.act_bits() == {"stem.0": 4, "conv1.0": 2, "conv2.0": 4, "pw.0": 8, "hidden.0": 4}
+    sm.eval()
+    want = sm.cost_values(GAP8)
+    exported = sm.export()
+    fake_quantize_weights(exported)
+    with torch.no_grad():
+        assert torch.equal(exported(x), sm(x))  # fine-tuning starts from the searched function
+    bake_precision(exported)
+    assert not hasattr(exported, "duccio_act_quant")
+    assert {n: act_bits_of(m) for n, m in exported.named_modules() if act_bits_of(m)} == sm.act_bits()
+    assert act_clip_of(exported.get_submodule("conv1.0")) == pytest.approx(float(quants["conv1_2"].alpha.detach()))
+    got = _costs(exported, x)
+    assert dict(got.layer_bytes) == dict(want.layer_bytes) and got.cycles == want.cycles
+    bundle = lower_to_dory(exported, x, "gap8")
+    net = bundle.net
+    assert [net.out_type(i).bits for i in range(len(net.layers))] == [4, 2, 4, 8, 8, 4, 32]
+    convs = [layer for layer in net.layers if isinstance(layer, Conv)]  # the learned range is the calibrated one
+    assert net.scales[1] == pytest.approx(act_clip_of(exported.get_submodule("conv1.0")) / 3)
+    assert len(convs) == 4
+    smallest = sm.minimum_costs(GAP8)
+    assert smallest.layer_bytes["conv2.0"] < want.layer_bytes["conv2.0"]
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.conv1(x)
+        y = torch.relu(self.bn2(self.conv2(skip)) + skip)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_residual_branch_quantizes_signed_before_the_add_and_alpha_survives_a_state_dict():
+    torch.manual_seed(1)
+    x = torch.randn(4, 4, 8, 8)
+    sm = duccio_fx.make_searchable(_Residual(), x[:1], act_bits=(4, 8), channels=False)
+    quants = dict(sm.graph_module.get_submodule("duccio_act_quant").items())
+    assert {k: q.signed for k, q in quants.items()} == {"conv1_2": False, "bn2": True}  # conv2 + BN, then the add
+    sm.train()
+    sm(x)
+    fresh = duccio_fx.make_searchable(_Residual(), x[:1], act_bits=(4, 8), channels=False)
+    fresh.load_state_dict(sm.state_dict())
+    fresh.train()
+    fresh(x * 10)  # a loaded α is not re-initialized from the data
+    for key, q in dict(fresh.graph_module.get_submodule("duccio_act_quant").items()).items():
+        assert float(q.alpha) == float(quants[key].alpha)
+    buffer = io.BytesIO()
+    torch.save(sm, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).act_bits() == sm.act_bits()
+
+
 # -- lowering ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -341,6 +419,8 @@ def test_4_bit_depthwise_weights_lower_with_an_even_channel_count_and_2_bit_ones
     (["--bits", "2,x"], "not a list of whole numbers"),
     (["--bits-only"], "--bits-only needs --bits"),
     (["--bits", "4,8", "--method", "path"], "--bits belongs to the mask method"),
+    (["--act-bits", "4,8", "--method", "path"], "--act-bits belongs to the mask method"),
+    (["--act-bits", "5"], "5 is not a bit width"),
 ])
 def test_cli_refuses_bad_bits_options(args, message, tmp_path):
     model = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"

@@ -235,8 +235,11 @@ def optimize(
     bits: Optional[str] = typer.Option(None, "--bits", help="--method mask: also search every layer's weight "
                                        "precision among these widths, e.g. 2,4,8 (mixed precision; the head "
                                        "stays at the target's width)"),
-    bits_only: bool = typer.Option(False, "--bits-only", help="with --bits: search the precisions alone (every "
-                                   "channel kept)"),
+    act_bits: Optional[str] = typer.Option(None, "--act-bits", help="--method mask: also search every layer's "
+                                           "output (activation) precision among these widths, e.g. 2,4,8 (PACT "
+                                           "quantizers with a learned range)"),
+    bits_only: bool = typer.Option(False, "--bits-only", help="with --bits/--act-bits: search the precisions "
+                                   "alone (every channel kept)"),
 ) -> None:
     """Search MODEL under every constraint in one run (warmup, search, export, fine-tune) and write the result.
 
@@ -259,9 +262,9 @@ def optimize(
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
         resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
         method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay,
-                                       bits is not None)
+                                       bits is not None or act_bits is not None)
         method_options.update(_mask_options(method, channel_multiple))
-        method_options.update(_bits_options(method, bits, bits_only, temperature, temperature_decay))
+        method_options.update(_bits_options(method, bits, bits_only, temperature, temperature_decay, act_bits))
         w, s, f = _epochs(epochs)
         if max_search_epochs is not None and max_search_epochs < s:
             raise DuccioError(f"--max-search-epochs {max_search_epochs} is below the minimum search epochs {s}",
@@ -332,20 +335,26 @@ def _mask_options(method: str, channel_multiple: int) -> dict[str, Any]:
 
 
 def _bits_options(method: str, bits: str | None, bits_only: bool, temperature: float,
-                  temperature_decay: float) -> dict[str, Any]:
-    """`--bits 2,4,8` (and `--bits-only`): the mask method's precision search; refused elsewhere."""
-    if bits is None:
+                  temperature_decay: float, act_bits: str | None = None) -> dict[str, Any]:
+    """`--bits 2,4,8`, `--act-bits 2,4,8` (and `--bits-only`): the mask method's precision search; refused
+    elsewhere."""
+    if bits is None and act_bits is None:
         if bits_only:
-            raise DuccioError("--bits-only needs --bits", where="--bits-only", fix="e.g. --bits 2,4,8 --bits-only")
+            raise DuccioError("--bits-only needs --bits or --act-bits", where="--bits-only",
+                              fix="e.g. --bits 2,4,8 --bits-only")
         return {}
-    if method != "mask":
-        raise DuccioError(f"--bits belongs to the mask method (got --method {method})", where="--bits",
-                          fix="add --method mask, or drop --bits")
-    try:
-        widths = [int(b) for b in bits.split(",") if b.strip()]
-    except ValueError:
-        raise DuccioError(f"--bits {bits!r} is not a list of whole numbers", where="--bits", fix="e.g. --bits 2,4,8")
-    options: dict[str, Any] = {"bits": list(check_bits(widths, "--bits"))}
+    options: dict[str, Any] = {}
+    for name, text, key in (("--bits", bits, "bits"), ("--act-bits", act_bits, "act_bits")):
+        if text is None:
+            continue
+        if method != "mask":
+            raise DuccioError(f"{name} belongs to the mask method (got --method {method})", where=name,
+                              fix=f"add --method mask, or drop {name}")
+        try:
+            widths = [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            raise DuccioError(f"{name} {text!r} is not a list of whole numbers", where=name, fix=f"e.g. {name} 2,4,8")
+        options[key] = list(check_bits(widths, name))
     if bits_only:
         options["channels"] = False
     if (temperature, temperature_decay) != (5.0, 0.8):
@@ -406,7 +415,10 @@ def sweep(
                                          "multiple of N channels per group (see optimize)"),
     bits: Optional[str] = typer.Option(None, "--bits", help="--method mask: every point also searches its "
                                        "layers' weight widths among these, e.g. 2,4,8 (see optimize)"),
-    bits_only: bool = typer.Option(False, "--bits-only", help="with --bits: the widths alone, every channel kept"),
+    act_bits: Optional[str] = typer.Option(None, "--act-bits", help="--method mask: every point also searches its "
+                                           "layers' output widths among these (see optimize)"),
+    bits_only: bool = typer.Option(False, "--bits-only", help="with --bits/--act-bits: the widths alone, every "
+                                   "channel kept"),
 ) -> None:
     """Run a grid of searches (methods x seeds x size x ops targets), sharing one warmup per method and
     seed; skip finished points when run again; write sweep.json, sweep.csv and pareto.png.
@@ -421,7 +433,7 @@ def sweep(
                                   fix=f"use one of: {', '.join(search_methods())}")
         for m in method.split(","):
             _mask_options(m.strip(), channel_multiple)
-            _bits_options(m.strip(), bits, bits_only, 5.0, 0.8)
+            _bits_options(m.strip(), bits, bits_only, 5.0, 0.8, act_bits)
         _epochs(epochs)
         resolve_device(device)
         load_target(target)
@@ -435,12 +447,17 @@ def sweep(
         out = out or Path("runs") / (f"sweep-{Path(model.removeprefix('zoo:')).stem}"
                                      + (f"-cm{channel_multiple}" if channel_multiple > 1 else "")
                                      + (f"-bits{bits.replace(',', '')}" if bits else "")
+                                     + (f"-act{act_bits.replace(',', '')}" if act_bits else "")
                                      + ("-only" if bits_only else ""))
         extra = ["--layerwise", str(layerwise)] if layerwise is not None else []
         if channel_multiple > 1:
             extra += ["--channel-multiple", str(channel_multiple)]
         if bits:
-            extra += ["--bits", bits] + (["--bits-only"] if bits_only else [])
+            extra += ["--bits", bits]
+        if act_bits:
+            extra += ["--act-bits", act_bits]
+        if bits_only:
+            extra += ["--bits-only"]
         spec = SweepSpec(model=model, out=out, target=target, epochs=epochs, ops_of=ops_of, workers=workers,
                          device=device, extra=extra)
         console = Console()

@@ -143,10 +143,11 @@ def render_widths(widths: list[dict[str, Any]], multiple: int, console: Console,
     console.print(table)
 
 
-def render_precisions(rows: list[dict[str, Any]], console: Console, chosen: bool = True) -> None:
+def render_precisions(rows: list[dict[str, Any]], console: Console, chosen: bool = True,
+                      title: str = "weight precision (--bits)") -> None:
     """Every quantisable layer's weight widths (--bits); `chosen`: also the one the search chose and how sure
     it is of it (its probability, then the others')."""
-    table = Table(title="weight precision (--bits)")
+    table = Table(title=title)
     for col in ("layer", "widths", *(["bits", "probability", "others"] if chosen else []), "note"):
         table.add_column(col, overflow="fold")
     for r in rows:

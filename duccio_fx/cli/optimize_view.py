@@ -111,6 +111,9 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
         # mask method with --bits: every quantisable layer's chosen weight width and its probabilities
         **({"weight_bits": result.searchable.precision_report()}  # type: ignore[attr-defined]
            if getattr(result.searchable, "precision", None) is not None else {}),
+        # with --act-bits: every layer's chosen output width
+        **({"act_bits": result.searchable.precision_report(activations=True)}  # type: ignore[attr-defined]
+           if getattr(result.searchable, "act_precision", None) is not None else {}),
         "status": "met" if result.met else "violated",
         "constraints": constraints,
         "critical_layers": result.critical,
@@ -186,6 +189,8 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
         render_choices(report["architecture"], console)
     if report.get("weight_bits"):
         render_precisions(report["weight_bits"], console)
+    if report.get("act_bits"):
+        render_precisions(report["act_bits"], console, title="activation precision (--act-bits)")
     if report.get("channel_multiple", 1) > 1:
         render_widths(report["widths"], report["channel_multiple"], console, kept=True)
         off = [f"g{w['id']} ({w['kept']})" for w in report["widths"] if w["searchable"] and not w["kept_multiple"]]

@@ -107,20 +107,28 @@ _KEEPS_WIDTH = ("batchnorm", "relu", "hardtanh", "clamp", "dropout", "identity",
 
 
 def _input_bits(gm: GraphModule, src: Any) -> int:
-    """The width a layer's input arrives at: the output width set on the conv/linear that produced it,
-    looking through fused activations, batch norms, max pools and reshapes; 0 (the target's) otherwise."""
+    """The width a layer's input arrives at: the output width set on the conv/linear that produced it; 0 (the
+    target's) otherwise."""
+    producer = input_producer(gm, src)
+    return (act_bits_of(gm.get_submodule(producer)) or 0) if producer is not None else 0
+
+
+def input_producer(gm: GraphModule, src: Any) -> str | None:
+    """The conv/linear module whose requantized output `src` is, looking through fused activations, batch
+    norms, max pools and reshapes (which keep the integer width); None for anything else (an add, a pool
+    that requantizes, the model's input)."""
     while isinstance(src, Node) and src.op in ("call_module", "call_function", "call_method"):
         if src.op == "call_module":
             module = gm.get_submodule(str(src.target))
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-                return act_bits_of(module) or 0
+                return str(src.target)
             name = type(module).__name__.lower()
         else:
             name = getattr(src.target, "__name__", str(src.target)).lower()
         if not any(k in name for k in _KEEPS_WIDTH) or not src.args:
-            return 0
+            return None
         src = src.args[0]
-    return 0
+    return None
 
 
 def _rows_cols(fold: int, dims: Sequence[int]) -> tuple[int, int]:

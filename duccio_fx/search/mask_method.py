@@ -34,8 +34,8 @@ from duccio_fx.passes.precision_export import PrecisionExport
 from duccio_fx.passes.precision_insertion import PrecisionInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport
 from duccio_fx.pipeline import analyze
+from duccio_fx.search.precision import ACT_BANK, PrecisionBank
 from duccio_fx.search.precision import BANK as PRECISION
-from duccio_fx.search.precision import PrecisionBank
 from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
@@ -45,11 +45,14 @@ class SearchableModel(SearchSpace):
 
     def __init__(self, graph_module: GraphModule, excluded: dict[int, str], *,
                  bits_excluded: dict[str, str] | None = None, channels: bool = True,
-                 temperature: float = 5.0, temperature_decay: float = 0.8) -> None:
+                 temperature: float = 5.0, temperature_decay: float = 0.8,
+                 act_excluded: dict[str, str] | None = None, act_reads: dict[str, str] | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.excluded = dict(excluded)
-        self.bits_excluded = dict(bits_excluded or {})  # layer -> why its precision is not searched
+        self.bits_excluded = dict(bits_excluded or {})  # layer -> why its weight precision is not searched
+        self.act_excluded = dict(act_excluded or {})  # layer -> why its output precision is not searched
+        self.act_reads = dict(act_reads or {})  # layer -> the searched layer whose output it reads
         self.channels = channels  # False: the masks stay all-ones (a precision-only search)
         self.temperature, self.temperature_decay = temperature, temperature_decay
         self.terms: list[LayerTerm] = layer_terms(graph_module)
@@ -77,29 +80,45 @@ class SearchableModel(SearchSpace):
         """The weight-precision θ (with `bits=`), else None."""
         return getattr(self.graph_module, PRECISION, None)
 
+    @property
+    def act_precision(self) -> PrecisionBank | None:
+        """The output-precision θ (with `act_bits=`), else None."""
+        return getattr(self.graph_module, ACT_BANK, None)
+
+    def _banks(self) -> list[PrecisionBank]:
+        return [b for b in (self.precision, self.act_precision) if b is not None]
+
     def arch_parameters(self) -> Iterator[nn.Parameter]:
-        """The α vector (unless `channels=False`) and the precision θ (train them without weight decay)."""
+        """The α vector (unless `channels=False`) and the precisions' θ (train them without weight decay)."""
         params = list(self.bank.parameters()) if self.bank is not None and getattr(self, "channels", True) else []
-        if self.precision is not None:
-            params.append(self.precision.theta)
+        params += [bank.theta for bank in self._banks()]
         return iter(params)
 
     def on_epoch(self, epoch: int) -> None:
-        """The precision's Gumbel temperature: `temperature` x `temperature_decay`^epoch."""
-        if self.precision is not None:
-            self.precision.temperature = self.temperature * self.temperature_decay ** epoch
+        """The precisions' Gumbel temperature: `temperature` x `temperature_decay`^epoch."""
+        for bank in self._banks():
+            bank.temperature = self.temperature * self.temperature_decay ** epoch
 
     def weight_bits(self) -> dict[str, int]:
         """The weight width every searched layer would be exported at (argmax θ), by module name."""
         return self.precision.choice() if self.precision is not None else {}
 
-    def architecture(self) -> dict[str, Any]:
-        return {"weight_bits": self.weight_bits()} if self.precision is not None else {}
+    def act_bits(self) -> dict[str, int]:
+        """The output width every searched layer would be exported at (argmax θ), by module name."""
+        return self.act_precision.choice() if self.act_precision is not None else {}
 
-    def precision_report(self) -> list[dict[str, Any]]:
-        """Per quantisable layer: the width it would be exported at, the probability of each width
-        (softmax θ), or why its width is not searched (`note`)."""
-        bank = self.precision
+    def architecture(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.precision is not None:
+            out["weight_bits"] = self.weight_bits()
+        if self.act_precision is not None:
+            out["act_bits"] = self.act_bits()
+        return out
+
+    def precision_report(self, activations: bool = False) -> list[dict[str, Any]]:
+        """Per quantisable layer: the weight (or, with `activations`, output) width it would be exported at,
+        the probability of each width (softmax θ), or why its width is not searched (`note`)."""
+        bank = self.act_precision if activations else self.precision
         if bank is None:
             return []
         probs = torch.softmax(bank.logits().detach().double(), 1).cpu().tolist()
@@ -111,8 +130,9 @@ class SearchableModel(SearchSpace):
                 "reads the model's input: only the widths whose weights pack into whole bytes per output channel"
             rows.append({"layer": name, "bits": bits, "widths": widths, "note": note,
                          "probabilities": {str(b): q for b, q, no in zip(bank.widths, p, off) if not no}})
+        excluded = self.act_excluded if activations else self.bits_excluded
         rows += [{"layer": name, "bits": None, "widths": [], "probabilities": {}, "note": f"not searched: {why}"}
-                 for name, why in self.bits_excluded.items()]
+                 for name, why in excluded.items()]
         return rows
 
     # -- masks --------------------------------------------------------------------------------------
@@ -172,34 +192,51 @@ class SearchableModel(SearchSpace):
             self._program = CostProgram(self.terms, [(g.id, g.channels) for g in self.channel_groups])
         return self._program
 
-    def _bits_column(self, hw: Target | None, chosen: bool = False) -> torch.Tensor | None:
-        """Every layer's weight bits for the costs: searched layers from the precision g (the last forward
-        pass's sample, or the argmax with `chosen`), the others at their own width."""
-        bank = self.precision
-        if bank is None or hw is None:
-            return None
-        program = self.program()
-        rows, which = self._bits_rows()
-        device = bank.theta.device
-        base = program.on(device).table.resolved_bits("weight_bits", hw.bits.weights)
-        return base.index_copy(0, rows.to(device), bank.layer_bits(chosen).index_select(0, which.to(device)))
+    def _bits_columns(self, hw: Target | None, chosen: bool = False, narrowest: bool = False
+                      ) -> dict[str, torch.Tensor | None]:
+        """Every layer's weight, input and output widths for the costs: searched layers from the banks' g (the
+        last forward pass's sample; the argmax with `chosen`; the narrowest width with `narrowest`), the others
+        at their own width."""
+        out: dict[str, torch.Tensor | None] = {"weight_bits": None, "in_bits": None, "out_bits": None}
+        if hw is None:
+            return out
+        table = self.program().table
+        for key, bank, column, default in (("weight_bits", self.precision, "weight_bits", hw.bits.weights),
+                                           ("out_bits", self.act_precision, "act_bits", hw.bits.activations),
+                                           ("in_bits", self.act_precision, "in_act_bits", hw.bits.activations)):
+            if bank is None:
+                continue
+            rows, which = self._bits_rows(key)
+            device = bank.theta.device
+            bits = bank.layer_bits(chosen)
+            if narrowest:
+                bits = torch.full_like(bits.detach(), float(min(bank.widths)))
+            base = table.resolved_bits(column, default).to(device)
+            out[key] = base.index_copy(0, rows.to(device), bits.index_select(0, which.to(device)))
+        return out
 
-    def _bits_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which cost-table rows take a searched precision, and the bank row of each (a module's later calls,
-        `<module>#k`, share its row)."""
-        if getattr(self, "_rows", None) is None:
-            index = {name: i for i, name in enumerate(self.precision.layers)}
-            pairs = [(r, index[t.name.split("#")[0]]) for r, t in enumerate(self.terms)
-                     if t.name.split("#")[0] in index]
-            self._rows = (torch.tensor([p[0] for p in pairs], dtype=torch.long),
+    def _bits_rows(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which cost-table rows take a searched width, and the bank row of each: a layer's own row for its
+        weights and output (a module's later calls, `<module>#k`, share it), the row of the layer it reads for
+        its input."""
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        if key not in cache:
+            bank = self.precision if key == "weight_bits" else self.act_precision
+            index = {name: i for i, name in enumerate(bank.layers)}
+            if key == "in_bits":
+                pairs = [(r, index[self.act_reads[t.name]]) for r, t in enumerate(self.terms) if t.name in self.act_reads]
+            else:
+                pairs = [(r, index[t.name.split("#")[0]]) for r, t in enumerate(self.terms)
+                         if t.name.split("#")[0] in index]
+            cache[key] = (torch.tensor([p[0] for p in pairs], dtype=torch.long),
                           torch.tensor([p[1] for p in pairs], dtype=torch.long))
-        return self._rows
+        return cache[key]
 
     def cost_values(self, target: Target | str | None = None) -> Costs:
         """Costs (floats) of the architecture `export()` returns now: the argmax precisions."""
         hw = load_target(target) if target is not None else None
         with torch.no_grad():
-            return self.program().costs(self._flat_masks(), hw, self._bits_column(hw, chosen=True)).floats()
+            return self.program().costs(self._flat_masks(), hw, **self._bits_columns(hw, chosen=True)).floats()
 
     def costs(self, target: Target | str | None = None) -> Costs:
         """Costs of the binarized architecture, differentiable w.r.t. the α (straight-through).
@@ -211,7 +248,7 @@ class SearchableModel(SearchSpace):
         over all layers (`CostProgram`): a fixed number of ops whatever the depth, and no host sync.
         """
         hw = load_target(target) if target is not None else None
-        return self.program().costs(self._flat_masks(), hw, self._bits_column(hw))
+        return self.program().costs(self._flat_masks(), hw, **self._bits_columns(hw))
 
     def minimum_masks(self) -> dict[int, torch.Tensor]:
         """One channel (one block with `channel_multiple` N > 1: the smallest, so the last one when N does
@@ -233,11 +270,8 @@ class SearchableModel(SearchSpace):
         program = self.program()
         masks = program.flatten(self.minimum_masks()) if getattr(self, "channels", True) else \
             self._flat_masks().detach()  # every channel kept
-        bits = self._bits_column(hw)
-        if bits is not None:  # every searched layer at the narrowest width
-            rows, _ = self._bits_rows()
-            bits = bits.detach().index_fill(0, rows.to(bits.device), float(min(self.precision.widths)))
-        return program.costs(masks, hw, bits).floats()
+        with torch.no_grad():  # every searched layer at the narrowest widths
+            return program.costs(masks, hw, **self._bits_columns(hw, narrowest=True)).floats()
 
     def structure(self) -> str:
         return self.graph_module.code + repr(self)
@@ -286,7 +320,7 @@ class SearchableModel(SearchSpace):
     def export(self, context: PassContext | None = None) -> GraphModule:
         """A plain model of ordinary torch modules holding only the kept channels (eval-exact)."""
         gm = copy.deepcopy(self.graph_module)
-        passes = [PrecisionExport(self.weight_bits())] if self.precision is not None else []
+        passes = [PrecisionExport(self.weight_bits(), self.act_bits())] if self._banks() else []
         (context or PassContext()).run(gm, passes + [ShrinkExport(self.masks())])
         gm.train(self.training)
         return gm
@@ -296,7 +330,8 @@ class SearchableModel(SearchSpace):
 def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                     context: PassContext | None = None, threshold: float = 0.5,
                     channel_multiple: int = 1, bits: Sequence[int] | None = None, channels: bool = True,
-                    temperature: float = 5.0, temperature_decay: float = 0.8) -> SearchableModel:
+                    temperature: float = 5.0, temperature_decay: float = 0.8,
+                    act_bits: Sequence[int] | None = None) -> SearchableModel:
     """Analyse a copy of `model` and insert one trainable mask per searchable channel group.
 
     `channel_multiple` N > 1: hardware-friendly widths: each mask entry keeps or removes a block of N
@@ -305,20 +340,25 @@ def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
     with a smaller block (`SearchableModel.width_report()` says which).
 
     `bits` (e.g. (2, 4, 8)): also search every quantisable layer's weight width among these (Gumbel-softmax
-    over θ, `temperature` at the first search epoch times `temperature_decay` each epoch); `channels=False`:
-    search the widths alone (the masks stay all-ones)."""
+    over θ, `temperature` at the first search epoch times `temperature_decay` each epoch); `act_bits`: its
+    output's width (PACT quantizers with a learned range); `channels=False`: search the widths alone (the
+    masks stay all-ones)."""
     check_channel_multiple(channel_multiple)
     widths = check_bits(bits, "bits") if bits is not None else None
-    if not channels and widths is None:
+    act_widths = check_bits(act_bits, "act_bits") if act_bits is not None else None
+    if not channels and widths is None and act_widths is None:
         raise DuccioError("channels=False leaves nothing to search", where="make_searchable(..., channels=False)",
-                          fix="give bits=(2, 4, 8) to search the weight precisions alone, or keep channels=True")
+                          fix="give bits=(2, 4, 8) (or act_bits=...) to search the precisions alone, or keep "
+                              "channels=True")
     context = context or PassContext()
     gm = analyze(copy.deepcopy(model), example_inputs, leaf_modules, context=context)
     insertion = MaskInsertion(threshold=threshold, channel_multiple=int(channel_multiple))
-    precision = PrecisionInsertion(widths) if widths is not None else None
+    precision = PrecisionInsertion(widths, act_widths) if widths or act_widths else None
     context.run(gm, [insertion] + ([precision] if precision is not None else []))
     space = SearchableModel(gm, insertion.excluded, bits_excluded=precision.excluded if precision else None,
-                            channels=channels, temperature=temperature, temperature_decay=temperature_decay)
+                            channels=channels, temperature=temperature, temperature_decay=temperature_decay,
+                            act_excluded=precision.act_excluded if precision else None,
+                            act_reads=precision.reads if precision else None)
     if not channels and space.bank is not None:
         space.bank.alpha.requires_grad_(False)  # every channel stays: α is neither searched nor trained
     space._multiple = int(channel_multiple)  # (the bank holds it too; this covers a model with nothing searchable)

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
-from duccio_fx.ir.precision import fake_quant_weight
+from duccio_fx.ir.precision import ACT_CLIP, bake_weight_bits, fake_quant_weight, round_ste
 
 BANK = "duccio_precision"  # the bank's name in a searchable graph
 SELECT = "duccio_precision_select"  # where the per-layer selects live
@@ -106,3 +107,79 @@ def mixed_weight(w: torch.Tensor, g: torch.Tensor, widths: Sequence[int]) -> tor
     for i, bits in enumerate(widths):
         out = out + g[i].to(w.dtype) * fake_quant_weight(w, bits)
     return out
+
+
+ACT_BANK = "duccio_act_precision"  # the activation widths' bank
+ACT_SELECT = "duccio_act_precision_select"
+ACT_QUANT = "duccio_act_quant"  # where the activation quantizers live
+
+
+class ActQuant(nn.Module):
+    """PACT-style fake quantization of a layer's output: clip to [0, α] (signed: [-α, α]) with a learned α,
+    then round to the grid of `bits` (or `Σ_i g_i · Q_{b_i}` over the widths a search's g selects), with
+    straight-through rounding; α gets the gradient of the clipped values and of the step α/levels (as LSQ).
+    α starts at the 99.99th percentile of the first training batch's values (all ranks agree on the
+    largest), so it starts where calibration would put the range."""
+
+    def __init__(self, widths: Sequence[int], signed: bool, bits: int | None = None, layer: str = "") -> None:
+        super().__init__()
+        self.widths = tuple(int(b) for b in widths)
+        self.signed = bool(signed)
+        self.bits = bits  # a fixed width (exported, fine-tuning) instead of a g
+        self.layer = layer  # the conv/linear module whose output it quantizes
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self._ready = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = True  # a loaded α is a trained one
+
+    def _start(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            flat = x.detach().reshape(-1).float()
+            values = flat.abs() if self.signed else flat.clamp(min=0)
+            if values.numel() > 1 << 16:
+                values = values[torch.randint(values.numel(), (1 << 16,), device=values.device)]
+            top = torch.quantile(values, 0.9999).clamp(min=1e-3)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+            self.alpha.copy_(top.to(self.alpha.dtype))
+        self._ready = True
+
+    def quantize(self, x: torch.Tensor, bits: int, alpha: torch.Tensor) -> torch.Tensor:
+        levels = (1 << (bits - 1)) - 1 if self.signed else (1 << bits) - 1
+        step = alpha / levels
+        return round_ste(x / step) * step
+
+    def forward(self, x: torch.Tensor, precision: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._ready and self.training:
+            self._start(x)
+        alpha = self.alpha.abs() + 1e-8
+        y = torch.minimum(x, alpha)
+        y = torch.maximum(y, -alpha) if self.signed else torch.relu(y)
+        if precision is None:
+            return self.quantize(y, self.bits or max(self.widths), alpha)
+        out = y.new_zeros(())
+        for i, bits in enumerate(self.widths):
+            out = out + precision[i].to(y.dtype) * self.quantize(y, bits, alpha)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, signed={self.signed}" + (f", bits={self.bits}" if self.bits else "")
+
+
+def bake_precision(model: nn.Module) -> None:
+    """The exported model as plain modules: weights rounded onto their grids (`bake_weight_bits`), and the
+    activation quantizers of a graph removed, each leaving its learned range on its layer (`duccio_act_clip`,
+    which calibration then uses) so the integer network keeps the range the model was fine-tuned with."""
+    bake_weight_bits(model)
+    if not isinstance(model, GraphModule) or not hasattr(model, ACT_QUANT):
+        return
+    for node in list(model.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(ACT_QUANT + "."):
+            quant = model.get_submodule(str(node.target))
+            setattr(model.get_submodule(quant.layer), ACT_CLIP, float(quant.alpha.detach().abs()))
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+    delattr(model, ACT_QUANT)
+    model.recompile()

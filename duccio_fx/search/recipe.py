@@ -34,7 +34,7 @@ from duccio_fx.costs.model import Costs
 from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.meta import LayerTerm, layer_terms
 from duccio_fx.ir.pass_manager import PassContext
-from duccio_fx.ir.precision import bake_weight_bits, fake_quantize_weights
+from duccio_fx.ir.precision import fake_quantize_weights
 from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.pipeline import analyze, graph_costs
 from duccio_fx.search.checkpoint import Checkpoint
@@ -43,6 +43,7 @@ from duccio_fx.search.distributed import (ShardedLoader, average_gradients, broa
                                           rank_device, sum_over_ranks)
 from duccio_fx.search.feasibility import check_feasible
 from duccio_fx.search.objective import DuccioObjective
+from duccio_fx.search.precision import bake_precision
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import SearchSpace, make_searchable
 from duccio_fx.search.training import (PHASES, LossFn, MetricFn, StepLosses, batch_where, check_first_batch,
@@ -373,7 +374,7 @@ class Recipe:
                         "exported_feasible": exported_feasible})
         self.progress("done", {"phase": "finetune", "epochs": s.finetune_epochs})
         exported.load_state_dict(ft_best)
-        bake_weight_bits(exported)  # plain modules whose float weights lie on their grids
+        bake_precision(exported)  # plain modules, weights on their grids, activation ranges on their layers
         _, final_metric = evaluate_model(exported, self.val_loader, self.loss_fn, self.metric_fn, self.device,
                                          during="the final validation")
         exported.eval()
