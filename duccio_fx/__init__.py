@@ -7,7 +7,7 @@ from duccio_fx.common.errors import DuccioError, DuccioTraceError, ModelFileErro
 from duccio_fx.ir import builtin_rules as _builtin_rules  # noqa: F401  (fills the default op registry)
 from duccio_fx.ir.channels import ChannelGroup, GroupMember
 from duccio_fx.ir.pass_manager import DumpIR, Instrument, Pass, PassContext, PassManager, PrintIR, TimePasses
-from duccio_fx.ir.precision import bake_weight_bits, set_weight_bits, weight_bits_of
+from duccio_fx.ir.precision import act_bits_of, bake_weight_bits, set_act_bits, set_weight_bits, weight_bits_of
 from duccio_fx.ir.printer import format_ir, register_meta_formatter
 from duccio_fx.ir.registry import REGISTRY, add_hook, register_function, register_method, register_module
 from duccio_fx.ir.rule_api import RuleContext
@@ -32,12 +32,12 @@ from duccio_fx.targets import Target, load_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockSpec", "ChannelGroup", "Choice", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
+    "BlockSpec", "act_bits_of", "ChannelGroup", "Choice", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
     "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "NotApplicable", "Pass", "PassContext", "PassError",
     "PassManager", "PathSpace", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
     "SearchSettings", "SearchSpace", "ShapePropagationError", "Target", "TimePasses", "add_hook", "analyze",
     "backends", "bake_weight_bits", "channel_groups", "format_ir", "load_target", "lower", "lower_to_dory", "make_searchable", "measure_costs",
     "optimize", "register_alternative", "register_backend", "register_function", "register_latency_model", "register_meta_formatter",
     "register_method", "register_metric", "register_module", "register_search_method", "search_methods",
-    "set_weight_bits", "trace", "weight_bits_of",
+    "set_act_bits", "set_weight_bits", "trace", "weight_bits_of",
 ]
