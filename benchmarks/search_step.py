@@ -8,7 +8,9 @@ For ResNet-8 (32x32, batch 64) and DS-CNN (49x10, batch 100): the same batch, th
 "all" estimator (every alternative runs, the paper's) and the "sampled" one (only the sampled alternative
 runs). DS-CNN's choice points are its 1x1 pointwise convs, against which the default alternatives are
 9x (conv3) and 25x (conv5) the work, so it is also timed with the narrower set NARROW ("path-narrow",
-sampled estimator). A search step also computes the differentiable costs and adds a size penalty, as a real search
+sampled estimator). "mask-bits" and "mask-bits-act" are the mask search with `bits=(2, 4, 8)` (every layer's
+weights fake-quantized at 8, 4 and 2 bits, mixed by its Gumbel g) and also `act_bits=(2, 4, 8)` (a PACT
+quantizer on every layer's output, at three widths each). A search step also computes the differentiable costs and adds a size penalty, as a real search
 step does. Timings interleave seed and searchable runs and report the
 median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
 what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
@@ -194,6 +196,11 @@ def main() -> None:
         models = {"seed": seed, "mask": duccio_fx.make_searchable(seed, example),
                   "path-all": duccio_fx.make_searchable(seed, example, method="path", estimator="all"),
                   "path-sampled": duccio_fx.make_searchable(seed, example, method="path", estimator="sampled")}
+        try:  # mixed precision (`--bits`, `--act-bits`; absent from older commits)
+            models["mask-bits"] = duccio_fx.make_searchable(seed, example, bits=(2, 4, 8))
+            models["mask-bits-act"] = duccio_fx.make_searchable(seed, example, bits=(2, 4, 8), act_bits=(2, 4, 8))
+        except (TypeError, duccio_fx.DuccioError):
+            pass
         if name == "dscnn":
             models["path-narrow"] = duccio_fx.make_searchable(seed, example, method="path", estimator="sampled",
                                                               alternatives=NARROW)
