@@ -287,7 +287,7 @@ def test_a_residual_branch_quantizes_signed_before_the_add_and_alpha_survives_a_
     fresh.train()
     fresh(x * 10)  # a loaded α is not re-initialized from the data
     for key, q in dict(fresh.graph_module.get_submodule("duccio_act_quant").items()).items():
-        assert float(q.alpha) == float(quants[key].alpha)
+        assert float(q.alpha.detach()) == float(quants[key].alpha.detach())
     buffer = io.BytesIO()
     torch.save(sm, buffer)
     buffer.seek(0)
