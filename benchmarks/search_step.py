@@ -10,8 +10,8 @@ runs). DS-CNN's choice points are its 1x1 pointwise convs, against which the def
 9x (conv3) and 25x (conv5) the work, so it is also timed with the narrower set NARROW ("path-narrow",
 sampled estimator). "mask-bits" and "mask-bits-act" are the mask search with `bits=(2, 4, 8)` (every layer's
 weights fake-quantized at 8, 4 and 2 bits, mixed by its Gumbel g) and also `act_bits=(2, 4, 8)` (a PACT
-quantizer on every layer's output, at three widths each). A search step also computes the differentiable costs and adds a size penalty, as a real search
-step does. Timings interleave seed and searchable runs and report the
+quantizer on every layer's output, at three widths each). A search step also computes the differentiable costs
+and adds a size penalty, as a real search step does. Timings interleave seed and searchable runs and report the
 median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
 what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
 does not depend on the noise of the convolutions.

@@ -32,8 +32,8 @@ from duccio_fx.targets import Target, load_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockSpec", "act_bits_of", "ChannelGroup", "Choice", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
-    "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "NotApplicable", "Pass", "PassContext", "PassError",
+    "BlockSpec", "ChannelGroup", "Choice", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
+    "act_bits_of", "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "NotApplicable", "Pass", "PassContext", "PassError",
     "PassManager", "PathSpace", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
     "SearchSettings", "SearchSpace", "ShapePropagationError", "Target", "TimePasses", "add_hook", "analyze",
     "backends", "bake_weight_bits", "channel_groups", "format_ir", "load_target", "lower", "lower_to_dory", "make_searchable", "measure_costs",

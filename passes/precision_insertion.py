@@ -62,6 +62,7 @@ class PrecisionInsertion(Pass):
     def _weights(self, gm: GraphModule, widths: tuple[int, ...]) -> bool:
         rows: dict[str, int] = {}
         allowed: dict[str, tuple[bool, ...]] = {}
+        notes: dict[str, str] = {}
         users: list[tuple[Node, str]] = []
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
         from_input = {g.id for g in gm.meta[GROUPS_KEY] if set(g.producers) & inputs}
@@ -72,24 +73,27 @@ class PrecisionInsertion(Pass):
             target = str(node.target) if node.op == "call_module" else node.name
             reason = self._reason(gm, node, term.kind, term.requant)
             ok = tuple(b >= 4 or term.kind != "depthwise" for b in widths)
+            note = "" if all(ok) else "depthwise: DORY's 2-bit depthwise packing does not match pulp-nn-mixed's kernel"
             if not reason and any(group in from_input for group, *_ in term.in_spec):
                 per_channel = width(term.in_spec) * term.kernel // max(term.groups, 1)
                 ok = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(widths, ok))
+                note = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
+                        f"bytes only at {', '.join(str(b) for b, y in zip(widths, ok) if y) or 'no'} "
+                        "of the widths, and the input's channels cannot be padded")
                 if sum(ok) < 2:
-                    reason = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
-                              f"bytes only at {', '.join(str(b) for b, y in zip(widths, ok) if y) or 'no'} "
-                              "of the widths, and the input's channels cannot be padded")
+                    reason = note
             if not reason and sum(ok) < 2:
                 reason = "depthwise: its kernels take 8 or 4 bits, and 4 is not among the widths"
             if reason:
                 self.excluded.setdefault(target, reason)
                 continue
             rows.setdefault(target, len(rows))
-            allowed[target] = ok
+            allowed[target], notes[target] = ok, "" if all(ok) else note
             users.append((node, target))
         if not rows:
             return False
-        g, selects = self._bank(gm, BANK, SELECT, PrecisionBank(list(rows), widths, [allowed[n] for n in rows]), rows)
+        bank = PrecisionBank(list(rows), widths, [allowed[n] for n in rows], [notes[n] for n in rows])
+        g, selects = self._bank(gm, BANK, SELECT, bank, rows)
         for node, target in users:
             module = as_masked(gm.get_submodule(target))
             setattr(module, WIDTHS, widths)

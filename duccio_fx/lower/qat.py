@@ -1,9 +1,9 @@
 """Quantization-aware fine-tuning for the DORY lowering: fake quantization on the calibrated float graph.
 
-After `calibrate` has fixed every activation's 8-bit type and scale, `insert_fake_quant` makes the float graph
+After `calibrate` has fixed every activation's type and scale, `insert_fake_quant` makes the float graph
 compute what the integer network will, up to the requantization rounding: every calibrated activation is
-rounded and clipped to its grid, and every conv/linear weight to its grid (int8, or the layer's own `duccio_weight_bits`) (per output channel; one scale
-for the int32 head, as `integerize` does). Gradients pass straight through the rounding. The user's training
+rounded and clipped to its grid, and every conv/linear weight to its grid (int8, or the layer's own
+`duccio_weight_bits`; per output channel, one scale for the int32 head, as `integerize` does). Gradients pass straight through the rounding. The user's training
 loop fine-tunes the weights under that noise; `remove` then restores the plain graph with the trained weights,
 which `integerize` quantizes exactly as the fake quantization did.
 """

@@ -4,8 +4,10 @@
     loss = task_loss + lam * torch.relu(sm.costs()["params"] - target)
     small = sm.export()                                          # plain nn.Module, fewer channels
 
-With `bits=(2, 4, 8)` every quantisable layer also searches its weight precision (`duccio_fx.search.precision`;
-`channels=False` searches the precisions alone). The IR keeps its typed annotations through mask insertion; they travel with the module through
+With `bits=(2, 4, 8)` every quantisable layer also searches its weight precision, with `act_bits` its output's
+(`duccio_fx.search.precision`; `channels=False` searches the precisions alone).
+
+The IR keeps its typed annotations through mask insertion; they travel with the module through
 `torch.save` (pickling a GraphModule drops `meta`, so the module gives them back when it is loaded), and a
 `state_dict` loads into a fresh `make_searchable` of the same seed.
 """
@@ -27,8 +29,8 @@ from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.channels import ChannelGroup
 from duccio_fx.ir.meta import GROUPS_KEY, LayerTerm, duccio_meta, layer_terms, restore_meta
 from duccio_fx.ir.pass_manager import PassContext
-from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.ir.precision import check_bits
+from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
 from duccio_fx.passes.precision_export import PrecisionExport
 from duccio_fx.passes.precision_insertion import PrecisionInsertion
@@ -124,10 +126,8 @@ class SearchableModel(SearchSpace):
         probs = torch.softmax(bank.logits().detach().double(), 1).cpu().tolist()
         barred = bank.barred.cpu().tolist()
         rows = []
-        for (name, bits), p, off in zip(bank.choice().items(), probs, barred):
+        for (name, bits), p, off, note in zip(bank.choice().items(), probs, barred, bank.notes):
             widths = [b for b, no in zip(bank.widths, off) if not no]
-            note = "" if len(widths) == len(bank.widths) else \
-                "reads the model's input: only the widths whose weights pack into whole bytes per output channel"
             rows.append({"layer": name, "bits": bits, "widths": widths, "note": note,
                          "probabilities": {str(b): q for b, q, no in zip(bank.widths, p, off) if not no}})
         excluded = self.act_excluded if activations else self.bits_excluded
@@ -224,7 +224,8 @@ class SearchableModel(SearchSpace):
             bank = self.precision if key == "weight_bits" else self.act_precision
             index = {name: i for i, name in enumerate(bank.layers)}
             if key == "in_bits":
-                pairs = [(r, index[self.act_reads[t.name]]) for r, t in enumerate(self.terms) if t.name in self.act_reads]
+                pairs = [(r, index[self.act_reads[t.name]]) for r, t in enumerate(self.terms)
+                         if t.name in self.act_reads]
             else:
                 pairs = [(r, index[t.name.split("#")[0]]) for r, t in enumerate(self.terms)
                          if t.name.split("#")[0] in index]

@@ -30,9 +30,10 @@ class PrecisionBank(nn.Module):
     """θ of every quantised layer's weight precision: [layers, widths], widths widest first."""
 
     def __init__(self, layers: Sequence[str], widths: Sequence[int],
-                 allowed: Sequence[Sequence[bool]] | None = None) -> None:
+                 allowed: Sequence[Sequence[bool]] | None = None, notes: Sequence[str] | None = None) -> None:
         super().__init__()
         self.layers = list(layers)
+        self.notes = list(notes) if notes is not None else [""] * len(self.layers)  # why a layer lacks a width
         self.widths = tuple(int(b) for b in widths)
         self.theta = nn.Parameter(torch.zeros(len(self.layers), len(self.widths)))
         # widths a layer may not take (its weights would not pack into whole bytes per output channel)
