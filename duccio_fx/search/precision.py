@@ -1,7 +1,7 @@
-"""Weight-precision search: one choice of bit width per conv/linear layer, searched like the path method's
-choice points (Gumbel-softmax, hard one-hot forward, soft gradient backward).
+"""Precision search: one choice of bit width per conv/linear layer for its weights (and one for its output),
+searched like the path method's choice points (Gumbel-softmax, hard one-hot forward, soft gradient backward).
 
-    sm = duccio_fx.make_searchable(model, x, bits=(2, 4, 8))     # masks and precisions; channels=False: bits only
+    sm = duccio_fx.make_searchable(model, x, bits=(2, 4, 8), act_bits=(2, 4, 8))  # channels=False: widths only
 
 `PrecisionBank` holds θ, one row per quantised layer and one column per width (widest first), and is
 called once per forward pass: in training (with θ trainable) it draws every layer's g, else it gives the
@@ -10,6 +10,10 @@ argmax (ties: the widest, so an untrained bank runs the seed at the target's wid
 one-hot g that is `Q_b(W)` for the sampled b forward, while θ gets `⟨∂L/∂W_q, Q_{b_i}(W)⟩` for every width
 (`Q_b`: `duccio_fx.ir.precision.fake_quant_weight`, the grid the lowering integerizes to). The costs read the
 same g (paper eq. 8): each layer's weight bits are `g · widths`, exact forward, differentiable backward.
+
+Output widths work alike with a second bank: an `ActQuant` (PACT) on each layer's requantized output computes
+`Σ_i g_i · Q_{b_i}(clip(x, α))`, and the costs take each layer's output width and the width of the layer its
+input comes from. `bake_precision` turns an exported model into plain modules.
 """
 
 from __future__ import annotations
