@@ -33,17 +33,17 @@ from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.precision import QUANTIZABLE
 from duccio_fx.search.masks import MASKED, PLAIN, WIDTHS, as_masked
 from duccio_fx.search.precision import (ACT_BANK, ACT_QUANT, ACT_SELECT, BANK, SELECT, ActQuant, PrecisionBank,
-                                        PrecisionSelect)
+                                        PrecisionSelect, WidthRules)
 
 
 @dataclass
 class PrecisionInsertion(Pass):
-    """`widths`: the weight widths searched, widest first (None: weights stay at the target's); `act_widths`:
+    """`widths`: the weight widths searched, per layer (None: weights stay at the target's); `act_widths`:
     the activation widths (None: 8 bits). Result: the banks, and `excluded` / `act_excluded` (layer → why its
     width is not searched)."""
 
-    widths: tuple[int, ...] | None
-    act_widths: tuple[int, ...] | None = None
+    widths: WidthRules | None
+    act_widths: WidthRules | None = None
     excluded: dict[str, str] = field(default_factory=dict)
     act_excluded: dict[str, str] = field(default_factory=dict)
     # with activation widths: layer (its cost-term name) → the searched layer whose output it reads
@@ -59,7 +59,8 @@ class PrecisionInsertion(Pass):
             changed |= self._activations(gm, self.act_widths)
         return changed
 
-    def _weights(self, gm: GraphModule, widths: tuple[int, ...]) -> bool:
+    def _weights(self, gm: GraphModule, rules: WidthRules) -> bool:
+        widths = rules.widths
         rows: dict[str, int] = {}
         allowed: dict[str, tuple[bool, ...]] = {}
         notes: dict[str, str] = {}
@@ -72,17 +73,24 @@ class PrecisionInsertion(Pass):
                 continue
             target = str(node.target) if node.op == "call_module" else node.name
             reason = self._reason(gm, node, term.kind, term.requant)
-            ok = tuple(b >= 4 or term.kind != "depthwise" for b in widths)
-            note = "" if all(ok) else "depthwise: DORY's 2-bit depthwise packing does not match pulp-nn-mixed's kernel"
+            mine = rules.for_layer(target) if not reason else widths
+            ok = tuple(b in mine and (b >= 4 or term.kind != "depthwise") for b in widths)
+            note = "depthwise: DORY's 2-bit depthwise packing does not match pulp-nn-mixed's kernel" \
+                if term.kind == "depthwise" and 2 in mine else ""
             if not reason and any(group in from_input for group, *_ in term.in_spec):
                 per_channel = width(term.in_spec) * term.kernel // max(term.groups, 1)
-                ok = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(widths, ok))
-                note = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
-                        f"bytes only at {', '.join(str(b) for b, y in zip(widths, ok) if y) or 'no'} "
-                        "of the widths, and the input's channels cannot be padded")
-                if sum(ok) < 2:
-                    reason = note
-            if not reason and sum(ok) < 2:
+                packs = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(widths, ok))
+                if packs != ok:
+                    note = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
+                            f"bytes only at {', '.join(str(b) for b, y in zip(widths, packs) if y) or 'no'} "
+                            "of its widths, and the input's channels cannot be padded")
+                    ok = packs
+                    if sum(ok) < 2 and len(mine) > 1:
+                        reason = note
+            if not reason and sum(ok) == 0:
+                reason = f"none of its widths ({', '.join(map(str, mine))}) runs on its kernels" + \
+                    (" (depthwise: 8 or 4 bits)" if term.kind == "depthwise" else "")
+            if not reason and sum(ok) < 2 and len(mine) > 1:
                 reason = "depthwise: its kernels take 8 or 4 bits, and 4 is not among the widths"
             if reason:
                 self.excluded.setdefault(target, reason)
@@ -90,6 +98,7 @@ class PrecisionInsertion(Pass):
             rows.setdefault(target, len(rows))
             allowed[target], notes[target] = ok, "" if all(ok) else note
             users.append((node, target))
+        rules.check_matched(list(rows))
         if not rows:
             return False
         bank = PrecisionBank(list(rows), widths, [allowed[n] for n in rows], [notes[n] for n in rows])
@@ -100,8 +109,10 @@ class PrecisionInsertion(Pass):
             node.kwargs = {**node.kwargs, "precision": selects[target]}
         return True
 
-    def _activations(self, gm: GraphModule, widths: tuple[int, ...]) -> bool:
+    def _activations(self, gm: GraphModule, rules: WidthRules) -> bool:
+        widths = rules.widths
         rows: dict[str, int] = {}
+        allowed: dict[str, tuple[bool, ...]] = {}
         ends: list[tuple[Node, str, bool]] = []
         for node in list(gm.graph.nodes):
             term = layer_term(node)
@@ -114,7 +125,9 @@ class PrecisionInsertion(Pass):
                 continue
             end, unsigned = _requant_point(gm, node)
             rows.setdefault(target, len(rows))
+            allowed[target] = tuple(b in rules.for_layer(target) for b in widths)
             ends.append((end, target, unsigned))
+        rules.check_matched(list(rows))
         if not rows:
             return False
         for node in gm.graph.nodes:
@@ -122,7 +135,8 @@ class PrecisionInsertion(Pass):
             producer = input_producer(gm, node.args[0]) if term is not None and node.args else None
             if producer in rows:
                 self.reads[term.name] = producer
-        _, selects = self._bank(gm, ACT_BANK, ACT_SELECT, PrecisionBank(list(rows), widths), rows)
+        bank = PrecisionBank(list(rows), widths, [allowed[n] for n in rows])
+        _, selects = self._bank(gm, ACT_BANK, ACT_SELECT, bank, rows)
         gm.add_submodule(ACT_QUANT, nn.ModuleDict())
         for end, target, unsigned in ends:
             key = end.name

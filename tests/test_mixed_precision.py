@@ -439,6 +439,29 @@ def test_sweep_refuses_bits_with_the_path_method_before_running(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_per_layer_width_rules_fix_or_narrow_layers_and_a_rule_matching_nothing_is_refused():
+    torch.manual_seed(0)
+    x = torch.rand(4, 2, 16, 16)
+    sm = duccio_fx.make_searchable(Net(8), x[:1], bits=["2,4,8", "conv*=4,8", "pw.0=2"], act_bits=["4,8", "pw.0=8"])
+    allowed = {name: [b for b, no in zip(sm.precision.widths, row) if not no]
+               for name, row in zip(sm.precision.layers, sm.precision.barred.tolist())}
+    assert allowed == {"stem.0": [8, 4], "conv1.0": [8, 4], "conv2.0": [8, 4], "pw.0": [2], "hidden.0": [8, 4, 2]}
+    assert sm.weight_bits()["pw.0"] == 2  # one width: fixed there
+    assert sm.act_precision.widths == (8, 4) and sm.act_bits()["pw.0"] == 8
+    with pytest.raises(DuccioError, match="'stage9.*' matches no layer"):
+        duccio_fx.make_searchable(Net(8), x[:1], bits=["2,4,8", "stage9.*=4"])
+    with pytest.raises(DuccioError, match="no default widths"):
+        duccio_fx.make_searchable(Net(8), x[:1], bits=["conv*=4"])
+
+
+def test_cli_takes_repeated_bits_rules(tmp_path):
+    model = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"
+    result = runner.invoke(app, ["optimize", str(model), "--target", "gap8", "--max-size", "50%", "--bits", "2,4,8",
+                                 "--bits", "stage9.*=4", "--out", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "matches no layer whose width is searched" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
 # -- the real DORY --------------------------------------------------------------------------------------------
 
 DORY_CHECK = os.environ.get("DORY_CHECK")

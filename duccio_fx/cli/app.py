@@ -30,12 +30,12 @@ from duccio_fx.cli.target_view import render_target
 from duccio_fx.common.device import resolve_amp, resolve_device
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.ir.pass_manager import DumpIR, Instrument, PassContext, PrintIR, TimePasses
-from duccio_fx.ir.precision import check_bits
 from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.mask_method import check_channel_multiple
 from duccio_fx.search.objective import FORMS
+from duccio_fx.search.precision import WidthRules
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import make_searchable, search_methods
 from duccio_fx.targets import list_targets, load_target, load_target_file
@@ -106,7 +106,7 @@ def inspect(
             raise DuccioError("--alternatives belongs to the path method", where="--alternatives",
                               fix="add --method path")
         mask_options = _mask_options(method, channel_multiple)
-        mask_options.update(_bits_options(method, bits, False, 5.0, 0.8))
+        mask_options.update(_bits_options(method, bits, False, 5.0, 0.8))  # (one --bits: plain widths)
         if method == "path":
             space = make_searchable(spec.model, spec.example_inputs, "path", leaf_modules=spec.leaf_modules,
                                     context=PassContext(instruments[1:]), alternatives=alternatives)
@@ -232,12 +232,14 @@ def optimize(
     channel_multiple: int = typer.Option(1, "--channel-multiple", help="--method mask: keep a multiple of N "
                                          "channels in every searched group (masks of blocks of N channels), e.g. "
                                          "4 for PULP-NN's channel blocking, 8 or 16 for GAP9's NE16"),
-    bits: Optional[str] = typer.Option(None, "--bits", help="--method mask: also search every layer's weight "
-                                       "precision among these widths, e.g. 2,4,8 (mixed precision; the head "
-                                       "stays at the target's width)"),
-    act_bits: Optional[str] = typer.Option(None, "--act-bits", help="--method mask: also search every layer's "
-                                           "output (activation) precision among these widths, e.g. 2,4,8 (PACT "
-                                           "quantizers with a learned range)"),
+    bits: Optional[list[str]] = typer.Option(None, "--bits", help="--method mask: also search every layer's weight "
+                                             "precision among these widths, e.g. 2,4,8 (mixed precision; the head "
+                                             "stays at the target's width), and per layer PATTERN=WIDTHS, e.g. "
+                                             "'stage3.*=4,8' (repeatable; the last match wins)"),
+    act_bits: Optional[list[str]] = typer.Option(None, "--act-bits", help="--method mask: also search every "
+                                                 "layer's output (activation) precision among these widths, e.g. "
+                                                 "2,4,8 (PACT quantizers with a learned range); PATTERN=WIDTHS "
+                                                 "rules as for --bits"),
     bits_only: bool = typer.Option(False, "--bits-only", help="with --bits/--act-bits: search the precisions "
                                    "alone (every channel kept)"),
 ) -> None:
@@ -262,7 +264,7 @@ def optimize(
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
         resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
         method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay,
-                                       bits is not None or act_bits is not None)
+                                       bool(bits) or bool(act_bits))
         method_options.update(_mask_options(method, channel_multiple))
         method_options.update(_bits_options(method, bits, bits_only, temperature, temperature_decay, act_bits))
         w, s, f = _epochs(epochs)
@@ -334,27 +336,25 @@ def _mask_options(method: str, channel_multiple: int) -> dict[str, Any]:
     return {"channel_multiple": channel_multiple}
 
 
-def _bits_options(method: str, bits: str | None, bits_only: bool, temperature: float,
-                  temperature_decay: float, act_bits: str | None = None) -> dict[str, Any]:
+def _bits_options(method: str, bits: str | list[str] | None, bits_only: bool, temperature: float,
+                  temperature_decay: float, act_bits: str | list[str] | None = None) -> dict[str, Any]:
     """`--bits 2,4,8`, `--act-bits 2,4,8` (and `--bits-only`): the mask method's precision search; refused
     elsewhere."""
-    if bits is None and act_bits is None:
+    if not bits and not act_bits:
         if bits_only:
             raise DuccioError("--bits-only needs --bits or --act-bits", where="--bits-only",
                               fix="e.g. --bits 2,4,8 --bits-only")
         return {}
     options: dict[str, Any] = {}
-    for name, text, key in (("--bits", bits, "bits"), ("--act-bits", act_bits, "act_bits")):
-        if text is None:
+    for name, given, key in (("--bits", bits, "bits"), ("--act-bits", act_bits, "act_bits")):
+        if not given:
             continue
         if method != "mask":
             raise DuccioError(f"{name} belongs to the mask method (got --method {method})", where=name,
                               fix=f"add --method mask, or drop {name}")
-        try:
-            widths = [int(b) for b in text.split(",") if b.strip()]
-        except ValueError:
-            raise DuccioError(f"{name} {text!r} is not a list of whole numbers", where=name, fix=f"e.g. {name} 2,4,8")
-        options[key] = list(check_bits(widths, name))
+        specs = [given] if isinstance(given, str) else list(given)
+        rules = WidthRules(specs, name)  # refuses what does not parse
+        options[key] = list(rules.widths) if len(specs) == 1 and "=" not in specs[0] else specs
     if bits_only:
         options["channels"] = False
     if (temperature, temperature_decay) != (5.0, 0.8):

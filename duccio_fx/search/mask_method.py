@@ -29,14 +29,13 @@ from duccio_fx.costs.terms import LayerValues, evaluate
 from duccio_fx.ir.channels import ChannelGroup
 from duccio_fx.ir.meta import GROUPS_KEY, LayerTerm, duccio_meta, layer_terms, restore_meta
 from duccio_fx.ir.pass_manager import PassContext
-from duccio_fx.ir.precision import check_bits
 from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
 from duccio_fx.passes.precision_export import PrecisionExport
 from duccio_fx.passes.precision_insertion import PrecisionInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport
 from duccio_fx.pipeline import analyze
-from duccio_fx.search.precision import ACT_BANK, PrecisionBank
+from duccio_fx.search.precision import ACT_BANK, PrecisionBank, WidthRules
 from duccio_fx.search.precision import BANK as PRECISION
 from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
@@ -330,9 +329,9 @@ class SearchableModel(SearchSpace):
 @register_search_method("mask")
 def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                     context: PassContext | None = None, threshold: float = 0.5,
-                    channel_multiple: int = 1, bits: Sequence[int] | None = None, channels: bool = True,
-                    temperature: float = 5.0, temperature_decay: float = 0.8,
-                    act_bits: Sequence[int] | None = None) -> SearchableModel:
+                    channel_multiple: int = 1, bits: Sequence[int] | Sequence[str] | None = None,
+                    channels: bool = True, temperature: float = 5.0, temperature_decay: float = 0.8,
+                    act_bits: Sequence[int] | Sequence[str] | None = None) -> SearchableModel:
     """Analyse a copy of `model` and insert one trainable mask per searchable channel group.
 
     `channel_multiple` N > 1: hardware-friendly widths: each mask entry keeps or removes a block of N
@@ -340,13 +339,14 @@ def make_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
     GAP9's NE16). Groups of at most N channels are not searched; a group whose width N does not divide ends
     with a smaller block (`SearchableModel.width_report()` says which).
 
-    `bits` (e.g. (2, 4, 8)): also search every quantisable layer's weight width among these (Gumbel-softmax
-    over θ, `temperature` at the first search epoch times `temperature_decay` each epoch); `act_bits`: its
-    output's width (PACT quantizers with a learned range); `channels=False`: search the widths alone (the
-    masks stay all-ones)."""
+    `bits` (e.g. (2, 4, 8), or per layer `["2,4,8", "stage3.*=4,8", "fc1=8"]`: fnmatch patterns on module
+    names, the last match wins): also search every quantisable layer's weight width among these
+    (Gumbel-softmax over θ, `temperature` at the first search epoch times `temperature_decay` each epoch);
+    `act_bits`: its output's width alike (PACT quantizers with a learned range); `channels=False`: search the
+    widths alone (the masks stay all-ones)."""
     check_channel_multiple(channel_multiple)
-    widths = check_bits(bits, "bits") if bits is not None else None
-    act_widths = check_bits(act_bits, "act_bits") if act_bits is not None else None
+    widths = WidthRules(bits, "bits") if bits is not None else None
+    act_widths = WidthRules(act_bits, "act_bits") if act_bits is not None else None
     if not channels and widths is None and act_widths is None:
         raise DuccioError("channels=False leaves nothing to search", where="make_searchable(..., channels=False)",
                           fix="give bits=(2, 4, 8) (or act_bits=...) to search the precisions alone, or keep "

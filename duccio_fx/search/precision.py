@@ -18,13 +18,69 @@ input comes from. `bake_precision` turns an exported model into plain modules.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from duccio_fx.ir.precision import ACT_CLIP, bake_weight_bits, fake_quant_weight, round_ste
+from duccio_fx.common.errors import DuccioError
+from duccio_fx.ir.precision import ACT_CLIP, bake_weight_bits, check_bits, fake_quant_weight, round_ste
+
+class WidthRules:
+    """Which widths each layer may take: a default set, then `PATTERN=widths` rules on module names (fnmatch;
+    the last match wins), as `--alternatives` does for the path method: `["2,4,8", "stage3.*=4,8",
+    "fc1=8"]`, or plain widths `(2, 4, 8)`. A rule with one width fixes its layers at it."""
+
+    def __init__(self, specs: Sequence[int] | Sequence[str] | str, where: str = "bits") -> None:
+        items = [specs] if isinstance(specs, str) else list(specs)
+        self.where = where
+        self.default: tuple[int, ...] | None = None
+        self.rules: list[tuple[str, tuple[int, ...]]] = []
+        self.matched: set[str] = set()
+        plain = [x for x in items if not isinstance(x, str)]
+        if plain:
+            self.default = check_bits(plain, where)
+        for text in (x for x in items if isinstance(x, str)):
+            pattern, _, widths = text.rpartition("=") if "=" in text else (None, "", text)
+            if pattern is not None and not pattern.strip():
+                raise DuccioError(f"empty layer pattern in {text!r}", where=where,
+                                  fix="write PATTERN=WIDTHS, e.g. 'stage3.*=4,8'")
+            try:
+                parsed = check_bits([int(b) for b in widths.split(",") if b.strip()], where)
+            except ValueError:
+                raise DuccioError(f"{text!r} is not a list of whole numbers", where=where, fix="e.g. 2,4,8 or "
+                                  "'stage3.*=4,8'") from None
+            if pattern is None:
+                self.default = parsed
+            else:
+                self.rules.append((pattern.strip(), parsed))
+        if self.default is None:
+            raise DuccioError(f"no default widths among {items!r}", where=where,
+                              fix="give the widths of every layer first, e.g. 2,4,8, then PATTERN=WIDTHS rules")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Every width some layer may take, widest first (the bank's columns)."""
+        every = set(self.default or ()) | {b for _, ws in self.rules for b in ws}
+        return tuple(sorted(every, reverse=True))
+
+    def for_layer(self, name: str) -> tuple[int, ...]:
+        chosen = self.default or ()
+        for pattern, widths in self.rules:
+            if fnmatch.fnmatchcase(name, pattern):
+                self.matched.add(pattern)
+                chosen = widths
+        return chosen
+
+    def check_matched(self, layers: Sequence[str]) -> None:
+        """Refuses a rule that matched no searched layer (a typo would silently change nothing)."""
+        for pattern, _ in self.rules:
+            if pattern not in self.matched:
+                raise DuccioError(f"the pattern {pattern!r} matches no layer whose width is searched", where=self.where,
+                                  fix=f"match some of: {', '.join(layers) or '(none)'} (fnmatch, e.g. 'stage3.*')")
+
 
 BANK = "duccio_precision"  # the bank's name in a searchable graph
 SELECT = "duccio_precision_select"  # where the per-layer selects live
