@@ -29,6 +29,8 @@ from duccio_fx.lower.twin_onnx import run_twin
 from duccio_fx.pipeline import analyze, graph_costs
 from duccio_fx.search.precision import bake_precision
 from duccio_fx.targets import load_target
+from tests.test_export_properties import randomize
+from tests.test_properties import EVERY_BLOCK, build, plans
 
 runner = CliRunner()
 GAP8 = load_target("gap8")
@@ -292,6 +294,67 @@ def test_a_residual_branch_quantizes_signed_before_the_add_and_alpha_survives_a_
     torch.save(sm, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=False).act_bits() == sm.act_bits()
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(plan=plans(), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_random_networks_export_the_chosen_widths_with_exactly_the_costs_the_search_saw(plan, seed, data):
+    """Generated networks (residuals, concats, depthwise, SE, flatten heads), random masks and random widths:
+    the exported model computes what the search model computes, and its own costs equal the search's."""
+    model, x = build(plan)
+    randomize(model, seed, add_biases=True)
+
+    def picks(n: int) -> list[int]:
+        return data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+
+    def mask(g: duccio_fx.ChannelGroup) -> torch.Tensor:
+        return torch.tensor(data.draw(st.lists(st.booleans(), min_size=g.channels, max_size=g.channels)))
+
+    _check_widths_export(model, x, picks, mask)
+
+
+def test_every_block_plan_at_sub_byte_widths():
+    """Guards against vacuity: the rich plan searches many layers' widths, all at 2/4 bits, with real pruning."""
+    model, x = build(EVERY_BLOCK)
+    randomize(model, 1, add_biases=True)
+    sm = _check_widths_export(model, x, lambda n: [2] * n, lambda g: torch.arange(g.channels) % 2 == 1)
+    assert len(sm.precision.layers) >= 8 and len(sm.act_precision.layers) >= 10
+    assert min(sm.weight_bits().values()) <= 4 and max(sm.act_bits().values()) == 2
+
+
+def _check_widths_export(model: nn.Module, x: torch.Tensor, picks, mask) -> duccio_fx.SearchableModel:
+    sm = duccio_fx.make_searchable(model, x[:1], bits=(2, 4, 8), act_bits=(2, 4, 8))
+    sm.train()
+    with torch.no_grad():
+        sm(x)  # the activation ranges start from a batch
+        for bank in (sm.precision, sm.act_precision):
+            if bank is not None:
+                chosen = torch.tensor(picks(len(bank.layers)), dtype=torch.long)
+                bank.theta.copy_(torch.nn.functional.one_hot(chosen, 3).float())
+    if sm.bank is not None:
+        sm.set_masks({g.id: mask(g) for g in sm.channel_groups})
+    sm.eval()
+    want = sm.cost_values(GAP8)
+    exported = sm.export()
+    fake_quantize_weights(exported)
+    with torch.no_grad():
+        a, b = exported(x), sm(x)
+    assert torch.allclose(a, b, atol=1e-5 * max(1.0, float(b.abs().max()))), float((a - b).abs().max())
+    bake_precision(exported)
+    got = _costs(exported, x)
+    for key in ("params", "macs", "size_bytes"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    # (a depthwise conv cut to one channel is an ordinary conv in the exported model, with that kernel's
+    # cycles and DORY's byte accounting of it: a known difference of the seed's layer kinds, not of the widths)
+    depthwise = {t.name for t in sm.terms if t.kind == "depthwise"}
+    single = {n for n, m in exported.named_modules()
+              if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == 1 and n in depthwise}
+    for table in ("layer_bytes", "layer_cycles"):
+        ours = {n: v for n, v in dict(getattr(got, table)).items() if n not in single}
+        assert ours == pytest.approx({n: getattr(want, table)[n] for n in ours}, rel=1e-12), table
+    return sm
 
 
 # -- lowering ----------------------------------------------------------------------------------------------
