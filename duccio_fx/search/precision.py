@@ -103,10 +103,12 @@ class PrecisionBank(nn.Module):
         self.register_buffer("bits", torch.tensor(self.widths, dtype=torch.float64), persistent=False)
         self.temperature = 1.0
         self.sample: torch.Tensor | None = None  # the g of the last forward pass
+        self._noise: torch.Tensor | None = None  # its Gumbel noise (None: it was the argmax)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["sample"] = None  # a tensor in the autograd graph cannot be copied or pickled
+        state["_noise"] = None
         return state
 
     def logits(self) -> torch.Tensor:
@@ -114,10 +116,15 @@ class PrecisionBank(nn.Module):
         return self.theta.masked_fill(self.barred, -torch.inf)
 
     def draw(self) -> torch.Tensor:
-        """Hard one-hot g per layer (Gumbel-max), with the gradient of the Gumbel-softmax at the temperature."""
-        theta = self.logits()
-        gumbels = -torch.empty_like(theta).exponential_().log()
-        soft = torch.softmax((theta + gumbels) / self.temperature, dim=1)
+        """New Gumbel noise; the hard one-hot g per layer it selects (Gumbel-max), with the gradient of the
+        Gumbel-softmax at the temperature."""
+        self._noise = -torch.empty_like(self.theta.detach()).exponential_().log()
+        return self._relaxed()
+
+    def _relaxed(self) -> torch.Tensor:
+        """g of the last draw's noise, built anew from θ: every call has its own autograd graph, so the costs
+        may be evaluated (and differentiated) any number of times for one forward pass."""
+        soft = torch.softmax((self.logits() + self._noise) / self.temperature, dim=1)
         hard = torch.zeros_like(soft).scatter_(1, soft.detach().argmax(1, keepdim=True), 1.0)
         return hard - soft.detach() + soft
 
@@ -129,11 +136,15 @@ class PrecisionBank(nn.Module):
     def forward(self) -> torch.Tensor:
         sampling = self.training and self.theta.requires_grad
         self.sample = self.draw() if sampling else self.chosen()
+        if not sampling:
+            self._noise = None
         return self.sample
 
     def current(self, chosen: bool = False) -> torch.Tensor:
         """The g the last forward pass used (the argmax before any, or with `chosen`)."""
-        return self.chosen() if chosen or self.sample is None else self.sample
+        if chosen or self.sample is None:
+            return self.chosen()
+        return self._relaxed() if getattr(self, "_noise", None) is not None else self.sample
 
     def layer_bits(self, chosen: bool = False) -> torch.Tensor:
         """Every quantised layer's weight bits, `g · widths` (float64, differentiable w.r.t. θ)."""
