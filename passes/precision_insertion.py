@@ -28,7 +28,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from duccio_fx.costs.terms import input_producer, width
-from duccio_fx.ir.meta import GROUPS_KEY, LAYOUT_KEY, TENSOR_KEY, layer_term
+from duccio_fx.ir.meta import GROUPS_KEY, LAYOUT_KEY, TENSOR_KEY, LayerTerm, layer_term
 from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.precision import QUANTIZABLE
 from duccio_fx.search.masks import MASKED, PLAIN, WIDTHS, as_masked
@@ -73,30 +73,17 @@ class PrecisionInsertion(Pass):
                 continue
             target = str(node.target) if node.op == "call_module" else node.name
             reason = self._reason(gm, node, term.kind, term.requant)
-            mine = rules.for_layer(target) if not reason else widths
-            ok = tuple(b in mine and (b >= 4 or term.kind != "depthwise") for b in widths)
-            note = "depthwise: DORY's 2-bit depthwise packing does not match pulp-nn-mixed's kernel" \
-                if term.kind == "depthwise" and 2 in mine else ""
-            if not reason and any(group in from_input for group, *_ in term.in_spec):
-                per_channel = width(term.in_spec) * term.kernel // max(term.groups, 1)
-                packs = tuple(y and per_channel % (8 // b) == 0 for b, y in zip(widths, ok))
-                if packs != ok:
-                    note = (f"it reads the model's input: {per_channel} weights per output channel pack into whole "
-                            f"bytes only at {', '.join(str(b) for b, y in zip(widths, packs) if y) or 'no'} "
-                            "of its widths, and the input's channels cannot be padded")
-                    ok = packs
-                    if sum(ok) < 2 and len(mine) > 1:
-                        reason = note
-            if not reason and sum(ok) == 0:
-                reason = f"none of its widths ({', '.join(map(str, mine))}) runs on its kernels" + \
-                    (" (depthwise: 8 or 4 bits)" if term.kind == "depthwise" else "")
-            if not reason and sum(ok) < 2 and len(mine) > 1:
-                reason = "depthwise: its kernels take 8 or 4 bits, and 4 is not among the widths"
+            if not reason:
+                mine = rules.for_layer(target)
+                reads_input = any(group in from_input for group, *_ in term.in_spec)
+                ok, note = _runnable(term, widths, mine, reads_input)
+                if sum(ok) == 0 or (sum(ok) == 1 and len(mine) > 1):  # nothing left to search
+                    reason = note
             if reason:
                 self.excluded.setdefault(target, reason)
                 continue
             rows.setdefault(target, len(rows))
-            allowed[target], notes[target] = ok, "" if all(ok) else note
+            allowed[target], notes[target] = ok, note
             users.append((node, target))
         rules.check_matched(list(rows))
         if not rows:
@@ -180,6 +167,28 @@ class PrecisionInsertion(Pass):
         if not requant:
             return "the head: its int32 output is not requantized, so it stays at the target's width"
         return ""
+
+
+def _runnable(term: LayerTerm, widths: tuple[int, ...], mine: tuple[int, ...], reads_input: bool
+              ) -> tuple[tuple[bool, ...], str]:
+    """Which of the bank's `widths` a layer may take (its own, `mine`, that its kernels run), and why the
+    kernels bar any of them."""
+    per_channel = width(term.in_spec) * term.kernel // max(term.groups, 1)
+    ok, why = [], []
+    for b in widths:
+        if b not in mine:
+            ok.append(False)
+        elif term.kind == "depthwise" and b < 4:
+            ok.append(False)
+            why.append("depthwise: DORY's 2-bit depthwise packing does not match pulp-nn-mixed's kernel "
+                       "(8 or 4 bits)")
+        elif reads_input and per_channel % (8 // b):
+            ok.append(False)
+            why.append(f"it reads the model's input: {per_channel} weights per output channel do not pack into "
+                       f"whole bytes at {b} bits, and the input's channels cannot be padded")
+        else:
+            ok.append(True)
+    return tuple(ok), "; ".join(why)
 
 
 _FUSED = (nn.ReLU, nn.ReLU6, nn.Hardtanh)

@@ -30,6 +30,7 @@ from duccio_fx.pipeline import analyze, graph_costs
 from duccio_fx.search.precision import bake_precision
 from duccio_fx.targets import load_target
 from tests.test_export_properties import randomize
+from tests.test_lowering import _warm
 from tests.test_properties import EVERY_BLOCK, build, plans
 
 runner = CliRunner()
@@ -52,14 +53,6 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pw(self.conv2(self.conv1(self.stem(x))))
         return self.fc(self.hidden(torch.flatten(self.pool(x), 1)))
-
-
-def _warm(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-    return model.eval()
 
 
 def _costs(model: nn.Module, x: torch.Tensor):
