@@ -59,9 +59,13 @@ class SupernetInsertion(Pass):
     selection: AlternativeSelection = field(default_factory=AlternativeSelection)
     declared: dict[str, Choice] = field(default_factory=dict)  # the model's own Choices, by qualified name
     estimator: str = "all"
+    # the default set offers no alternative whose MACs exceed this many times the seed block's (None: no limit);
+    # one named in --alternatives is always offered
+    max_cost_ratio: float | None = 4.0
     registry: OpRegistry = field(default_factory=lambda: REGISTRY)  # its "activation" hooks name activations
     points: list[str] = field(default_factory=list)
     fixed: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, dict[str, str]] = field(default_factory=dict)  # point → {alternative: why not offered}
     analyze_calls: int = 0
     name = "supernet-insertion"
     requires = ("shape-propagation", "layer-costs")
@@ -156,6 +160,8 @@ class SupernetInsertion(Pass):
                           _one(tensor_info(chain[-1]).shape))
         options: dict[str, nn.Module] = {block.seed_name(): seed_block(block)}
         skipped = []
+        limit = self.max_cost_ratio if rule.pattern is None and not self.selection.explicit else None
+        seed_macs = _conv_macs(options[block.seed_name()], block.in_shape) if limit is not None else 0
         for name in names:
             if name in options:
                 continue
@@ -167,6 +173,11 @@ class SupernetInsertion(Pass):
             shape = _output_shape(alt, block.in_shape)
             if shape != block.out_shape:
                 skipped.append(f"{name}: gives shape {list(shape)}, the block gives {list(block.out_shape)}")
+                continue
+            if limit is not None and seed_macs > 0 and (ratio := _conv_macs(alt, block.in_shape) / seed_macs) > limit:
+                self.dropped.setdefault(block.name, {})[name] = (
+                    f"{ratio:.1f}x the seed block's MACs (the default set stops at {limit:g}x; name it in "
+                    "--alternatives to offer it)")
                 continue
             options[name] = alt
         if len(options) == 1:
@@ -410,6 +421,26 @@ def _norm_shape(norm: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor
 
 def _one(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1,) + tuple(shape[1:])
+
+
+def _conv_macs(module: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the convolutions of `module` on one input of `in_shape` (shapes only)."""
+    total = 0
+
+    def count(conv: nn.Module, _: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        per_output = conv.in_channels // conv.groups
+        for k in conv.kernel_size:
+            per_output *= k
+        total += out.numel() * per_output
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, _SHAPE_CONVS)]
+    try:
+        _output_shape(module, in_shape)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def _output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -31,10 +31,13 @@ def test_a_result_far_below_its_bound_notes_that_more_search_epochs_would_use_th
     (c,) = report["constraints"]
     assert c["final"] < 0.6 * c["bound"] < c["seed"]
     share = f"{c['final'] / c['bound']:.0%}"
-    assert report["notes"] == [
+    (use,) = report["bound_use"]
+    under = ["size ends at"] if use["under_spent"] else []  # (also less accurate than the untrained seed)
+    assert [n[:12] for n in report["notes"][:-1]] == under
+    assert report["notes"][-1] == (
         f"size ends at {share} of its bound ({c['final']:,.0f} B of {c['bound']:,.0f} B): more search epochs (a larger "
-        "S in --epochs W,S,F than 1, or --max-search-epochs) would let the search use the budget left for accuracy"]
-    assert f"note: {report['notes'][0]}" in result.output
+        "S in --epochs W,S,F than 1, or --max-search-epochs) would let the search use the budget left for accuracy")
+    assert f"note: {report['notes'][-1]}" in result.output
 
 
 def test_resume_on_a_finished_run_says_it_is_finished(run):
@@ -90,3 +93,27 @@ def test_lower_of_a_run_whose_target_cannot_be_loaded_asks_for_target(tmp_path):
     assert result.exit_code == 1
     assert "the target this run was searched on ('tiny') cannot be loaded: unknown target 'tiny'" in result.output
     assert "pass --target" in result.output and not (tmp_path / "dory").exists()
+
+
+def test_bound_use_flags_a_result_far_under_its_bound_and_less_accurate_than_the_seed():
+    """Issue 22's bound tracking: under 70 % of a binding bound with less accuracy than the seed after warmup
+    is a search failure (reported and noted); as accurate as the seed, or close to the bound, is not."""
+    from duccio_fx.cli.optimize_view import bound_use, budget_notes
+    from duccio_fx.search.settings import SearchSettings
+
+    def report(final: float, accuracy: float, seed_accuracy: float = 0.95) -> dict:
+        c = {"constraint": "size", "metric": "size", "scope": None, "bound": 100.0, "seed": 200.0, "final": final,
+             "met": final <= 100.0}
+        r = {"status": "met", "method": "path", "constraints": [c], "seed": {"val_metric_after_warmup": seed_accuracy},
+             "final": {"val_metric": accuracy}}
+        r["bound_use"] = bound_use(r)
+        return r
+
+    flagged = report(57.0, 0.94)
+    assert flagged["bound_use"] == [{"constraint": "size", "use": 0.57, "under_spent": True}]
+    assert budget_notes(flagged, SearchSettings())[0].startswith(
+        "size ends at 57% of its bound with less accuracy than the seed (0.9400, the seed 0.9500 after warmup): "
+        "the path search gave up accuracy it had budget for")
+    assert not report(57.0, 0.96)["bound_use"][0]["under_spent"]  # as accurate as the seed: fine
+    assert not report(75.0, 0.90)["bound_use"][0]["under_spent"]  # uses the budget
+    assert report(120.0, 0.9)["bound_use"][0]["under_spent"] is False  # violated: reported as such elsewhere

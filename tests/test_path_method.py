@@ -161,6 +161,88 @@ def test_temperature_decays_per_epoch():
     assert all(p.temperature == 0.5 for p in space.points())
 
 
+def test_warmup_trains_whole_paths_then_the_seed_path_only():
+    """θ frozen: each draw runs the seed's whole path with probability warmup_seed_share, otherwise every
+    point draws uniformly; the last third of the warmup epochs runs the seed's path only."""
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path", warmup_seed_share=0.5)
+    bank = space.choice_bank
+    bank.theta.requires_grad_(False)
+    shares = []
+    for epoch in range(6):
+        space.on_warmup_epoch(epoch, 6)
+        shares.append(bank.seed_share)
+    assert shares == [0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    space.on_warmup_epoch(0, 6)
+    torch.manual_seed(0)
+    picks = [tuple(bank.draw() is not None and bank.picks) for _ in range(400)]
+    seed_path = sum(p == (0,) * len(bank.sizes) for p in picks) / len(picks)
+    assert 0.42 < seed_path < 0.58  # (uniform draws all-seed with probability ~1/4^6: negligible)
+    others = [k for p in picks if p != (0,) * len(bank.sizes) for k in p]
+    assert {0, 1, 2}.issubset(others)
+    space.on_warmup_epoch(5, 6)
+    assert all(set(bank.draw() is not None and bank.picks) == {0} for _ in range(20))
+    bank.theta.requires_grad_(True)  # the search: θ draws again, whatever the warmup share
+    torch.manual_seed(1)
+    assert any(set(bank.draw() is not None and bank.picks) != {0} for _ in range(20))
+    with pytest.raises(duccio_fx.DuccioError, match="warmup_seed_share"):
+        duccio_fx.make_searchable(model, x, method="path", warmup_seed_share=1.5)
+
+
+def test_frozen_theta_runs_only_the_sampled_alternative():
+    """In the warmup θ does not train, so the 'all' estimator's other alternatives would add nothing."""
+    model, x = zoo_build("resnet8", batch=2)
+    space = duccio_fx.make_searchable(model, x, method="path", estimator="all")
+    point = space.points()[0]
+    calls = []
+    for name in point.names:
+        getattr(point, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    space.choice_bank.theta.requires_grad_(False)
+    space.train()
+    space(x)
+    assert len(calls) == 1
+
+
+def test_warmup_validation_recalibrates_the_seed_path(tmp_path):
+    """The warmup's paths share BatchNorms: their statistics are re-estimated for the seed's path before the
+    warmup's validation, as before a search validation (the mask method's warmup trains the seed alone)."""
+    import duccio_fx.search.recipe as r
+
+    calls = []
+    real = r.recalibrate_batchnorm
+    r.recalibrate_batchnorm = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        recipe(tmp_path, method="path", warmup_epochs=1, search_epochs=0, max_search_epochs=0,
+               finetune_epochs=0)._warmup()
+        assert len(calls) == 1
+        recipe(tmp_path, warmup_epochs=1, search_epochs=0, max_search_epochs=0, finetune_epochs=0)._warmup()
+        assert len(calls) == 1
+    finally:
+        r.recalibrate_batchnorm = real
+
+
+def test_default_set_leaves_out_alternatives_far_costlier_than_the_seed_block():
+    """DS-CNN's 1x1 blocks: conv3 and conv5 cost 9x and 25x the seed's MACs, so the default set leaves them
+    out (and says why); named in --alternatives they are offered."""
+    model, x = zoo_build("dscnn")
+    space = duccio_fx.make_searchable(model, x, method="path")
+    for info, point in zip(space.infos, space.points()):
+        assert point.names == ["conv1", "dwsep3", "identity"]
+        assert set(space.dropped[info.point]) == {"conv3", "conv5"}
+        assert "9.0x the seed block's MACs" in space.dropped[info.point]["conv3"]
+    named = duccio_fx.make_searchable(model, x, method="path", alternatives="conv3,conv5,dwsep3,identity")
+    assert all(p.names == ["conv1", "conv3", "conv5", "dwsep3", "identity"] for p in named.points())
+    assert named.dropped == {}
+    resnet = duccio_fx.make_searchable(*zoo_build("resnet8"), method="path")  # conv5: 2.8x a conv3 block
+    assert resnet.dropped == {} and all("conv5" in p.names for p in resnet.points())
+    result = runner.invoke(app, ["inspect", "zoo:dscnn", "--method", "path", "--json"])
+    assert result.exit_code == 0, result.output
+    points = json.loads(result.output)["path"]["points"]
+    assert set(points[0]["not_offered"]) == {"conv3", "conv5"}
+    text = runner.invoke(app, ["inspect", "zoo:dscnn", "--method", "path"], env={"COLUMNS": "200"}).output
+    assert "alternatives of the default set not offered" in text and "25.0x the seed block's MACs" in text
+
+
 def test_minimum_costs_take_each_point_at_its_cheapest_alternative():
     model, x = zoo_build("resnet8")
     space = duccio_fx.make_searchable(model, x, method="path")
@@ -302,7 +384,8 @@ PATH_FILE = MODEL_FILE.replace(
 
 def test_recipe_path_meets_the_bound_and_resumes_exactly(tmp_path):
     (tmp_path / "m").mkdir()
-    settings = {"method": "path", "warmup_epochs": 1, "finetune_epochs": 1}
+    # the warmup trains the seed's path only (one epoch), so the search needs more than 2 epochs to leave it
+    settings = {"method": "path", "warmup_epochs": 1, "search_epochs": 3, "finetune_epochs": 1}
 
     def run(checkpoint, progress=None, resume=False):
         import tests.test_optimize as t

@@ -98,7 +98,7 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
                             "bound": c.bound, "seed": float(c.value(result.seed_costs)),
                             "final": float(c.value(result.final_costs)), "met": c.met(result.final_costs),
                             "excess": max(0.0, c.violation(result.final_costs)), "description": c.describe()})
-    return {
+    report = {
         "source": source,
         "target": target.name if target is not None else None,
         "target_spec": target_spec,  # how to load it again (a TOML file's path and text): lower and plot read it
@@ -116,6 +116,7 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
            if getattr(result.searchable, "act_precision", None) is not None else {}),
         "status": "met" if result.met else "violated",
         "constraints": constraints,
+        "bound_use": [],  # filled below from the constraints and the metrics
         "critical_layers": result.critical,
         "seed": _summary(result.seed_costs) | {"val_metric_after_warmup": result.seed_metric},
         "final": _summary(result.final_costs) | {"val_metric_before_finetune": result.search_metric,
@@ -131,9 +132,27 @@ def build_report(result: SearchResult, source: str, target: Target | None, seed_
             "phase": "search", "epoch": result.exported_epoch + 1, "met": result.exported_feasible},
         "history": [dict(asdict(r), epoch=r.epoch + 1) for r in result.history],
     }
+    report["bound_use"] = bound_use(report)
+    return report
 
 
 UNUSED_BUDGET = 0.6  # a result below this fraction of a binding bound left budget the search could use
+UNDER_SPENT = 0.7  # below this fraction of a binding bound with less accuracy than the seed: a search failure
+
+
+def bound_use(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """How much of each binding global bound the result uses (final / bound). `under_spent`: it uses less than
+    70 % and is less accurate than the seed after warmup, so the search gave away accuracy it had room to keep
+    (the path method's coarse choices do this); a result that is under its bound and as accurate is fine."""
+    seed_metric, final_metric = report["seed"]["val_metric_after_warmup"], report["final"]["val_metric"]
+    rows = []
+    for c in report["constraints"]:
+        if c["scope"] is not None or not c["seed"] > c["bound"] > 0:
+            continue
+        use = c["final"] / c["bound"]
+        rows.append({"constraint": c["constraint"], "use": use,
+                     "under_spent": bool(c["met"] and use < UNDER_SPENT and final_metric < seed_metric)})
+    return rows
 
 
 def budget_notes(report: dict[str, Any], settings: SearchSettings) -> list[str]:
@@ -142,7 +161,10 @@ def budget_notes(report: dict[str, Any], settings: SearchSettings) -> list[str]:
     loss pulls it back, which takes epochs)."""
     if report["status"] != "met":
         return []
-    notes = []
+    notes = [f"{u['constraint']} ends at {u['use']:.0%} of its bound with less accuracy than the seed "
+             f"({report['final']['val_metric']:.4f}, the seed {report['seed']['val_metric_after_warmup']:.4f} "
+             f"after warmup): the {report['method']} search gave up accuracy it had budget for"
+             for u in report.get("bound_use", []) if u["under_spent"]]
     for c in report["constraints"]:
         if c["scope"] is None and c["seed"] > c["bound"] > 0 and c["final"] < UNUSED_BUDGET * c["bound"]:
             m = get_metric(c["metric"])

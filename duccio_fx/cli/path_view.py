@@ -26,7 +26,8 @@ def path_report(space: PathSpace, target: Target | None) -> dict[str, Any]:
                 row |= {"size_bytes": costs.size_bytes, "cycles": costs.cycles,
                         "largest_layer_bytes": max(costs.layer_bytes.values(), default=0.0)}
             options.append(row)
-        points.append({"point": info.point, "declared": info.declared, "alternatives": options})
+        points.append({"point": info.point, "declared": info.declared, "alternatives": options,
+                       "not_offered": dict(space.dropped.get(info.point, {}))})
     return {"points": points, "fixed": dict(space.fixed), "alternatives_per_point":
             sum(len(p["alternatives"]) for p in points) / max(len(points), 1)}
 
@@ -45,6 +46,14 @@ def render_path_report(report: dict[str, Any], console: Console) -> None:
                 row += [f"{a['size_bytes']:,.0f}", f"{a['largest_layer_bytes']:,.0f}", f"{a['cycles']:,.0f}"]
             table.add_row(*row)
     console.print(table)
+    dropped = [(p["point"], name, why) for p in report["points"] for name, why in p.get("not_offered", {}).items()]
+    if dropped:
+        skipped = Table(title="alternatives of the default set not offered")
+        for col in ("point", "alternative", "why"):
+            skipped.add_column(col, overflow="fold")
+        for row in dropped:
+            skipped.add_row(*row)
+        console.print(skipped)
     fixed = Table(title="layers kept as they are")
     fixed.add_column("layer")
     fixed.add_column("why", overflow="fold")

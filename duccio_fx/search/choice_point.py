@@ -45,6 +45,9 @@ class ChoiceBank(nn.Module):
         self.temperature = 1.0
         self.sample: torch.Tensor | None = None  # the g of the last draw, every point's
         self.picks: list[int] = []  # the alternative each point runs with that g
+        # while θ is frozen (the warmup): the share of draws that run the seed's whole path (every point's
+        # first alternative); the others draw every point uniformly. None: every draw is uniform
+        self.seed_share: float | None = None
         self._unused: set[int] = set()  # points that have not run with that g yet
 
     def __getstate__(self) -> dict[str, Any]:
@@ -59,10 +62,16 @@ class ChoiceBank(nn.Module):
 
     def draw(self) -> torch.Tensor:
         """New hard one-hot g for every point (straight-through soft gradient), kept as `sample`."""
+        n = len(self.sizes)
+        if self.seed_share is not None and not self.theta.requires_grad \
+                and float(torch.rand(())) < self.seed_share:  # (a host draw: no device read)
+            self.sample = self._one_hot(self.start)
+            self.picks = [0] * n
+            self._unused = set(range(n))
+            return self.sample
         theta = self.theta
         gumbels = -torch.empty_like(theta).exponential_().log()
         y = (theta + gumbels) / self.temperature
-        n = len(self.sizes)
         shifted = (y - y.detach().new_full((n,), -torch.inf).scatter_reduce(0, self.segment, y.detach(), "amax")
                    [self.segment]).exp()
         soft = shifted / shifted.new_zeros(n).index_add(0, self.segment, shifted)[self.segment]
@@ -160,8 +169,8 @@ class ChoicePoint(nn.Module):
         k, g = self.bank.take(self.index)
         start = self.bank.offsets[self.index]
         out = alts[k](x) * g[start + k]
-        if self.estimator == "sampled":
-            return out
+        if self.estimator == "sampled" or not self.bank.theta.requires_grad:
+            return out  # (θ frozen, in the warmup: the others would contribute nothing)
         # "all": the others run forward for θ's gradient ⟨∂L/∂y, alt_i(x)⟩, but not backward: with g_i = 0
         # their weights and input get exactly zero gradient anyway, so graph-free outputs change nothing
         with torch.no_grad():

@@ -203,7 +203,7 @@ class Recipe:
 
     def _record(self, phase: str, epoch: int, train_loss: float, model: nn.Module, started: float,
                 costs: Costs | None = None) -> EpochRecord:
-        if phase == "search":
+        if phase == "search" or (phase == "warmup" and self.space.recalibrate_in_warmup):
             recalibrate_batchnorm(model, self.train_loader, self.settings.bn_recalibration_batches, self.device)
         val_loss, val_metric = evaluate_model(model, self.val_loader, self.loss_fn, self.metric_fn, self.device,
                                               during=f"{phase} epoch {epoch + 1}")
@@ -245,6 +245,7 @@ class Recipe:
             loss, start = state["loss"], state["epoch"] + 1
         for epoch in range(start, s.warmup_epochs):
             seed_everything(s.seed, "warmup", epoch)
+            self.space.on_warmup_epoch(epoch, s.warmup_epochs)
             started = time.perf_counter()
             loss = self._train_epoch(self.space, opt, "warmup", epoch)
             self._record("warmup", epoch, loss, self.space, started, self.space.cost_values(self.target))

@@ -31,6 +31,9 @@ class SearchSpace(nn.Module, metaclass=ABCMeta):
     """A model under search: weights W, architecture parameters θ, costs of the sampled architecture."""
 
     method: str = ""  # the registered name of the method that built it
+    # the warmup trains several architectures through shared BatchNorms (a supernet's paths), so their
+    # running statistics mix them: re-estimate them for the evaluated architecture before each warmup validation
+    recalibrate_in_warmup: bool = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - every method defines it
         raise NotImplementedError
@@ -81,6 +84,9 @@ class SearchSpace(nn.Module, metaclass=ABCMeta):
 
     def on_epoch(self, epoch: int) -> None:
         """Called before each search epoch (schedules, e.g. a Gumbel temperature); nothing by default."""
+
+    def on_warmup_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before warmup epoch `epoch` of `epochs` (θ frozen; e.g. which paths a supernet trains)."""
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint must hold to resume the search exactly."""
