@@ -17,6 +17,7 @@ from duccio_fx.costs.model import Costs
 from duccio_fx.pipeline import analyze, channel_groups, measure_costs, trace
 from duccio_fx.search.space import SearchSpace, make_searchable, register_search_method, search_methods
 from duccio_fx.search.mask_method import SearchableModel  # registers the "mask" method
+from duccio_fx.search.path_mask_method import PathMaskSpace  # registers the "path+mask" method
 from duccio_fx.search.path_method import PathSpace  # registers the "path" method
 from duccio_fx.search.choice import Choice
 from duccio_fx.search.alternatives import BlockSpec, NotApplicable, register_alternative
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSpec", "ChannelGroup", "Choice", "Constraint", "Costs", "DoryBundle", "DuccioError", "DuccioObjective", "DuccioTraceError", "DumpIR",
     "act_bits_of", "GroupMember", "Instrument", "Lowered", "Metric", "ModelFileError", "NotApplicable", "Pass", "PassContext", "PassError",
-    "PassManager", "PathSpace", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
+    "PassManager", "PathMaskSpace", "PathSpace", "PrintIR", "REGISTRY", "ResolvedConstraint", "RuleContext", "SearchableModel", "SearchResult",
     "SearchSettings", "SearchSpace", "ShapePropagationError", "Target", "TimePasses", "add_hook", "analyze",
     "backends", "bake_weight_bits", "channel_groups", "format_ir", "load_target", "lower", "lower_to_dory", "make_searchable", "measure_costs",
     "optimize", "register_alternative", "register_backend", "register_function", "register_latency_model", "register_meta_formatter",

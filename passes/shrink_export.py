@@ -71,7 +71,7 @@ class ShrinkExport(Pass):
     # -- the pass ------------------------------------------------------------------------------------
     def run(self, gm: GraphModule) -> bool:
         self.gm = gm
-        self._strip_masks(gm)
+        strip_masks(gm)
         shrunk: set[str] = set()
         for node in list(gm.graph.nodes):
             if node.op == "get_attr":
@@ -91,23 +91,24 @@ class ShrinkExport(Pass):
         gm.meta.pop(GROUPS_KEY, None)
         return True
 
-    def _strip_masks(self, gm: GraphModule) -> None:
-        """Masked twins become plain modules again and lose their mask argument; mask nodes go."""
-        dead = []
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
-                continue
-            if node.target == BANK or str(node.target).startswith(SELECT + "."):
-                dead.append(node)
-                continue
-            module = gm.get_submodule(str(node.target))
-            mask = node.args[1] if len(node.args) > 1 else None
-            if isinstance(mask, Node) and str(mask.target).startswith(SELECT + "."):
-                node.args = (node.args[0],) + tuple(node.args[2:])
-            if type(module) in PLAIN:  # (a module called twice is re-classed at its first call)
-                module.__class__ = PLAIN[type(module)]
-        for node in reversed(dead):
-            gm.graph.erase_node(node)
-        for container in (BANK, SELECT):
-            if hasattr(gm, container):
-                delattr(gm, container)
+
+def strip_masks(gm: GraphModule) -> None:
+    """Masked twins become plain modules again and lose their mask argument; mask nodes go."""
+    dead = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        if node.target == BANK or str(node.target).startswith(SELECT + "."):
+            dead.append(node)
+            continue
+        module = gm.get_submodule(str(node.target))
+        mask = node.args[1] if len(node.args) > 1 else None
+        if isinstance(mask, Node) and str(mask.target).startswith(SELECT + "."):
+            node.args = (node.args[0],) + tuple(node.args[2:])
+        if type(module) in PLAIN:  # (a module called twice is re-classed at its first call)
+            module.__class__ = PLAIN[type(module)]
+    for node in reversed(dead):
+        gm.graph.erase_node(node)
+    for container in (BANK, SELECT):
+        if hasattr(gm, container):
+            delattr(gm, container)

@@ -34,8 +34,9 @@ from torch.fx import GraphModule, Node
 
 from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.terms import is_head
-from duccio_fx.ir.meta import (GROUPS_KEY, ChannelSpec, ChoiceInfo, ChoiceOption, LayerTerm, TensorInfo, layer_term,
-                               set_choice_info, set_tensor_info, source_line, tensor_info)
+from duccio_fx.ir.meta import (GROUPS_KEY, ChannelSpec, ChoiceInfo, ChoiceOption, LayerTerm, TensorInfo, channel_layout,
+                               layer_term, set_channel_layout, set_choice_info, set_tensor_info, source_line,
+                               tensor_info)
 from duccio_fx.ir.pass_manager import Pass
 from duccio_fx.ir.registry import REGISTRY, OpRegistry
 from duccio_fx.search.alternatives import BUILDERS, NONE, AlternativeSelection, BlockSpec, NotApplicable, seed_block
@@ -245,6 +246,7 @@ class SupernetInsertion(Pass):
         for n in reversed(region):
             gm.graph.erase_node(n)
         set_tensor_info(node, info)
+        set_channel_layout(node, channel_layout(last))  # the block's output channels (path+mask masks them)
         if last in self._order:
             self._order[node] = self._order[last]
         self._options.add(path, options, _one(tensor_info(source).shape), declared)

@@ -34,6 +34,7 @@ from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.mask_method import check_channel_multiple
+from duccio_fx.search.path_method import PATH_METHODS
 from duccio_fx.search.objective import FORMS
 from duccio_fx.search.precision import WidthRules
 from duccio_fx.search.settings import SearchSettings
@@ -95,20 +96,20 @@ def inspect(
         slacks = _slacks(layerwise)
         spec = load_model_file(model)
         # with --method path the IR instruments follow the path method's own flow (analysis, supernet-insertion)
-        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, [timer] if method == "path" else instruments)
+        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, [timer] if method in PATH_METHODS else instruments)
         report = inspect_report(gm, spec.source, timer.seconds)
         if hw is not None:
             report["target"] = target_report(gm, hw, slacks)
         if method not in search_methods():
             raise DuccioError(f"unknown search method {method!r}", where="--method",
                               fix=f"use one of: {', '.join(search_methods())}")
-        if alternatives and method != "path":
-            raise DuccioError("--alternatives belongs to the path method", where="--alternatives",
-                              fix="add --method path")
+        if alternatives and method not in PATH_METHODS:
+            raise DuccioError("--alternatives belongs to the path methods", where="--alternatives",
+                              fix="add --method path (or path+mask)")
         mask_options = _mask_options(method, channel_multiple)
         mask_options.update(_bits_options(method, bits, False, 5.0, 0.8))  # (one --bits: plain widths)
-        if method == "path":
-            space = make_searchable(spec.model, spec.example_inputs, "path", leaf_modules=spec.leaf_modules,
+        if method in PATH_METHODS:
+            space = make_searchable(spec.model, spec.example_inputs, method, leaf_modules=spec.leaf_modules,
                                     context=PassContext(instruments[1:]), alternatives=alternatives)
             report["path"] = path_report(space, hw)  # type: ignore[arg-type]
         elif mask_options:
@@ -315,10 +316,11 @@ def _path_options(method: str, alternatives: list[str] | None, estimator: str, p
     given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
              "--path-costs": path_costs != "sampled", "--temperature": temperature != 5.0 and not bits,
              "--temperature-decay": temperature_decay != 0.8 and not bits}
-    if method != "path":
+    if method not in PATH_METHODS:
         for name, used in given.items():
             if used:
-                raise DuccioError(f"{name} belongs to the path method", where=name, fix="add --method path")
+                raise DuccioError(f"{name} belongs to the path methods", where=name,
+                                  fix="add --method path (or path+mask)")
         return {}
     return {"alternatives": alternatives or None, "estimator": estimator, "cost_mode": path_costs,
             "temperature": temperature, "temperature_decay": temperature_decay}

@@ -15,6 +15,7 @@ from duccio_fx.cli.inspect_view import render_precisions, render_widths
 from duccio_fx.cli.output import path_text, say
 from duccio_fx.cli.path_view import render_choices
 from duccio_fx.costs.metrics import get_metric
+from duccio_fx.search.path_method import PATH_METHODS
 from duccio_fx.search.recipe import EpochRecord, SearchResult
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.targets import Target
@@ -207,7 +208,7 @@ def render_summary(report: dict[str, Any], console: Console) -> None:
         status = "[green]met[/]" if c["met"] else f"[bold red]VIOLATED by {_num(c['excess'], unit)}[/]"
         cons.add_row(c["description"], _num(c["bound"], unit), _num(c["seed"], unit), _num(c["final"], unit), status)
     console.print(cons)
-    if report.get("architecture") and report["method"] == "path":
+    if report.get("architecture") and report["method"] in PATH_METHODS:
         render_choices(report["architecture"], console)
     if report.get("weight_bits"):
         render_precisions(report["weight_bits"], console)

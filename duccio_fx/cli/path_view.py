@@ -64,12 +64,14 @@ def render_path_report(report: dict[str, Any], console: Console) -> None:
 
 
 def render_choices(architecture: dict[str, Any], console: Console) -> None:
-    """The alternative each point chose, with its probability."""
+    """The alternative each point chose, with its probability (and, with path+mask, the channels it keeps)."""
     table = Table(title="alternatives chosen")
-    for col in ("point", "chosen", "probability", "others"):
+    masked = any("channels" in x for x in architecture.values())
+    for col in ("point", "chosen", "probability", "others") + (("channels kept",) if masked else ()):
         table.add_column(col)
     for point, x in architecture.items():
         probs = x["probabilities"]
         others = ", ".join(f"{k} {v:.2f}" for k, v in probs.items() if k != x["choice"])
-        table.add_row(point, x["choice"], f"{probs[x['choice']]:.2f}", others)
+        extra = (str(x.get("channels", "")),) if masked else ()
+        table.add_row(point, x["choice"], f"{probs[x['choice']]:.2f}", others, *extra)
     console.print(table)

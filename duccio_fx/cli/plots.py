@@ -19,7 +19,7 @@ from duccio_fx.common.errors import DuccioError
 from duccio_fx.targets import Target, load_target
 from duccio_fx.targets.loader import target_from_record
 
-MARKERS = {"mask": "o", "path": "^"}
+MARKERS = {"mask": "o", "path": "^", "path+mask": "s"}
 PHASE_COLOURS = {"warmup": "#bbbbbb", "search": "#fde9c9", "finetune": "#d8ecd3"}
 
 

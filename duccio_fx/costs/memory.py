@@ -123,8 +123,12 @@ def critical_layers(values: Sequence[LayerValues], target: Target, slack: float)
     return out
 
 
-def overflow_bytes(values: LayerValues, target: Target) -> dict[str, Number]:
+def overflow_bytes(values: LayerValues, target: Target, layer_weights: torch.Tensor | None = None
+                   ) -> dict[str, Number]:
     """Per layer-wise level, the bytes by which layers exceed it, summed (L2V for GAP8's L2), over the
-    columns of a `TermTable`'s values: one relu over all layers."""
-    return {m.name: torch.relu(layer_bytes(values, target, m) - float(m.usable)).sum()
-            for m in target.layerwise_levels}
+    columns of a `TermTable`'s values: one relu over all layers (each scaled by `layer_weights`, if given)."""
+    out = {}
+    for m in target.layerwise_levels:
+        over = torch.relu(layer_bytes(values, target, m) - float(m.usable))
+        out[m.name] = (over if layer_weights is None else over * layer_weights).sum()
+    return out

@@ -113,23 +113,29 @@ class Costs(Mapping[str, Any]):
         return replace(self, **{f.name: conv(getattr(self, f.name)) for f in fields(self)})
 
 
-def build_costs(values: LayerValues, target: Target | None = None) -> Costs:
+def build_costs(values: LayerValues, target: Target | None = None, layer_weights: torch.Tensor | None = None
+                ) -> Costs:
     """The one place costs are built, from the values of every layer at once (the columns of a
-    `TermTable`): totals are sums of columns, per-layer tables are views of them."""
+    `TermTable`): totals are sums of columns, per-layer tables are views of them. `layer_weights` scales every
+    layer's contribution (a supernet's layers by the weight of their alternative, paper eq. 8; None: 1)."""
     table = values.term
     assert isinstance(table, TermTable), "build_costs takes the values of a TermTable (see CostProgram)"
     index = table.index
-    params, macs = values.params, values.macs
+
+    def weighted(column: torch.Tensor) -> torch.Tensor:
+        return column if layer_weights is None else column * layer_weights
+
+    params, macs = weighted(values.params), weighted(values.macs)
     costs = Costs(params=params.sum(), macs=macs.sum(), layer_params=LayerTable(index, params),
-                  layer_macs=LayerTable(index, macs), layer_memory=LayerTable(index, values.elements))
+                  layer_macs=LayerTable(index, macs), layer_memory=LayerTable(index, weighted(values.elements)))
     if target is None:
         return costs
-    size = layer_parameter_bytes(values, target)
-    cycles = layer_cycles(values, target)
+    size = weighted(layer_parameter_bytes(values, target))
+    cycles = weighted(layer_cycles(values, target))
     total_cycles = cycles.sum()
     return replace(costs, target=target.name, size_bytes=size.sum(), layer_size_bytes=LayerTable(index, size),
-                   layer_bytes=LayerTable(index, constrained_layer_bytes(values, target)),
+                   layer_bytes=LayerTable(index, weighted(constrained_layer_bytes(values, target))),
                    layer_cycles=LayerTable(index, cycles),
                    layer_latency_s=LayerTable(index, cycles / float(target.compute.clock)),
                    cycles=total_cycles, latency_s=total_cycles / float(target.compute.clock),
-                   overflow_bytes=overflow_bytes(values, target))
+                   overflow_bytes=overflow_bytes(values, target, layer_weights))

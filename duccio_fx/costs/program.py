@@ -98,9 +98,10 @@ class CostProgram:
 
     def costs(self, masks: torch.Tensor | None = None, target: Target | None = None,
               weight_bits: torch.Tensor | None = None, in_bits: torch.Tensor | None = None,
-              out_bits: torch.Tensor | None = None) -> Costs:
-        """The costs of the architecture `masks` (and the precisions) select, differentiable w.r.t. all."""
-        return build_costs(self.values(masks, target, weight_bits, in_bits, out_bits), target)
+              out_bits: torch.Tensor | None = None, layer_weights: torch.Tensor | None = None) -> Costs:
+        """The costs of the architecture `masks` (and the precisions) select, differentiable w.r.t. all;
+        `layer_weights` scales each layer's contribution (a supernet's alternatives by their g)."""
+        return build_costs(self.values(masks, target, weight_bits, in_bits, out_bits), target, layer_weights)
 
 
 def plain_costs(terms: Sequence[LayerTerm], target: Target | None = None) -> Costs:

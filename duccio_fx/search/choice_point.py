@@ -162,8 +162,8 @@ class ChoicePoint(nn.Module):
         self.bank.draw()
         return self.sample  # type: ignore[return-value]
 
-    def forward(self, x: Any) -> Any:
-        alts = [getattr(self, name) for name in self.names]
+    def forward(self, x: Any, in_mask: torch.Tensor | None = None) -> Any:
+        alts = [self._runner(name, in_mask) for name in self.names]
         if not self.training:
             return alts[self.chosen()](x)
         k, g = self.bank.take(self.index)
@@ -178,6 +178,20 @@ class ChoicePoint(nn.Module):
         for i, y in others:
             out = out + y * g[start + i]
         return out
+
+    def _runner(self, name: str, in_mask: torch.Tensor | None) -> Any:
+        """Alternative `name` as a callable of the block's input. With channel masks (`--method path+mask`) the
+        parts of it that mix the block's input channels (`mask_readers`, masked twins) get their mask."""
+        alt = getattr(self, name)
+        readers = getattr(self, "mask_readers", {}).get(name, ())
+        if in_mask is None or not readers:
+            return alt
+
+        def run(x: Any) -> Any:
+            for part, module in alt.named_children():
+                x = module(x, in_mask) if part in readers else module(x)
+            return x
+        return run
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator}, alternatives={self.names}"

@@ -45,6 +45,7 @@ from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
 COST_MODES = ("sampled", "expected")
+PATH_METHODS = ("path", "path+mask")  # the methods built on a supernet of choice points (they take its options)
 
 
 class PathSpace(SearchSpace):
@@ -206,6 +207,21 @@ def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
                     estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
                     temperature_decay: float = 0.8, warmup_seed_share: float = 0.5) -> PathSpace:
     """Analyse a copy of `model` and turn its eligible blocks (and its `Choice`s) into choice points."""
+    gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
+                                               alternatives=alternatives, estimator=estimator, cost_mode=cost_mode,
+                                               temperature=temperature, temperature_decay=temperature_decay,
+                                               warmup_seed_share=warmup_seed_share)
+    return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay, warmup_seed_share,
+                     insertion.dropped)
+
+
+def build_supernet(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
+                   context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
+                   estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
+                   temperature_decay: float = 0.8, warmup_seed_share: float = 0.5
+                   ) -> tuple[GraphModule, SupernetInsertion, list[LayerTerm]]:
+    """Check the path options, analyse a copy of `model` and insert its choice points: the supernet's graph,
+    the pass (its `fixed` and `dropped`) and the seed's layer terms."""
     if estimator not in ESTIMATORS:
         raise DuccioError(f"unknown estimator {estimator!r}", where="--estimator",
                           fix=f"use one of: {', '.join(ESTIMATORS)}")
@@ -226,8 +242,7 @@ def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
     seed_terms = layer_terms(gm)
     insertion = SupernetInsertion(analyze, selection, declared, estimator)
     context.run(gm, [insertion])
-    return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay, warmup_seed_share,
-                     insertion.dropped)
+    return gm, insertion, list(seed_terms)
 
 
 def _one_theta(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
