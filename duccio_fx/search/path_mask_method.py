@@ -239,21 +239,18 @@ class PathMaskSpace(PathSpace):
 
     def _masks_for(self, plain: GraphModule) -> dict[int, torch.Tensor]:
         """The search's masks, by the group ids of the plain model's analysis: a group takes the mask of the
-        search's group made by the same layers (an alternative's layers stand for their point's seed conv)."""
+        search's group that holds the same channels of the same layers' outputs (an alternative's layers stand
+        for their point's seed conv, whose output channels the search's groups name)."""
         searched = self.masks()
-        by_producer: dict[str, int] = {}
+        where: dict[tuple[str, int, int], int] = {}  # (layer, first, last channel) → the search's group
         for g in self.all_groups:
-            for p in g.producers:
-                by_producer[p] = g.id
-        for (point, name), option_terms in self.option_terms.items():
-            for t in option_terms:
-                spec = t.out_spec
-                if len(spec) == 1 and spec[0][0] in searched:
-                    by_producer[f"{point}.{name}." + t.name[len(f"{point}.{name}."):]] = spec[0][0]
+            for m in g.members:
+                where[(m.owner, m.start, m.stop)] = g.id
+        owner_of = {t.name: point for (point, _), option_terms in self.option_terms.items() for t in option_terms}
         out: dict[int, torch.Tensor] = {}
         for g in plain.meta[GROUPS_KEY]:
-            found = {by_producer[p] for p in g.producers if p in by_producer}
-            hits = found & set(searched)
+            hits = {where[key] for m in g.members
+                    if (key := (owner_of.get(m.owner, m.owner), m.start, m.stop)) in where} & set(searched)
             if not hits:
                 continue
             if len(hits) > 1 or searched[next(iter(hits))].numel() != g.channels:
