@@ -213,3 +213,37 @@ def test_inspect_path_mask_lists_points_and_what_it_does_not_offer():
     points = json.loads(result.output)["path"]["points"]
     assert [a["name"] for a in points[0]["alternatives"]] == ["conv3", "conv5", "dwsep3"]
     assert "identity" in points[0]["not_offered"]
+
+
+def test_a_choice_the_masks_cannot_follow_keeps_its_channels_whole():
+    class Pair(nn.Module):  # not a sequence of layers: the mask of its input cannot reach its conv
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = duccio_fx.Choice(seq=nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()), pair=Pair())
+            self.mid = nn.Conv2d(8, 6, 1)
+            self.head = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.block(self.stem(x)))))
+
+    x = torch.randn(2, 3, 6, 6)
+    space = duccio_fx.make_searchable(Net(), x, method="path+mask")
+    assert any("'pair' of 'block'" in why for why in space.frozen_groups.values())
+    searched = {g.id for g in space.channel_groups}
+    assert searched and not searched & set(space.frozen_groups)  # mid's output is still searched
+    for choice in ("seq", "pair"):
+        space.set_choices({"block": choice})
+        random_masks(space, 1, keep=0.5)
+        space.eval()
+        exported = space.export().eval()
+        assert torch.allclose(exported(x), space(x), rtol=1e-5, atol=1e-6)
+        assert_costs_equal_export(space, exported, x[:1])

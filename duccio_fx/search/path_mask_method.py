@@ -45,14 +45,10 @@ from duccio_fx.passes.mask_insertion import BANK, SELECT, MaskInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport, strip_masks
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.choice_point import ChoicePoint
-from duccio_fx.search.masks import PLAIN, MaskBank, MaskSelect, as_masked, bank_spec
+from duccio_fx.search.masks import MASKED, PLAIN, MaskBank, MaskSelect, as_masked, bank_spec
 from duccio_fx.search.path_method import PathSpace, build_supernet
 from duccio_fx.search.space import register_search_method
 from duccio_fx.targets import Target, load_target
-
-_MIXING = (nn.Conv1d, nn.Conv2d, nn.Linear)  # (exactly these types: the masked twins replace them)
-_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh,
-                nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Dropout)
 
 
 class PathMaskSpace(PathSpace):
@@ -286,21 +282,20 @@ def _remap(spec: ChannelSpec, local_in: int | None, local_out: int | None, spec_
     return tuple(out)
 
 
-def _mask_readers(alt: nn.Module) -> tuple[str, ...] | None:
-    """The part of a sequential alternative that mixes the block's input channels (its first conv with
-    groups=1, or linear, after per-channel parts only), which takes their mask; None when the alternative is
-    not such a sequence of parts (the masks cannot follow it)."""
-    if isinstance(alt, nn.Identity):
+def _mask_readers(alt: nn.Module, prefix: str, terms: Sequence[LayerTerm], local_in: int | None
+                  ) -> tuple[str, ...] | None:
+    """The parts of alternative `alt` (its layers named `prefix` + part) that mix the block's input channels:
+    its conv (groups=1) and linear layers whose input is exactly the block's input group, as the channel
+    analysis of the alternative found them (per-channel ops may stand before them). They take the input's
+    mask, so they must be parts of a sequence (None: one is nested, which the mask cannot reach)."""
+    names = [t.name[len(prefix):] for t in terms if t.kind in ("conv", "linear")
+             and len(t.in_spec) == 1 and t.in_spec[0][0] == local_in]
+    if not names:
         return ()
-    if not isinstance(alt, nn.Sequential):
+    parts = dict(alt.named_children()) if isinstance(alt, nn.Sequential) else {}
+    if any(n not in parts or type(parts[n]) not in MASKED for n in names):
         return None
-    for name, part in alt.named_children():
-        if type(part) in _MIXING and getattr(part, "groups", 1) == 1:
-            return (name,)
-        depthwise = type(part) in _MIXING and part.groups == part.in_channels == part.out_channels
-        if not depthwise and not isinstance(part, _PER_CHANNEL):
-            return None
-    return ()
+    return tuple(names)
 
 
 @register_search_method("path+mask")
@@ -336,16 +331,19 @@ def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules:
                 delattr(point, option.name)
                 point.names.remove(option.name)
                 continue
-            parts = _mask_readers(getattr(point, option.name))
+            prefix = f"{info.point}.{option.name}."
+            parts = _mask_readers(getattr(point, option.name), prefix, option.terms, local_in)
             mapped = [_remap(s, local_in, local_out, spec_in, spec_out, fresh)
                       for t in option.terms for s in (t.in_spec, t.out_spec)]
             if parts is None or any(m is None for m in mapped):
                 for gid in {g for s in (spec_in, spec_out) for g, *_ in s if g in groups}:
                     frozen[gid] = (f"read or written by alternative {option.name!r} of '{info.point}', whose "
                                    "layers the masks cannot follow")
-            terms[(info.point, option.name)] = tuple(
-                replace(t, in_spec=mapped[2 * i] or t.in_spec, out_spec=mapped[2 * i + 1] or t.out_spec)
-                for i, t in enumerate(option.terms))
+                # those groups stay whole: every channel of the alternative is then a constant
+                mapped = [m if m is not None else tuple((next(fresh), lo, hi, size) for _, lo, hi, size in s)
+                          for m, s in zip(mapped, (s for t in option.terms for s in (t.in_spec, t.out_spec)))]
+            terms[(info.point, option.name)] = tuple(replace(t, in_spec=mapped[2 * i], out_spec=mapped[2 * i + 1])
+                                                     for i, t in enumerate(option.terms))
             readers[option.name] = parts or ()
             kept.append(option)
         set_choice_info(node, replace(info, options=tuple(kept)))
