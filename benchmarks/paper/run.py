@@ -2,9 +2,11 @@
 
     python benchmarks/paper/run.py [--out runs/paper] [--train 4000] [--val 1000] [--epochs 2,6,2]
                                    [--seeds 0,1] [--workers 2] [--only fig4,fig7,fig8,seed]
+                                   [--methods mask,path] [--sizes 25%,50%,75%] [--ops none,25%,50%,75%]
 
   fig4  the grid of the paper's Fig. 4: size 25/50/75 % x ops none/25/50/75 % of the size-only run's MACs,
-        mask and path, every seed (`duccio-fx sweep`)
+        mask and path (or --methods, e.g. path,path+mask; --sizes and --ops run part of the grid), every
+        seed (`duccio-fx sweep`)
   fig7  the penalty ablation (Fig. 7): max(0, R - T) (DUCCIO) vs |R - T| at 25/50/75 % size, mask, seed 0
   fig8  the λ ablation (Fig. 8): the λ ramp vs constant λ from 1e-6 to 1 at 50 % size
   seed  the seed trained for the same number of epochs (W + S + F) as a search, per seed: the reference
@@ -78,7 +80,7 @@ def train_seed(seed: int, args: argparse.Namespace) -> float:
 def fig4(args: argparse.Namespace) -> list[dict]:
     out = args.out / "fig4"
     subprocess.run([sys.executable, "-m", "duccio_fx.cli", "sweep", str(EXAMPLE), "--target", "gap8", "--size",
-                    "25%,50%,75%", "--ops", "none,25%,50%,75%", "--method", "mask,path", "--seeds", args.seeds,
+                    args.sizes, "--ops", args.ops, "--method", args.methods, "--seeds", args.seeds,
                     "--epochs", args.epochs, "--workers", str(args.workers), "--out", str(out), "--device", "cpu"])
     if (out / "pareto.png").exists():
         shutil.copy(out / "pareto.png", HERE / "fig4_pareto.png")
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="seed,fig4,fig7,fig8")
+    parser.add_argument("--methods", default="mask,path", help="fig4: the search methods")
+    parser.add_argument("--sizes", default="25%,50%,75%", help="fig4: the size targets")
+    parser.add_argument("--ops", default="none,25%,50%,75%", help="fig4: the ops targets")
     args = parser.parse_args()
     os.environ.update(FMNIST_TRAIN=str(args.train), FMNIST_VAL=str(args.val))
     only = set(args.only.split(","))
@@ -136,7 +141,7 @@ def main() -> None:
               "| accuracy (mean over seeds) | vs seed (points) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         reference = statistics.mean(seed_acc.values()) if seed_acc else None
-        for method in ("mask", "path"):
+        for method in args.methods.split(","):
             mine = [p for p in points if p["method"] == method]
             met = sum(p["status"] == "met" for p in mine)
             for size in ("25%", "50%", "75%"):

@@ -138,7 +138,10 @@ class PathMaskSpace(PathSpace):
         """Each row's weight: its alternative's entry of `weights`, 1 for a fixed layer."""
         self.program()
         w = torch.cat([weights.to(torch.float64), weights.new_ones(1, dtype=torch.float64)])
-        return w.index_select(0, self._owner.to(w.device))
+        owners = self.__dict__.setdefault("_owners", {})  # one copy per device, not one per step
+        if w.device not in owners:
+            owners[w.device] = self._owner.to(w.device)
+        return w.index_select(0, owners[w.device])
 
     def costs(self, target: Target | str | None = None) -> Costs:
         """Fixed layers + Σ_points Σ_i g_i · cost_i(masks): the g of the last forward pass in training (the
