@@ -104,10 +104,11 @@ class PathMaskSpace(PathSpace):
     def architecture(self) -> dict[str, Any]:
         """Per point: its alternative, their probabilities and the output channels it keeps."""
         out = super().architecture()
-        kept = {gid: int(m.sum()) for gid, m in self.masks().items()}
+        masks = self.masks()
         for info, node in zip(self.infos, self._point_nodes()):
             spec = spec_of(channel_layout(node), 0)
-            out[info.point]["channels"] = sum((kept[g] if g in kept else hi - lo) * size for g, lo, hi, size in spec)
+            out[info.point]["channels"] = sum((int(masks[g][lo:hi].sum()) if g in masks else hi - lo) * size
+                                              for g, lo, hi, size in spec)
         return out
 
     def _point_nodes(self) -> list[Node]:
