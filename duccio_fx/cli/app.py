@@ -34,8 +34,8 @@ from duccio_fx.lower.backend import backends
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.mask_method import check_channel_multiple
-from duccio_fx.search.path_method import PATH_METHODS
 from duccio_fx.search.objective import FORMS
+from duccio_fx.search.path_method import PATH_METHODS
 from duccio_fx.search.precision import WidthRules
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import make_searchable, search_methods
@@ -96,7 +96,8 @@ def inspect(
         slacks = _slacks(layerwise)
         spec = load_model_file(model)
         # with --method path the IR instruments follow the path method's own flow (analysis, supernet-insertion)
-        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules, [timer] if method in PATH_METHODS else instruments)
+        gm = analyze(spec.model, spec.example_inputs, spec.leaf_modules,
+                     [timer] if method in PATH_METHODS else instruments)
         report = inspect_report(gm, spec.source, timer.seconds)
         if hw is not None:
             report["target"] = target_report(gm, hw, slacks)
