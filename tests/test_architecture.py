@@ -59,6 +59,8 @@ LAYERS: tuple[Rule, ...] = (
     Rule("duccio_fx.passes.shrink_export", 5, "search"),
     Rule("duccio_fx.passes.supernet_insertion", 5, "search"),
     Rule("duccio_fx.passes.choice_export", 5, "search"),
+    Rule("duccio_fx.passes.choice_channels", 5, "search"),
+    Rule("duccio_fx.passes.choice_mask_insertion", 5, "search"),
     Rule("duccio_fx.passes.precision_insertion", 5, "search"),
     Rule("duccio_fx.passes.precision_export", 5, "search"),
     Rule("duccio_fx.lower.*", 5, "lower"),

@@ -24,7 +24,7 @@ def test_pass_names_are_kebab_case_and_match_their_files():
     import duccio_fx.passes as passes
 
     every = [getattr(passes, name) for name in passes.__all__]
-    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 15
+    assert {ShapePropagation, ChannelAnalysis, LayerCosts} <= set(every) and len(every) == 17
     for cls in every:
         module = cls.__module__.rsplit(".", 1)[-1]
         assert cls.name == module.replace("_", "-")

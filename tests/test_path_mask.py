@@ -15,7 +15,7 @@ import duccio_fx
 from duccio_fx.cli import app
 from duccio_fx.search.choice_point import ChoicePoint
 from duccio_fx.zoo import build as zoo_build
-from tests.test_path_method import GAP8, PATH_FILE, assert_costs_equal_export, randomize
+from tests.test_path_method import GAP8, PATH_FILE, assert_costs_equal_export, randomize, run_whole_and_resumed
 from tests.test_properties import build as build_plan
 from tests.test_properties import plans
 
@@ -141,34 +141,12 @@ def test_random_networks_export_exactly_with_exact_costs(plan, seed):
 
 
 def test_recipe_meets_the_bound_resumes_exactly_and_the_report_says_what_it_kept(tmp_path):
-    from tests.test_optimize import recipe
-    (tmp_path / "m").mkdir()
-    settings = {"method": "path+mask", "warmup_epochs": 1, "search_epochs": 3, "finetune_epochs": 1}
-
-    def run(checkpoint, progress=None, resume=False):
-        import tests.test_optimize as t
-        saved, t.MODEL_FILE = t.MODEL_FILE, PATH_FILE
-        try:
-            return recipe(tmp_path / "m", checkpoint=checkpoint, progress=progress, **settings).run(resume)
-        finally:
-            t.MODEL_FILE = saved
-
-    whole = run(tmp_path / "a.pt")
+    whole, resumed = run_whole_and_resumed(tmp_path, {"method": "path+mask", "warmup_epochs": 1,
+                                                      "search_epochs": 3, "finetune_epochs": 1})
     assert whole.met
     assert whole.final_costs == duccio_fx.measure_costs(whole.model, (torch.randn(1, 1, 8, 8),), GAP8)
     arch = next(r.architecture for r in reversed(whole.history) if r.phase == "search")
     assert all({"choice", "probabilities", "channels"} <= set(a) for a in arch.values())
-
-    class Stop(Exception):
-        pass
-
-    def interrupt(event, data):
-        if event == "epoch" and data["record"].phase == "search" and data["record"].epoch == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        run(tmp_path / "b.pt", interrupt)
-    resumed = run(tmp_path / "b.pt", resume=True)
     assert [r.val_loss for r in resumed.history] == [r.val_loss for r in whole.history]
     assert resumed.final_costs == whole.final_costs
 
@@ -189,11 +167,9 @@ def test_layerwise_constraints_read_the_alternatives_layers_at_their_masks():
 
 
 def test_optimize_cli_path_mask_with_latency_onnx_and_dory(tmp_path):
-    from tests.test_optimize import model_file
     out = tmp_path / "run"
-    text = PATH_FILE
     path = tmp_path / "pm.py"
-    path.write_text(text)
+    path.write_text(PATH_FILE)  # (the toy model and data of the path method's recipe test)
     result = runner.invoke(app, ["optimize", str(path), "--method", "path+mask", "--target", "gap8",
                                  "--max-size", "60%", "--max-latency", "90%", "--epochs", "1,3,1", "--out", str(out),
                                  "--no-cache", "--dory"], env={"COLUMNS": "80"})
@@ -204,7 +180,6 @@ def test_optimize_cli_path_mask_with_latency_onnx_and_dory(tmp_path):
     assert report["onnx_max_abs_diff"] is not None and report["onnx_max_abs_diff"] < 1e-4
     assert (out / "dory").is_dir()
     assert "channels kept" in result.output
-    assert model_file  # (the same toy data as the path method's recipe test)
 
 
 def test_inspect_path_mask_lists_points_and_what_it_does_not_offer():

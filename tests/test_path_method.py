@@ -382,10 +382,9 @@ PATH_FILE = MODEL_FILE.replace(
     "nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())")
 
 
-def test_recipe_path_meets_the_bound_and_resumes_exactly(tmp_path):
+def run_whole_and_resumed(tmp_path, settings: dict) -> tuple:
+    """The recipe on PATH_FILE run whole, and run again interrupted after search epoch 1 then resumed."""
     (tmp_path / "m").mkdir()
-    # the warmup trains the seed's path only (one epoch), so the search needs more than 2 epochs to leave it
-    settings = {"method": "path", "warmup_epochs": 1, "search_epochs": 3, "finetune_epochs": 1}
 
     def run(checkpoint, progress=None, resume=False):
         import tests.test_optimize as t
@@ -395,12 +394,6 @@ def test_recipe_path_meets_the_bound_and_resumes_exactly(tmp_path):
         finally:
             t.MODEL_FILE = saved
 
-    whole = run(tmp_path / "a.pt")
-    assert whole.met
-    measured = duccio_fx.measure_costs(whole.model, (torch.randn(1, 1, 8, 8),), GAP8)
-    assert whole.final_costs == measured
-    assert any(r.architecture for r in whole.history if r.phase == "search")
-
     class Stop(Exception):
         pass
 
@@ -408,9 +401,20 @@ def test_recipe_path_meets_the_bound_and_resumes_exactly(tmp_path):
         if event == "epoch" and data["record"].phase == "search" and data["record"].epoch == 0:
             raise Stop
 
+    whole = run(tmp_path / "a.pt")
     with pytest.raises(Stop):
         run(tmp_path / "b.pt", interrupt)
-    resumed = run(tmp_path / "b.pt", resume=True)
+    return whole, run(tmp_path / "b.pt", resume=True)
+
+
+def test_recipe_path_meets_the_bound_and_resumes_exactly(tmp_path):
+    # the warmup trains the seed's path only (one epoch), so the search needs more than 2 epochs to leave it
+    whole, resumed = run_whole_and_resumed(tmp_path, {"method": "path", "warmup_epochs": 1, "search_epochs": 3,
+                                                      "finetune_epochs": 1})
+    assert whole.met
+    measured = duccio_fx.measure_costs(whole.model, (torch.randn(1, 1, 8, 8),), GAP8)
+    assert whole.final_costs == measured
+    assert any(r.architecture for r in whole.history if r.phase == "search")
     assert [r.val_loss for r in resumed.history] == [r.val_loss for r in whole.history]
     assert [r.architecture for r in resumed.history] == [r.architecture for r in whole.history]
     assert resumed.final_costs == whole.final_costs

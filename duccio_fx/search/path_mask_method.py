@@ -17,7 +17,9 @@ block's input and output are one channel group: otherwise its output would need 
 (`dropped` says where). A point whose alternatives the masks cannot reach (a declared `Choice` that is not a
 sequence of layers) keeps its input and output channels whole (`frozen` says which).
 
-The export picks the argmax alternatives (`choice-export`), analyses the plain model again and keeps the
+Building it is a pipeline: supernet-insertion (the path method's), choice-channels (the alternatives' layers
+into the seed's groups), mask-insertion (the mask method's), choice-mask-insertion (each point gets its
+input's mask). The export picks the argmax alternatives (`choice-export`), analyses the plain model again and keeps the
 channels of each of its groups that the group of the search with the same producing layers keeps
 (`shrink-export`): exact, and costs equal to those the search computed.
 """
@@ -36,16 +38,16 @@ from duccio_fx.common.errors import DuccioError
 from duccio_fx.costs.model import Costs
 from duccio_fx.costs.program import CostProgram
 from duccio_fx.ir.channels import ChannelGroup
-from duccio_fx.ir.meta import (GROUPS_KEY, ChannelSpec, ChoiceInfo, LayerTerm, channel_layout, choice_info,
-                               set_choice_info, spec_of)
+from duccio_fx.ir.meta import GROUPS_KEY, LayerTerm, channel_layout, choice_info, spec_of
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.passes.choice_channels import ChoiceChannels
 from duccio_fx.passes.choice_export import ChoiceExport
-from duccio_fx.passes.mask_insertion import BANK, SELECT, MaskInsertion
+from duccio_fx.passes.choice_mask_insertion import ChoiceMaskInsertion
+from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport, strip_masks
 from duccio_fx.pipeline import analyze
-from duccio_fx.search.choice_point import ChoicePoint
-from duccio_fx.search.masks import MASKED, PLAIN, MaskBank, MaskSelect, as_masked, bank_spec
+from duccio_fx.search.masks import PLAIN, MaskBank
 from duccio_fx.search.path_method import PathSpace, build_supernet
 from duccio_fx.search.space import register_search_method
 from duccio_fx.targets import Target, load_target
@@ -164,12 +166,7 @@ class PathMaskSpace(PathSpace):
             programs[key] = (CostProgram([program.terms[r] for r in rows], program.groups), rows)
         part, _ = programs[key]
         with torch.no_grad():
-            costs = part.costs(self._flat_masks().detach(), hw).floats()
-        absent = {t.name: 0.0 for t in program.terms}
-        tables = {f: {**absent, **getattr(costs, f)}
-                  for f in ("layer_params", "layer_macs", "layer_memory", "layer_size_bytes", "layer_bytes",
-                            "layer_cycles", "layer_latency_s") if getattr(costs, f) is not None}
-        return replace(costs, **tables)
+            return self._with_unchosen(part.costs(self._flat_masks().detach(), hw).floats())
 
     def minimum_costs(self, target: Target | str | None = None) -> Costs:
         """Every group at one channel and every point at its cheapest alternative, metric by metric."""
@@ -261,47 +258,6 @@ class PathMaskSpace(PathSpace):
         return out
 
 
-def _option_groups(terms: Sequence[LayerTerm]) -> tuple[int | None, int | None]:
-    """The option's own group ids of its input (the first layer reads it) and its output (the last writes it)."""
-    if not terms:
-        return None, None
-    first, last = terms[0].in_spec, terms[-1].out_spec
-    return (first[0][0] if len(first) == 1 else None), (last[0][0] if len(last) == 1 else None)
-
-
-def _remap(spec: ChannelSpec, local_in: int | None, local_out: int | None, spec_in: ChannelSpec,
-           spec_out: ChannelSpec, fresh: Iterator[int]) -> ChannelSpec | None:
-    """An option's channel spec in the seed's groups: its input group → the block's input, its output group →
-    the block's output, any other (internal) group → a group of its own that is never searched (None: a
-    spec that covers part of the input or output group, which the masks cannot follow)."""
-    out: list[tuple[int, int, int, int]] = []
-    for group, lo, hi, size in spec:
-        if group in (local_in, local_out):
-            whole = spec_in if group == local_in else spec_out
-            width = sum((h - l) * s for _, l, h, s in whole)
-            if lo != 0 or size != 1 or hi != width or len(spec) != 1:
-                return None
-            return whole
-        out.append((next(fresh), lo, hi, size))
-    return tuple(out)
-
-
-def _mask_readers(alt: nn.Module, prefix: str, terms: Sequence[LayerTerm], local_in: int | None
-                  ) -> tuple[str, ...] | None:
-    """The parts of alternative `alt` (its layers named `prefix` + part) that mix the block's input channels:
-    its conv (groups=1) and linear layers whose input is exactly the block's input group, as the channel
-    analysis of the alternative found them (per-channel ops may stand before them). They take the input's
-    mask, so they must be parts of a sequence (None: one is nested, which the mask cannot reach)."""
-    names = [t.name[len(prefix):] for t in terms if t.kind in ("conv", "linear")
-             and len(t.in_spec) == 1 and t.in_spec[0][0] == local_in]
-    if not names:
-        return ()
-    parts = dict(alt.named_children()) if isinstance(alt, nn.Sequential) else {}
-    if any(n not in parts or type(parts[n]) not in MASKED for n in names):
-        return None
-    return tuple(names)
-
-
 @register_search_method("path+mask")
 def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                          context: PassContext | None = None, threshold: float = 0.5,
@@ -314,76 +270,10 @@ def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules:
                    warmup_seed_share=warmup_seed_share)
     gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
                                                alternatives=alternatives, estimator=estimator, **options)
-    groups = {g.id for g in gm.meta[GROUPS_KEY]}
-    fresh = iter(range(-2, -10 ** 9, -1))  # internal groups of alternatives: never searched
-    terms: dict[tuple[str, str], tuple[LayerTerm, ...]] = {}
-    dropped: dict[str, dict[str, str]] = {p: dict(d) for p, d in insertion.dropped.items()}
-    frozen: dict[int, str] = {}
-    for node in [n for n in gm.graph.nodes if choice_info(n) is not None]:
-        info: ChoiceInfo = choice_info(node)
-        point: ChoicePoint = gm.get_submodule(str(node.target))
-        source = node.args[0]
-        spec_in = spec_of(channel_layout(source), 0) if isinstance(source, Node) else ()
-        spec_out = spec_of(channel_layout(node), 0)
-        kept, readers = [], {}
-        for option in info.options:
-            local_in, local_out = _option_groups(option.terms)
-            if (not option.terms or local_in == local_out) and spec_in != spec_out and option is not info.options[0]:
-                dropped.setdefault(info.point, {})[option.name] = (
-                    "its output is its input, whose channels the masks keep apart from the block's output "
-                    "(path+mask offers it only where the block's input and output are one channel group)")
-                delattr(point, option.name)
-                point.names.remove(option.name)
-                continue
-            prefix = f"{info.point}.{option.name}."
-            parts = _mask_readers(getattr(point, option.name), prefix, option.terms, local_in)
-            mapped = [_remap(s, local_in, local_out, spec_in, spec_out, fresh)
-                      for t in option.terms for s in (t.in_spec, t.out_spec)]
-            if parts is None or any(m is None for m in mapped):
-                for gid in {g for s in (spec_in, spec_out) for g, *_ in s if g in groups}:
-                    frozen[gid] = (f"read or written by alternative {option.name!r} of '{info.point}', whose "
-                                   "layers the masks cannot follow")
-                # those groups stay whole: every channel of the alternative is then a constant
-                mapped = [m if m is not None else tuple((next(fresh), lo, hi, size) for _, lo, hi, size in s)
-                          for m, s in zip(mapped, (s for t in option.terms for s in (t.in_spec, t.out_spec)))]
-            terms[(info.point, option.name)] = tuple(replace(t, in_spec=mapped[2 * i], out_spec=mapped[2 * i + 1])
-                                                     for i, t in enumerate(option.terms))
-            readers[option.name] = parts or ()
-            kept.append(option)
-        set_choice_info(node, replace(info, options=tuple(kept)))
-        point.mask_readers = readers
-    # groups the masks cannot follow stay whole; the mask method's insertion masks the layers outside the
-    # points, and each point gets the mask of its input channels for its alternatives' first mixing layers
-    gm.meta[GROUPS_KEY] = tuple(replace(g, frozen=True, reason=frozen[g.id]) if g.id in frozen else g
-                                for g in gm.meta[GROUPS_KEY])
-    insertion_masks = MaskInsertion(threshold=threshold)
-    context.run(gm, [insertion_masks])
-    _mask_points(gm)
+    channels, masking = ChoiceChannels(), MaskInsertion(threshold=threshold)
+    context.run(gm, [channels, masking, ChoiceMaskInsertion()])
     examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    return PathMaskSpace(gm, insertion.fixed, seed_terms, terms, examples, dropped=dropped, frozen=frozen,
-                         excluded=insertion_masks.excluded, **options)
-
-
-def _mask_points(gm: GraphModule) -> None:
-    """Give each choice point the mask of its input channels (a `MaskSelect` node) for its alternatives' first
-    mixing layers, made masked twins."""
-    bank: MaskBank | None = getattr(gm, BANK, None)
-    if bank is None:
-        return
-    index = {gid: i for i, gid in enumerate(bank.group_ids)}
-    masks = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == BANK)
-    for node in [n for n in gm.graph.nodes if choice_info(n) is not None]:
-        point = gm.get_submodule(str(node.target))
-        source = node.args[0]
-        spec_in = spec_of(channel_layout(source), 0) if isinstance(source, Node) else ()
-        if not any(g in index for g, *_ in spec_in) or not any(point.mask_readers.values()):
-            continue
-        for name, parts in point.mask_readers.items():
-            for part in parts:
-                as_masked(getattr(getattr(point, name), part))
-        gm.get_submodule(SELECT)[node.name] = MaskSelect(bank_spec(spec_in, index), bank.offsets(),
-                                                        always_on=sum(bank.sizes))
-        with gm.graph.inserting_before(node):
-            in_mask = gm.graph.call_module(f"{SELECT}.{node.name}", (masks,))
-        node.args = (node.args[0], in_mask)
-    gm.recompile()
+    dropped = {p: {**insertion.dropped.get(p, {}), **channels.dropped.get(p, {})}
+               for p in {*insertion.dropped, *channels.dropped}}
+    return PathMaskSpace(gm, insertion.fixed, seed_terms, channels.terms, examples, dropped=dropped,
+                         frozen=channels.frozen, excluded=masking.excluded, **options)

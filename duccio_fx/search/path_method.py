@@ -166,8 +166,12 @@ class PathSpace(SearchSpace):
                 terms.append(x)
             else:
                 terms.extend(next(o for o in x.options if o.name == chosen[x.point]).terms)
-        costs = plain_costs(terms, hw)
-        absent = {t.name: 0.0 for t in self.layer_candidates()}  # layers not chosen read 0 (scoped constraints)
+        return self._with_unchosen(plain_costs(terms, hw))
+
+    def _with_unchosen(self, costs: Costs) -> Costs:
+        """`costs` of the chosen layers, whose per-layer tables also name every layer not chosen, at 0 (so a
+        constraint scoped to a layer of another alternative reads 0)."""
+        absent = {t.name: 0.0 for t in self.layer_candidates()}
         tables = {f: {**absent, **getattr(costs, f)}
                   for f in ("layer_params", "layer_macs", "layer_memory", "layer_size_bytes", "layer_bytes",
                             "layer_cycles", "layer_latency_s") if getattr(costs, f) is not None}
