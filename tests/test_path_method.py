@@ -189,6 +189,24 @@ def test_warmup_trains_whole_paths_then_the_seed_path_only():
         duccio_fx.make_searchable(model, x, method="path", warmup_seed_share=1.5)
 
 
+@pytest.mark.parametrize("method, options, logit", [("path", {}, 0.0), ("path+mask", {}, 2.0),
+                                                     ("path", {"seed_logit": 3.0}, 3.0)])
+def test_search_starts_with_each_seed_alternative_at_the_seed_logit(tmp_path, method, options, logit):
+    """θ of every point's seed alternative starts the search at `seed_logit` (each method's default, or the
+    option), the others at 0: also after a warmup read from the cache, which holds θ as the warmup left it."""
+    for cached in (False, True):
+        r = recipe(tmp_path, cache=tmp_path / "cache", method=method, method_options=options, search_epochs=0,
+                   max_search_epochs=0, finetune_epochs=0)
+        result = r.run()
+        assert result.warmup_cached is cached
+        bank = r.space.choice_bank
+        expected = torch.zeros_like(bank.theta).index_fill_(0, bank.start, logit)
+        assert torch.equal(bank.theta.detach(), expected)
+    model, x = zoo_build("resnet8")
+    with pytest.raises(duccio_fx.DuccioError, match="seed logit"):
+        duccio_fx.make_searchable(model, x, method=method, seed_logit=-1.0)
+
+
 def test_frozen_theta_runs_only_the_sampled_alternative():
     """In the warmup θ does not train, so the 'all' estimator's other alternatives would add nothing."""
     model, x = zoo_build("resnet8", batch=2)
@@ -358,8 +376,9 @@ def test_optimize_path_bad_input_exits_1_before_training(tmp_path, args, message
     assert not out.exists()
 
 
-def test_path_options_need_the_path_method(tmp_path):
-    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", "--estimator", "sampled"])
+@pytest.mark.parametrize("option", [["--estimator", "sampled"], ["--seed-logit", "2"]])
+def test_path_options_need_the_path_method(tmp_path, option):
+    result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", *option])
     assert result.exit_code == 1 and "belongs to the path method" in result.output
 
 

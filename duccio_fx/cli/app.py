@@ -225,6 +225,9 @@ def optimize(
                                       "the first search epoch"),
     temperature_decay: float = typer.Option(0.8, "--temperature-decay", help="--method path: the temperature "
                                             "multiplies by this every search epoch (1: constant)"),
+    seed_logit: Optional[float] = typer.Option(None, "--seed-logit", help="--method path/path+mask: θ of each "
+                                               "point's seed alternative when the search starts, the others 0 "
+                                               "(default: 0 for path, 2 for path+mask)"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
                                "cuda, cuda:N or mps"),
     amp: Optional[str] = typer.Option(None, "--amp", help="autocast the model's forward pass: bf16 or fp16 "
@@ -266,7 +269,7 @@ def optimize(
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
         resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
         method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay,
-                                       bool(bits) or bool(act_bits))
+                                       bool(bits) or bool(act_bits), seed_logit)
         method_options.update(_mask_options(method, channel_multiple))
         method_options.update(_bits_options(method, bits, bits_only, temperature, temperature_decay, act_bits))
         w, s, f = _epochs(epochs)
@@ -311,20 +314,22 @@ def _launch(nproc: int) -> int:
 
 
 def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str, temperature: float,
-                  temperature_decay: float, bits: bool = False) -> dict[str, Any]:
+                  temperature_decay: float, bits: bool = False, seed_logit: float | None = None) -> dict[str, Any]:
     """The path method's options; refuses them with another method (they would be silently ignored). The
-    temperatures also serve --bits."""
+    temperatures also serve --bits. `seed_logit` is passed only when given (each method has its default, and
+    earlier checkpoints' signatures stay as they were)."""
     given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
              "--path-costs": path_costs != "sampled", "--temperature": temperature != 5.0 and not bits,
-             "--temperature-decay": temperature_decay != 0.8 and not bits}
+             "--temperature-decay": temperature_decay != 0.8 and not bits, "--seed-logit": seed_logit is not None}
     if method not in PATH_METHODS:
         for name, used in given.items():
             if used:
                 raise DuccioError(f"{name} belongs to the path methods", where=name,
                                   fix="add --method path (or path+mask)")
         return {}
-    return {"alternatives": alternatives or None, "estimator": estimator, "cost_mode": path_costs,
-            "temperature": temperature, "temperature_decay": temperature_decay}
+    options = {"alternatives": alternatives or None, "estimator": estimator, "cost_mode": path_costs,
+               "temperature": temperature, "temperature_decay": temperature_decay}
+    return options if seed_logit is None else {**options, "seed_logit": seed_logit}
 
 
 def _mask_options(method: str, channel_multiple: int) -> dict[str, Any]:

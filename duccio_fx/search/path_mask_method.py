@@ -48,7 +48,7 @@ from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport, strip_masks
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.masks import PLAIN, MaskBank
-from duccio_fx.search.path_method import PathSpace, build_supernet
+from duccio_fx.search.path_method import PATH_MASK_SEED_LOGIT, PathSpace, build_supernet
 from duccio_fx.search.space import register_search_method
 from duccio_fx.targets import Target, load_target
 
@@ -263,11 +263,11 @@ def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules:
                          context: PassContext | None = None, threshold: float = 0.5,
                          alternatives: str | Sequence[str] | None = None, estimator: str = "all",
                          cost_mode: str = "sampled", temperature: float = 5.0, temperature_decay: float = 0.8,
-                         warmup_seed_share: float = 0.5) -> PathMaskSpace:
+                         warmup_seed_share: float = 0.5, seed_logit: float = PATH_MASK_SEED_LOGIT) -> PathMaskSpace:
     """The path method's supernet (options as for method="path") with the mask method's channel masks."""
     context = context or PassContext()
     options = dict(cost_mode=cost_mode, temperature=temperature, temperature_decay=temperature_decay,
-                   warmup_seed_share=warmup_seed_share)
+                   warmup_seed_share=warmup_seed_share, seed_logit=seed_logit)
     gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
                                                alternatives=alternatives, estimator=estimator, **options)
     channels, masking = ChoiceChannels(), MaskInsertion(threshold=threshold)

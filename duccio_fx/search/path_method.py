@@ -45,7 +45,8 @@ from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
 COST_MODES = ("sampled", "expected")
-PATH_METHODS = ("path", "path+mask")  # the methods built on a supernet of choice points (they take its options)
+PATH_METHODS = ("path", "path+mask")
+PATH_SEED_LOGIT, PATH_MASK_SEED_LOGIT = 0.0, 2.0  # each method's θ of the seed alternatives at the search's start  # the methods built on a supernet of choice points (they take its options)
 
 
 class PathSpace(SearchSpace):
@@ -55,7 +56,8 @@ class PathSpace(SearchSpace):
 
     def __init__(self, graph_module: GraphModule, fixed: dict[str, str], seed_terms: Sequence[LayerTerm],
                  cost_mode: str = "sampled", temperature: float = 5.0, temperature_decay: float = 0.8,
-                 warmup_seed_share: float = 0.5, dropped: dict[str, dict[str, str]] | None = None) -> None:
+                 warmup_seed_share: float = 0.5, dropped: dict[str, dict[str, str]] | None = None,
+                 seed_logit: float = 0.0) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.fixed = dict(fixed)
@@ -64,6 +66,7 @@ class PathSpace(SearchSpace):
         self.cost_mode = cost_mode
         self.temperature, self.temperature_decay = temperature, temperature_decay
         self.warmup_seed_share = warmup_seed_share
+        self.seed_logit = seed_logit
         # graph order: a fixed layer's term, or a choice point's info
         self.layout: list[LayerTerm | ChoiceInfo] = [x for n in graph_module.graph.nodes
                                                      if (x := layer_term(n) or choice_info(n)) is not None]
@@ -104,6 +107,12 @@ class PathSpace(SearchSpace):
         path only (see the module's docstring)."""
         seed_only = max(1, round(epochs / 3))
         self.choice_bank.seed_share = 1.0 if epoch >= epochs - seed_only else self.warmup_seed_share
+
+    def on_search_start(self) -> None:
+        """θ of every point's seed alternative starts at `seed_logit`, the others at 0 (see the module's
+        docstring)."""
+        with torch.no_grad():
+            self.choice_bank.theta.zero_().index_fill_(0, self.choice_bank.start, self.seed_logit)
 
     def choices(self) -> dict[str, str]:
         """The alternative each point uses in evaluation and export (argmax θ)."""
@@ -209,20 +218,21 @@ class PathSpace(SearchSpace):
 def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                     context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
                     estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
-                    temperature_decay: float = 0.8, warmup_seed_share: float = 0.5) -> PathSpace:
+                    temperature_decay: float = 0.8, warmup_seed_share: float = 0.5,
+                    seed_logit: float = PATH_SEED_LOGIT) -> PathSpace:
     """Analyse a copy of `model` and turn its eligible blocks (and its `Choice`s) into choice points."""
     gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
                                                alternatives=alternatives, estimator=estimator, cost_mode=cost_mode,
                                                temperature=temperature, temperature_decay=temperature_decay,
-                                               warmup_seed_share=warmup_seed_share)
+                                               warmup_seed_share=warmup_seed_share, seed_logit=seed_logit)
     return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay, warmup_seed_share,
-                     insertion.dropped)
+                     insertion.dropped, seed_logit)
 
 
 def build_supernet(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                    context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
                    estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
-                   temperature_decay: float = 0.8, warmup_seed_share: float = 0.5
+                   temperature_decay: float = 0.8, warmup_seed_share: float = 0.5, seed_logit: float = 0.0
                    ) -> tuple[GraphModule, SupernetInsertion, list[LayerTerm]]:
     """Check the path options, analyse a copy of `model` and insert its choice points: the supernet's graph,
     the pass (its `fixed` and `dropped`) and the seed's layer terms."""
@@ -238,6 +248,9 @@ def build_supernet(model: nn.Module, example_inputs: Any, *, leaf_modules: Seque
     if not 0 <= warmup_seed_share <= 1:
         raise DuccioError(f"warmup_seed_share {warmup_seed_share} must lie in [0, 1]", where="warmup_seed_share",
                           fix="e.g. 0.5: half of the warmup's steps run the seed's path")
+    if not 0 <= seed_logit <= 20:
+        raise DuccioError(f"seed logit {seed_logit} must lie in [0, 20]", where="--seed-logit",
+                          fix="e.g. 2: each point starts the search favouring its seed alternative (0: uniform)")
     selection = AlternativeSelection.parse(alternatives)
     context = context or PassContext()
     model = copy.deepcopy(model)

@@ -307,6 +307,7 @@ class Recipe:
         seed_metric = math.nan
         if state is None or state["phase"] == "warmup":
             lhat, cached = self._warmup(state)
+            self.space.on_search_start()
             state = None
             _, seed_metric = evaluate_model(self.space, self.val_loader, self.loss_fn, self.metric_fn, self.device,
                                             during="the seed's validation after warmup")

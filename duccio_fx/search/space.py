@@ -88,6 +88,10 @@ class SearchSpace(nn.Module, metaclass=ABCMeta):
     def on_warmup_epoch(self, epoch: int, epochs: int) -> None:
         """Called before warmup epoch `epoch` of `epochs` (θ frozen; e.g. which paths a supernet trains)."""
 
+    def on_search_start(self) -> None:
+        """Called once after the warmup (trained or from the cache), before the search's first epoch; not when a
+        search is resumed from its checkpoint (the architecture parameters are in it). Nothing by default."""
+
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint must hold to resume the search exactly."""
         return self.state_dict()
