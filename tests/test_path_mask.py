@@ -88,7 +88,7 @@ def test_identity_is_offered_only_where_input_and_output_are_one_group():
 
 def test_costs_follow_the_sampled_alternative_and_the_masks():
     model, x = zoo_build("resnet8", batch=4)
-    space = duccio_fx.make_searchable(model, x, method="path+mask")
+    space = duccio_fx.make_searchable(model, x, method="path+mask", cost_mode="sampled")
     random_masks(space, 3)
     space.train()
     space(x)
@@ -99,6 +99,25 @@ def test_costs_follow_the_sampled_alternative_and_the_masks():
     space.set_choices(chosen)
     assert float(sampled.size_bytes.detach()) == pytest.approx(space.cost_values(GAP8).size_bytes, rel=1e-12)
     assert float(sampled.cycles.detach()) == pytest.approx(space.cost_values(GAP8).cycles, rel=1e-12)
+
+
+def test_default_costs_are_expected_over_the_probabilities():
+    """path+mask's default: Σ_i softmax(θ)_i · cost_i(masks), so the masks, shared by every alternative, are
+    not pushed down by the steps that draw a costly one; θ's gradient flows through the probabilities."""
+    model, x = zoo_build("resnet8", batch=4)
+    space = duccio_fx.make_searchable(model, x, method="path+mask")
+    random_masks(space, 4)
+    names = space.points()[0].names
+    assert all(p.names == names for p in space.points())  # θ = 0: every point uniform over the same names
+    space.train()
+    space(x)
+    expected = space.costs(GAP8)
+    expected["size_bytes"].backward()
+    assert space.choice_bank.theta.grad.abs().sum() > 0 and space.bank.alpha.grad.abs().sum() > 0
+    each = [(space.set_choices({i.point: alt for i in space.infos}) or space.cost_values(GAP8)) for alt in names]
+    for field in ("size_bytes", "macs"):
+        mean = sum(getattr(c, field) for c in each) / len(names)
+        assert float(getattr(expected, field).detach()) == pytest.approx(mean, rel=1e-6)  # (float32 softmax)
 
 
 def test_minimum_costs_are_one_channel_per_group_and_the_cheapest_alternatives():

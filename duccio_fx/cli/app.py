@@ -35,7 +35,7 @@ from duccio_fx.pipeline import analyze
 from duccio_fx.search.constraints import Constraint
 from duccio_fx.search.mask_method import check_channel_multiple
 from duccio_fx.search.objective import FORMS
-from duccio_fx.search.path_method import PATH_METHODS
+from duccio_fx.search.path_method import PATH_DEFAULTS, PATH_METHODS
 from duccio_fx.search.precision import WidthRules
 from duccio_fx.search.settings import SearchSettings
 from duccio_fx.search.space import make_searchable, search_methods
@@ -219,15 +219,16 @@ def optimize(
                                                      "or 'conv1=none' (repeatable; the last match wins)"),
     estimator: str = typer.Option("all", "--estimator", help="--method path: all (every alternative runs each "
                                   "step, the paper's) or sampled (only the sampled one runs)"),
-    path_costs: str = typer.Option("sampled", "--path-costs", help="--method path: costs of the sampled one-hot "
-                                   "choice (paper eq. 8) or expected (softmax probabilities)"),
+    path_costs: Optional[str] = typer.Option(None, "--path-costs", help="--method path/path+mask: costs of the "
+                                             "sampled one-hot choice (paper eq. 8; path's default) or expected "
+                                             "(softmax probabilities; path+mask's default)"),
     temperature: float = typer.Option(5.0, "--temperature", help="--method path: Gumbel-softmax temperature at "
                                       "the first search epoch"),
     temperature_decay: float = typer.Option(0.8, "--temperature-decay", help="--method path: the temperature "
                                             "multiplies by this every search epoch (1: constant)"),
     seed_logit: Optional[float] = typer.Option(None, "--seed-logit", help="--method path/path+mask: θ of each "
                                                "point's seed alternative when the search starts, the others 0 "
-                                               "(default: 0 for path, 2 for path+mask)"),
+                                               "(path's default: 0, path+mask's: 2)"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
                                "cuda, cuda:N or mps"),
     amp: Optional[str] = typer.Option(None, "--amp", help="autocast the model's forward pass: bf16 or fp16 "
@@ -315,11 +316,11 @@ def _launch(nproc: int) -> int:
 
 def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str, temperature: float,
                   temperature_decay: float, bits: bool = False, seed_logit: float | None = None) -> dict[str, Any]:
-    """The path method's options; refuses them with another method (they would be silently ignored). The
-    temperatures also serve --bits. `seed_logit` is passed only when given (each method has its default, and
-    earlier checkpoints' signatures stay as they were)."""
+    """The path methods' options; refuses them with another method (they would be silently ignored). The
+    temperatures also serve --bits. `seed_logit` is passed only when given (so that earlier checkpoints'
+    signatures stay as they were); the cost mode not given is the method's default."""
     given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
-             "--path-costs": path_costs != "sampled", "--temperature": temperature != 5.0 and not bits,
+             "--path-costs": path_costs is not None, "--temperature": temperature != 5.0 and not bits,
              "--temperature-decay": temperature_decay != 0.8 and not bits, "--seed-logit": seed_logit is not None}
     if method not in PATH_METHODS:
         for name, used in given.items():
@@ -327,7 +328,8 @@ def _path_options(method: str, alternatives: list[str] | None, estimator: str, p
                 raise DuccioError(f"{name} belongs to the path methods", where=name,
                                   fix="add --method path (or path+mask)")
         return {}
-    options = {"alternatives": alternatives or None, "estimator": estimator, "cost_mode": path_costs,
+    options = {"alternatives": alternatives or None, "estimator": estimator,
+               "cost_mode": path_costs or PATH_DEFAULTS[method]["cost_mode"],
                "temperature": temperature, "temperature_decay": temperature_decay}
     return options if seed_logit is None else {**options, "seed_logit": seed_logit}
 

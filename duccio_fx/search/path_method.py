@@ -7,7 +7,8 @@
 Options (`method_options` / CLI): `alternatives` (names and `PATTERN=names` rules), `estimator` ("all" or
 "sampled"), `cost_mode` ("sampled": the one-hot g of the forward pass, paper eq. 8; "expected": softmax(θ)),
 `temperature` (τ at the first search epoch), `temperature_decay` (τ multiplies by it every epoch; 1 keeps
-it constant) and `warmup_seed_share` (see below).
+it constant), `warmup_seed_share` (see below) and `seed_logit` (θ of every point's seed alternative when the
+search starts, the others 0; 0 here, so every alternative starts equal, as in the paper).
 
 The warmup (θ frozen) trains the supernet on whole paths: each step runs the seed's path with probability
 `warmup_seed_share` (default 0.5) and otherwise an alternative drawn uniformly at every point, and the last
@@ -45,8 +46,10 @@ from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
 COST_MODES = ("sampled", "expected")
-PATH_METHODS = ("path", "path+mask")
-PATH_SEED_LOGIT, PATH_MASK_SEED_LOGIT = 0.0, 2.0  # each method's θ of the seed alternatives at the search's start  # the methods built on a supernet of choice points (they take its options)
+PATH_METHODS = ("path", "path+mask")  # the methods built on a supernet of choice points (they take its options)
+# the options whose default differs between them (why: path_mask_method's docstring)
+PATH_DEFAULTS: dict[str, dict[str, Any]] = {"path": {"cost_mode": "sampled", "seed_logit": 0.0},
+                                            "path+mask": {"cost_mode": "expected", "seed_logit": 2.0}}
 
 
 class PathSpace(SearchSpace):
@@ -219,7 +222,7 @@ def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequ
                     context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
                     estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
                     temperature_decay: float = 0.8, warmup_seed_share: float = 0.5,
-                    seed_logit: float = PATH_SEED_LOGIT) -> PathSpace:
+                    seed_logit: float = PATH_DEFAULTS["path"]["seed_logit"]) -> PathSpace:
     """Analyse a copy of `model` and turn its eligible blocks (and its `Choice`s) into choice points."""
     gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
                                                alternatives=alternatives, estimator=estimator, cost_mode=cost_mode,
