@@ -28,6 +28,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,9 +59,17 @@ def train_seed(seed: int, args: argparse.Namespace) -> float:
     import fashion_mnist as fm
 
     torch.manual_seed(seed)
-    model = fm.build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     epochs = sum(int(e) for e in args.epochs.split(","))
+    accuracy = train_and_evaluate(fm.build_model(), seed, epochs, fm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seed": seed, "epochs": epochs, "val_metric": accuracy}))
+    return accuracy
+
+
+def train_and_evaluate(model: torch.nn.Module, seed: int, epochs: int, fm: Any) -> float:
+    """Train `model` with the recipe's optimizer for `epochs` epochs on the example's data; its validation
+    accuracy."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     for epoch in range(epochs):
         torch.manual_seed(seed * 1000 + epoch)
         model.train()
@@ -71,10 +80,7 @@ def train_seed(seed: int, args: argparse.Namespace) -> float:
     model.eval()
     with torch.no_grad():
         hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in fm.val_loader())
-    accuracy = hits / len(fm.val_loader().dataset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seed": seed, "epochs": epochs, "val_metric": accuracy}))
-    return accuracy
+    return hits / len(fm.val_loader().dataset)
 
 
 def fig4(args: argparse.Namespace) -> list[dict]:

@@ -1,0 +1,65 @@
+"""Train fixed architectures of the path method's space from scratch, as `run.py` trains the seed reference:
+how good a point of the space is, apart from how well a search trains it.
+
+    python benchmarks/paper/train_fixed.py [--epochs 10] [--seed 0] [--train 4000] [--val 1000]
+                                           ["stage3.conv1=dwsep3,stage3.conv2=dwsep3" ...]
+
+Each argument is one architecture (`point=alternative` pairs; points not named keep the seed's block; no
+argument: the seed and the path method's Fashion-MNIST results). Prints size on GAP8 and validation accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import duccio_fx
+from duccio_fx.targets import load_target
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parent.parent / "examples" / "fashion_mnist.py"
+DEFAULT = ("", "stage3.conv1=dwsep3,stage3.conv2=dwsep3", "stage3.conv2=dwsep3",
+           "stage2.conv1=dwsep3,stage2.conv2=dwsep3,stage3.conv2=dwsep3")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archs", nargs="*", default=list(DEFAULT))
+    parser.add_argument("--epochs", type=int, default=10, help="W + S + F of the searches it compares with")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--val", type=int, default=1000)
+    args = parser.parse_args()
+    os.environ.setdefault("FMNIST_TRAIN", str(args.train))
+    os.environ.setdefault("FMNIST_VAL", str(args.val))
+    sys.path[:0] = [str(EXAMPLE.parent), str(HERE)]
+    import fashion_mnist as fm
+    from run import train_and_evaluate
+
+    gap8 = load_target("gap8")
+    example = next(iter(fm.train_loader()))[0][:2]
+    seed_size = duccio_fx.measure_costs(fm.build_model(), (example[:1],), gap8).size_bytes
+    for arch in args.archs:
+        space = duccio_fx.make_searchable(fm.build_model(), example, method="path")
+        choices = {info.point: space.points()[k].names[0] for k, info in enumerate(space.infos)}
+        choices.update(dict(pair.split("=", 1) for pair in arch.split(",") if pair))
+        space.set_choices(choices)
+        size = space.cost_values(gap8).size_bytes
+        model = space.export()
+        torch.manual_seed(args.seed)
+        for m in model.modules():  # from scratch, as the seed reference
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        started = time.perf_counter()
+        accuracy = train_and_evaluate(model, args.seed, args.epochs, fm)
+        print(f"{arch or 'seed':70} {size:8,.0f} B ({size / seed_size:4.0%}) accuracy {accuracy:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
