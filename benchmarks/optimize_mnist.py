@@ -50,7 +50,8 @@ def main() -> None:
     seed = rows[0][1]["seed"]
     print(f"seed: {seed['params']:,.0f} params, {seed['size_bytes']:,.0f} B, {seed['macs']:,.0f} MACs, "
           f"{seed['latency_s'] * 1e3:.2f} ms on GAP8, val accuracy after warmup {seed['val_metric_after_warmup']:.3f}")
-    print(f"{'run':22} {'status':8} {'bytes':>8} {'MACs':>10} {'ms':>6} {'acc before FT':>13} {'acc':>6} {'seconds':>8}")
+    print(f"{'run':22} {'status':8} {'bytes':>8} {'MACs':>10} {'ms':>6} {'acc before FT':>13} {'acc':>6} "
+          f"{'seconds':>8}")
     for name, r in rows:
         f = r["final"]
         print(f"{name:22} {r['status']:8} {f['size_bytes']:8,.0f} {f['macs']:10,.0f} {f['latency_s'] * 1e3:6.2f} "

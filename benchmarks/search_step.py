@@ -9,10 +9,10 @@ For ResNet-8 (32x32, batch 64) and DS-CNN (49x10, batch 100): the same batch, th
 runs), and the path+mask search (the same supernet with channel masks) with both estimators. DS-CNN's choice
 points are its 1x1 pointwise convs, against which conv3 and conv5 are 9x and 25x the work: the default set
 leaves them out since issue 22 (alternatives over 4x the seed block's MACs), and "path-narrow" names the
-narrow set NARROW explicitly (sampled estimator), as before. "mask-bits" and "mask-bits-act" are the mask search with `bits=(2, 4, 8)` (every layer's
-weights fake-quantized at 8, 4 and 2 bits, mixed by its Gumbel g) and also `act_bits=(2, 4, 8)` (a PACT
-quantizer on every layer's output, at three widths each). A search step also computes the differentiable costs
-and adds a size penalty, as a real search step does. Timings interleave seed and searchable runs and report the
+narrow set NARROW explicitly (sampled estimator), as before. "mask-bits" and "mask-bits-act" are the mask
+search with `bits=(2, 4, 8)` (every layer's weights fake-quantized at 8, 4 and 2 bits, mixed by its Gumbel
+g) and also `act_bits=(2, 4, 8)` (a PACT quantizer on every layer's output, at three widths each). A search
+step also computes the differentiable costs and adds a size penalty, as a real search step does. Timings interleave seed and searchable runs and report the
 median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
 what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
 does not depend on the noise of the convolutions.

@@ -15,8 +15,8 @@ import duccio_fx
 from duccio_fx.cli import app
 from duccio_fx.search.choice_point import ChoicePoint
 from duccio_fx.zoo import build as zoo_build
-from tests.test_path_method import GAP8, PATH_FILE, assert_costs_equal_export, randomize, run_whole_and_resumed
-from tests.test_properties import build as build_plan
+from tests.test_path_method import (GAP8, PATH_FILE, assert_costs_equal_export, randomize, run_whole_and_resumed,
+                                    with_stem)
 from tests.test_properties import plans
 
 runner = CliRunner()
@@ -136,11 +136,7 @@ def test_minimum_costs_are_one_channel_per_group_and_the_cheapest_alternatives()
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(plan=plans(), seed=st.integers(0, 2**16))
 def test_random_networks_export_exactly_with_exact_costs(plan, seed):
-    net, x = build_plan(plan)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        stem = (nn.Conv1d if plan.dims == 1 else nn.Conv2d)(plan.channels, plan.channels, 3, padding=1)
-    model = nn.Sequential(stem, net).eval()
+    model, x = with_stem(plan, seed)
     space = duccio_fx.make_searchable(model, x, method="path+mask",
                                       alternatives=["conv1,conv3,conv5,dwsep3,dwsep5,identity"])
     randomize(space, seed)

@@ -83,15 +83,21 @@ def test_argmax_export_is_exact_and_costs_match_it(name):
     assert_costs_equal_export(space, exported, x[:1])
 
 
-@pytest.mark.slow
-@settings(max_examples=100, deadline=None, derandomize=True, database=None)
-@given(plan=plans(), seed=st.integers(0, 2**16))
-def test_random_networks_export_exactly_with_exact_costs(plan, seed):
+def with_stem(plan, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """A generated network behind a conv stem, so its blocks are not the first layer (which no method
+    searches), and its example input."""
     net, x = build_plan(plan)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         stem = (nn.Conv1d if plan.dims == 1 else nn.Conv2d)(plan.channels, plan.channels, 3, padding=1)
-    model = nn.Sequential(stem, net).eval()  # a stem first, so the generated blocks are not the first layer
+    return nn.Sequential(stem, net).eval(), x
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(plan=plans(), seed=st.integers(0, 2**16))
+def test_random_networks_export_exactly_with_exact_costs(plan, seed):
+    model, x = with_stem(plan, seed)
     space = duccio_fx.make_searchable(model, x, method="path",
                                       alternatives=["conv1,conv3,conv5,dwsep3,dwsep5,identity"])
     randomize(space, seed)

@@ -44,11 +44,19 @@ def main() -> None:
     gap8 = load_target("gap8")
     example = next(iter(fm.train_loader()))[0][:2]
     seed_size = duccio_fx.measure_costs(fm.build_model(), (example[:1],), gap8).size_bytes
+    spaces = []  # every architecture checked before any trains
     for arch in args.archs:
+        pairs = [pair.split("=", 1) for pair in arch.split(",") if pair]
+        if any(len(p) != 2 for p in pairs):
+            parser.error(f"{arch!r}: write each choice as point=alternative, e.g. stage3.conv2=dwsep3")
         space = duccio_fx.make_searchable(fm.build_model(), example, method="path")
-        choices = {info.point: space.points()[k].names[0] for k, info in enumerate(space.infos)}
-        choices.update(dict(pair.split("=", 1) for pair in arch.split(",") if pair))
-        space.set_choices(choices)
+        try:
+            space.set_choices({**{info.point: p.names[0] for info, p in zip(space.infos, space.points())},
+                               **dict(pairs)})
+        except duccio_fx.DuccioError as err:
+            parser.error(f"{arch!r}: {err}")
+        spaces.append((arch, space))
+    for arch, space in spaces:
         size = space.cost_values(gap8).size_bytes
         model = space.export()
         torch.manual_seed(args.seed)

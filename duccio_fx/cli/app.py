@@ -314,8 +314,9 @@ def _launch(nproc: int) -> int:
     return subprocess.run(command).returncode
 
 
-def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str, temperature: float,
-                  temperature_decay: float, bits: bool = False, seed_logit: float | None = None) -> dict[str, Any]:
+def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str | None,
+                  temperature: float, temperature_decay: float, bits: bool = False,
+                  seed_logit: float | None = None) -> dict[str, Any]:
     """The path methods' options; refuses them with another method (they would be silently ignored). The
     temperatures also serve --bits. `seed_logit` is passed only when given (so that earlier checkpoints'
     signatures stay as they were); the cost mode not given is the method's default."""

@@ -29,9 +29,9 @@ alternative (measured on the MNIST example at 50 % and 75 % size, benchmarks/REA
 
 Building it is a pipeline: supernet-insertion (the path method's), choice-channels (the alternatives' layers
 into the seed's groups), mask-insertion (the mask method's), choice-mask-insertion (each point gets its
-input's mask). The export picks the argmax alternatives (`choice-export`), analyses the plain model again and keeps the
-channels of each of its groups that the group of the search with the same producing layers keeps
-(`shrink-export`): exact, and costs equal to those the search computed.
+input's mask). The export picks the argmax alternatives (`choice-export`), analyses the plain model again
+and keeps the channels of each of its groups that the group of the search with the same producing layers
+keeps (`shrink-export`): exact, and costs equal to those the search computed.
 """
 
 from __future__ import annotations
