@@ -213,6 +213,44 @@ def test_search_starts_with_each_seed_alternative_at_the_seed_logit(tmp_path, me
         duccio_fx.make_searchable(model, x, method=method, seed_logit=-1.0)
 
 
+def test_search_trains_the_argmax_path_in_its_argmax_share_of_the_draws():
+    """While θ trains, a draw runs every point's argmax alternative with probability `argmax_share`: a constant
+    one-hot (no gradient to θ), and the 'all' estimator runs that alternative alone; the warmup is unchanged."""
+    model, x = zoo_build("resnet8", batch=2)
+    space = duccio_fx.make_searchable(model, x, method="path", argmax_share=0.5)
+    bank = space.choice_bank
+    held = {p: "dwsep3" for p in space.choices()}
+    space.set_choices(held)
+    argmax = tuple(p.names.index("dwsep3") for p in space.points())
+    torch.manual_seed(0)
+    draws = [bank.draw() for _ in range(400)]
+    constant = [d for d in draws if not d.requires_grad]
+    assert 0.42 < len(constant) / len(draws) < 0.58
+    assert all(torch.equal(d, bank.argmax()) for d in constant)
+    picks = []
+    for _ in range(50):
+        bank.draw()
+        picks.append(tuple(bank.picks) == argmax and not bank.sample.requires_grad)
+    assert any(picks) and not all(picks)
+    point = space.points()[0]
+    calls = []
+    for name in point.names:
+        getattr(point, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    space.train()
+    torch.manual_seed(3)
+    for _ in range(20):
+        calls.clear()
+        space.resample()
+        space(x)
+        assert len(calls) == (1 if not bank.sample.requires_grad else len(point.names))
+    bank.theta.requires_grad_(False)  # the warmup: its own rule (here the seed's path only), no argmax draws
+    space.on_warmup_epoch(2, 3)
+    assert all(set(bank.draw() is not None and bank.picks) == {0} for _ in range(100))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(duccio_fx.DuccioError, match="argmax share"):
+            duccio_fx.make_searchable(model, x, method="path", argmax_share=bad)
+
+
 def test_frozen_theta_runs_only_the_sampled_alternative():
     """In the warmup θ does not train, so the 'all' estimator's other alternatives would add nothing."""
     model, x = zoo_build("resnet8", batch=2)
@@ -382,7 +420,7 @@ def test_optimize_path_bad_input_exits_1_before_training(tmp_path, args, message
     assert not out.exists()
 
 
-@pytest.mark.parametrize("option", [["--estimator", "sampled"], ["--seed-logit", "2"]])
+@pytest.mark.parametrize("option", [["--estimator", "sampled"], ["--seed-logit", "2"], ["--argmax-share", "0.5"]])
 def test_path_options_need_the_path_method(tmp_path, option):
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--max-size", "50%", *option])
     assert result.exit_code == 1 and "belongs to the path method" in result.output

@@ -229,6 +229,9 @@ def optimize(
     seed_logit: Optional[float] = typer.Option(None, "--seed-logit", help="--method path/path+mask: θ of each "
                                                "point's seed alternative when the search starts, the others 0 "
                                                "(path's default: 0, path+mask's: 2)"),
+    argmax_share: Optional[float] = typer.Option(None, "--argmax-share", help="--method path/path+mask: share "
+                                                 "of the search's steps that train the architecture it holds now "
+                                                 "(every point's argmax alternative) instead of a sampled one"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
                                "cuda, cuda:N or mps"),
     amp: Optional[str] = typer.Option(None, "--amp", help="autocast the model's forward pass: bf16 or fp16 "
@@ -270,7 +273,7 @@ def optimize(
                 raise DuccioError(f"{name} must be > 0, got {value}", where=name)
         resolve_amp(amp, resolve_device(device))  # a device this machine lacks is refused before any loading
         method_options = _path_options(method, alternatives, estimator, path_costs, temperature, temperature_decay,
-                                       bool(bits) or bool(act_bits), seed_logit)
+                                       bool(bits) or bool(act_bits), seed_logit, argmax_share)
         method_options.update(_mask_options(method, channel_multiple))
         method_options.update(_bits_options(method, bits, bits_only, temperature, temperature_decay, act_bits))
         w, s, f = _epochs(epochs)
@@ -316,13 +319,14 @@ def _launch(nproc: int) -> int:
 
 def _path_options(method: str, alternatives: list[str] | None, estimator: str, path_costs: str | None,
                   temperature: float, temperature_decay: float, bits: bool = False,
-                  seed_logit: float | None = None) -> dict[str, Any]:
+                  seed_logit: float | None = None, argmax_share: float | None = None) -> dict[str, Any]:
     """The path methods' options; refuses them with another method (they would be silently ignored). The
     temperatures also serve --bits. `seed_logit` is passed only when given (so that earlier checkpoints'
     signatures stay as they were); the cost mode not given is the method's default."""
     given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
              "--path-costs": path_costs is not None, "--temperature": temperature != 5.0 and not bits,
-             "--temperature-decay": temperature_decay != 0.8 and not bits, "--seed-logit": seed_logit is not None}
+             "--temperature-decay": temperature_decay != 0.8 and not bits, "--seed-logit": seed_logit is not None,
+             "--argmax-share": argmax_share is not None}
     if method not in PATH_METHODS:
         for name, used in given.items():
             if used:
@@ -332,7 +336,8 @@ def _path_options(method: str, alternatives: list[str] | None, estimator: str, p
     options = {"alternatives": alternatives or None, "estimator": estimator,
                "cost_mode": path_costs or PATH_DEFAULTS[method]["cost_mode"],
                "temperature": temperature, "temperature_decay": temperature_decay}
-    return options if seed_logit is None else {**options, "seed_logit": seed_logit}
+    given_values = {"seed_logit": seed_logit, "argmax_share": argmax_share}
+    return {**options, **{k: v for k, v in given_values.items() if v is not None}}
 
 
 def _mask_options(method: str, channel_multiple: int) -> dict[str, Any]:

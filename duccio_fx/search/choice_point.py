@@ -4,6 +4,9 @@ Training: g = Gumbel-softmax(θ, τ) with a hard one-hot forward and the soft gr
   estimator "all"      y = Σ_i g_i · alt_i(x): every alternative runs, θ gets ∂L/∂g_i from each (the paper's);
                        only the sampled one runs backward (the others get zero gradient since g_i = 0)
   estimator "sampled"  y = g_k · alt_k(x), k the sampled one: one alternative runs, θ still trains through g_k
+With `argmax_share` > 0 (the search only) that share of the draws is instead every point's argmax alternative,
+a constant one-hot: a step that trains the weights of the architecture the search holds (θ gets no gradient
+from it, and the "all" estimator runs that alternative alone).
 Evaluation (and export): the argmax alternative alone. Alternatives start equally likely (θ = 0); ties go
 to the first alternative, the seed's, so an untrained point computes the seed.
 
@@ -33,6 +36,10 @@ def first_max(values: torch.Tensor, segment: torch.Tensor, segments: int) -> tor
 
 class ChoiceBank(nn.Module):
     """The architecture parameters of a supernet: the θ of every choice point in one flat vector."""
+
+    # while θ trains (the search): the share of draws that run every point's argmax alternative, steps that
+    # train the weights of the architecture the search holds now (θ learns from the other draws)
+    argmax_share: float = 0.0
 
     def __init__(self, sizes: Sequence[int]) -> None:
         super().__init__()
@@ -67,6 +74,12 @@ class ChoiceBank(nn.Module):
                 and float(torch.rand(())) < self.seed_share:  # (a host draw: no device read)
             self.sample = self._one_hot(self.start)
             self.picks = [0] * n
+            self._unused = set(range(n))
+            return self.sample
+        if self.argmax_share > 0 and self.theta.requires_grad and float(torch.rand(())) < self.argmax_share:
+            first = first_max(self.theta.detach(), self.segment, n)
+            self.sample = self._one_hot(first)  # constant: no gradient reaches θ through this draw
+            self.picks = (first - self.start).tolist()
             self._unused = set(range(n))
             return self.sample
         theta = self.theta
@@ -169,8 +182,8 @@ class ChoicePoint(nn.Module):
         k, g = self.bank.take(self.index)
         start = self.bank.offsets[self.index]
         out = alts[k](x) * g[start + k]
-        if self.estimator == "sampled" or not self.bank.theta.requires_grad:
-            return out  # (θ frozen, in the warmup: the others would contribute nothing)
+        if self.estimator == "sampled" or not g.requires_grad:
+            return out  # (θ frozen, or an argmax draw: the others would contribute nothing)
         # "all": the others run forward for θ's gradient ⟨∂L/∂y, alt_i(x)⟩, but not backward: with g_i = 0
         # their weights and input get exactly zero gradient anyway, so graph-free outputs change nothing
         with torch.no_grad():

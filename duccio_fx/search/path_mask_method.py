@@ -274,11 +274,12 @@ def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules:
                          alternatives: str | Sequence[str] | None = None, estimator: str = "all",
                          cost_mode: str = PATH_DEFAULTS["path+mask"]["cost_mode"], temperature: float = 5.0,
                          temperature_decay: float = 0.8, warmup_seed_share: float = 0.5,
-                         seed_logit: float = PATH_DEFAULTS["path+mask"]["seed_logit"]) -> PathMaskSpace:
+                         seed_logit: float = PATH_DEFAULTS["path+mask"]["seed_logit"],
+                         argmax_share: float = PATH_DEFAULTS["path+mask"]["argmax_share"]) -> PathMaskSpace:
     """The path method's supernet (options as for method="path") with the mask method's channel masks."""
     context = context or PassContext()
     options = dict(cost_mode=cost_mode, temperature=temperature, temperature_decay=temperature_decay,
-                   warmup_seed_share=warmup_seed_share, seed_logit=seed_logit)
+                   warmup_seed_share=warmup_seed_share, seed_logit=seed_logit, argmax_share=argmax_share)
     gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
                                                alternatives=alternatives, estimator=estimator, **options)
     channels, masking = ChoiceChannels(), MaskInsertion(threshold=threshold)

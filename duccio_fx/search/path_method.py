@@ -45,11 +45,12 @@ from duccio_fx.search.choice_point import ESTIMATORS, ChoiceBank, ChoicePoint
 from duccio_fx.search.space import SearchSpace, register_search_method
 from duccio_fx.targets import Target, load_target
 
-COST_MODES = ("sampled", "expected")
+COST_MODES = ("sampled", "expected", "argmax")
 PATH_METHODS = ("path", "path+mask")  # the methods built on a supernet of choice points (they take its options)
 # the options whose default differs between them (why: path_mask_method's docstring)
-PATH_DEFAULTS: dict[str, dict[str, Any]] = {"path": {"cost_mode": "sampled", "seed_logit": 0.0},
-                                            "path+mask": {"cost_mode": "expected", "seed_logit": 2.0}}
+PATH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "path": {"cost_mode": "argmax", "seed_logit": 2.0, "argmax_share": 0.5},
+    "path+mask": {"cost_mode": "expected", "seed_logit": 2.0, "argmax_share": 0.0}}
 
 
 class PathSpace(SearchSpace):
@@ -60,7 +61,7 @@ class PathSpace(SearchSpace):
     def __init__(self, graph_module: GraphModule, fixed: dict[str, str], seed_terms: Sequence[LayerTerm],
                  cost_mode: str = "sampled", temperature: float = 5.0, temperature_decay: float = 0.8,
                  warmup_seed_share: float = 0.5, dropped: dict[str, dict[str, str]] | None = None,
-                 seed_logit: float = 0.0) -> None:
+                 seed_logit: float = 0.0, argmax_share: float = 0.0) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.fixed = dict(fixed)
@@ -76,6 +77,7 @@ class PathSpace(SearchSpace):
         self.infos = [x for x in self.layout if isinstance(x, ChoiceInfo)]
         points = self.points()
         self.choice_bank = ChoiceBank([len(p.names) for p in points])  # every point's θ, one flat vector
+        self.choice_bank.argmax_share = argmax_share
         for i, p in enumerate(points):
             p.bind(self.choice_bank, i)
         self._register_load_state_dict_pre_hook(_one_theta, with_module=True)
@@ -159,6 +161,9 @@ class PathSpace(SearchSpace):
         bank = self.choice_bank
         if not self.training or bank.sample is None:
             return bank.argmax()
+        if self.cost_mode == "argmax":
+            p = bank.probabilities()
+            return bank.argmax() - p.detach() + p
         return bank.probabilities() if self.cost_mode == "expected" else bank.sample
 
     def costs(self, target: Target | str | None = None) -> Costs:
@@ -220,23 +225,25 @@ class PathSpace(SearchSpace):
 @register_search_method("path")
 def make_path_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                     context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
-                    estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
-                    temperature_decay: float = 0.8, warmup_seed_share: float = 0.5,
-                    seed_logit: float = PATH_DEFAULTS["path"]["seed_logit"]) -> PathSpace:
+                    estimator: str = "all", cost_mode: str = PATH_DEFAULTS["path"]["cost_mode"],
+                    temperature: float = 5.0, temperature_decay: float = 0.8, warmup_seed_share: float = 0.5,
+                    seed_logit: float = PATH_DEFAULTS["path"]["seed_logit"],
+                    argmax_share: float = PATH_DEFAULTS["path"]["argmax_share"]) -> PathSpace:
     """Analyse a copy of `model` and turn its eligible blocks (and its `Choice`s) into choice points."""
     gm, insertion, seed_terms = build_supernet(model, example_inputs, leaf_modules=leaf_modules, context=context,
                                                alternatives=alternatives, estimator=estimator, cost_mode=cost_mode,
                                                temperature=temperature, temperature_decay=temperature_decay,
-                                               warmup_seed_share=warmup_seed_share, seed_logit=seed_logit)
+                                               warmup_seed_share=warmup_seed_share, seed_logit=seed_logit,
+                                               argmax_share=argmax_share)
     return PathSpace(gm, insertion.fixed, seed_terms, cost_mode, temperature, temperature_decay, warmup_seed_share,
-                     insertion.dropped, seed_logit)
+                     insertion.dropped, seed_logit, argmax_share)
 
 
 def build_supernet(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                    context: PassContext | None = None, alternatives: str | Sequence[str] | None = None,
                    estimator: str = "all", cost_mode: str = "sampled", temperature: float = 5.0,
-                   temperature_decay: float = 0.8, warmup_seed_share: float = 0.5, seed_logit: float = 0.0
-                   ) -> tuple[GraphModule, SupernetInsertion, list[LayerTerm]]:
+                   temperature_decay: float = 0.8, warmup_seed_share: float = 0.5, seed_logit: float = 0.0,
+                   argmax_share: float = 0.0) -> tuple[GraphModule, SupernetInsertion, list[LayerTerm]]:
     """Check the path options, analyse a copy of `model` and insert its choice points: the supernet's graph,
     the pass (its `fixed` and `dropped`) and the seed's layer terms."""
     if estimator not in ESTIMATORS:
@@ -254,6 +261,10 @@ def build_supernet(model: nn.Module, example_inputs: Any, *, leaf_modules: Seque
     if not 0 <= seed_logit <= 20:
         raise DuccioError(f"seed logit {seed_logit} must lie in [0, 20]", where="--seed-logit",
                           fix="e.g. 2: each point starts the search favouring its seed alternative (0: uniform)")
+    if not 0 <= argmax_share < 1:
+        raise DuccioError(f"argmax share {argmax_share} must lie in [0, 1)", where="--argmax-share",
+                          fix="e.g. 0.5: half of the search's steps train the architecture it holds now (1 would "
+                              "leave θ untrained)")
     selection = AlternativeSelection.parse(alternatives)
     context = context or PassContext()
     model = copy.deepcopy(model)
