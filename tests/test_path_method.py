@@ -160,6 +160,26 @@ def test_expected_costs_use_the_probabilities():
     assert float(space.costs().macs.detach()) == pytest.approx(uniform, rel=1e-6)  # θ = 0: equal probabilities
 
 
+def test_argmax_costs_are_the_held_architectures_with_the_probabilities_gradient():
+    """cost_mode="argmax" (the path method's default): in training the costs are those of the architecture the
+    search holds (what export() returns), whatever the draw ran, and their gradient is softmax(θ)'s."""
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path")
+    assert space.cost_mode == "argmax"
+    space.set_choices({"stack2.conv1": "dwsep3", "stack3.conv2": "identity"})
+    space.train()
+    space(x)
+    costs = space.costs(GAP8)
+    assert float(costs.size_bytes.detach()) == pytest.approx(float(space.cost_values(GAP8).size_bytes), rel=1e-9)
+    costs.size_bytes.backward()
+    expected = duccio_fx.make_searchable(model, x, method="path", cost_mode="expected")
+    expected.load_state_dict(space.state_dict())
+    expected.train()
+    expected(x)
+    expected.costs(GAP8).size_bytes.backward()
+    assert torch.allclose(space.choice_bank.theta.grad, expected.choice_bank.theta.grad)
+
+
 def test_temperature_decays_per_epoch():
     model, x = zoo_build("dscnn")
     space = duccio_fx.make_searchable(model, x, method="path", temperature=4.0, temperature_decay=0.5)

@@ -220,18 +220,20 @@ def optimize(
     estimator: str = typer.Option("all", "--estimator", help="--method path: all (every alternative runs each "
                                   "step, the paper's) or sampled (only the sampled one runs)"),
     path_costs: Optional[str] = typer.Option(None, "--path-costs", help="--method path/path+mask: costs of the "
-                                             "sampled one-hot choice (paper eq. 8; path's default) or expected "
-                                             "(softmax probabilities; path+mask's default)"),
+                                             "sampled one-hot choice (sampled, paper eq. 8), of the softmax "
+                                             "probabilities (expected; path+mask's default) or of the "
+                                             "architecture held, every point's argmax (argmax; path's default)"),
     temperature: float = typer.Option(5.0, "--temperature", help="--method path: Gumbel-softmax temperature at "
                                       "the first search epoch"),
     temperature_decay: float = typer.Option(0.8, "--temperature-decay", help="--method path: the temperature "
                                             "multiplies by this every search epoch (1: constant)"),
     seed_logit: Optional[float] = typer.Option(None, "--seed-logit", help="--method path/path+mask: θ of each "
                                                "point's seed alternative when the search starts, the others 0 "
-                                               "(path's default: 0, path+mask's: 2)"),
+                                               "(default 2; the paper's: 0)"),
     argmax_share: Optional[float] = typer.Option(None, "--argmax-share", help="--method path/path+mask: share "
                                                  "of the search's steps that train the architecture it holds now "
-                                                 "(every point's argmax alternative) instead of a sampled one"),
+                                                 "(every point's argmax alternative) instead of a sampled one "
+                                                 "(path's default: 0.5, path+mask's: 0)"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
                                "cuda, cuda:N or mps"),
     amp: Optional[str] = typer.Option(None, "--amp", help="autocast the model's forward pass: bf16 or fp16 "
@@ -321,8 +323,8 @@ def _path_options(method: str, alternatives: list[str] | None, estimator: str, p
                   temperature: float, temperature_decay: float, bits: bool = False,
                   seed_logit: float | None = None, argmax_share: float | None = None) -> dict[str, Any]:
     """The path methods' options; refuses them with another method (they would be silently ignored). The
-    temperatures also serve --bits. `seed_logit` is passed only when given (so that earlier checkpoints'
-    signatures stay as they were); the cost mode not given is the method's default."""
+    temperatures also serve --bits. `seed_logit` and `argmax_share` are passed only when given (so that earlier
+    checkpoints' signatures stay as they were); the cost mode not given is the method's default."""
     given = {"--alternatives": bool(alternatives), "--estimator": estimator != "all",
              "--path-costs": path_costs is not None, "--temperature": temperature != 5.0 and not bits,
              "--temperature-decay": temperature_decay != 0.8 and not bits, "--seed-logit": seed_logit is not None,
