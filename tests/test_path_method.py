@@ -98,7 +98,7 @@ def with_stem(plan, seed: int) -> tuple[nn.Module, torch.Tensor]:
 @given(plan=plans(), seed=st.integers(0, 2**16))
 def test_random_networks_export_exactly_with_exact_costs(plan, seed):
     model, x = with_stem(plan, seed)
-    space = duccio_fx.make_searchable(model, x, method="path",
+    space = duccio_fx.make_searchable(model, x, method="path", cost_mode="sampled",
                                       alternatives=["conv1,conv3,conv5,dwsep3,dwsep5,identity"])
     randomize(space, seed)
     space.eval()
@@ -115,6 +115,12 @@ def test_random_networks_export_exactly_with_exact_costs(plan, seed):
     space.set_choices(chosen)
     assert float(sampled.macs.detach()) == space.cost_values(GAP8).macs
     assert float(sampled.size_bytes.detach()) == pytest.approx(space.cost_values(GAP8).size_bytes, rel=1e-12)
+    # with cost_mode="argmax" (the default), those of the architecture held, whatever the forward pass ran
+    space.cost_mode = "argmax"
+    space.resample()
+    held = space.costs(GAP8)
+    assert float(held.macs.detach()) == space.cost_values(GAP8).macs
+    assert float(held.size_bytes.detach()) == pytest.approx(space.cost_values(GAP8).size_bytes, rel=1e-12)
 
 
 # -- the choice parametrization -------------------------------------------------------------------------
@@ -135,7 +141,7 @@ def test_costs_are_differentiable_and_prefer_cheaper_alternatives():
 @pytest.mark.parametrize("estimator, runs", [("all", 4), ("sampled", 1)])
 def test_estimators_run_every_or_only_the_sampled_alternative(estimator, runs):
     model, x = zoo_build("resnet8", batch=2)
-    space = duccio_fx.make_searchable(model, x, method="path", estimator=estimator)
+    space = duccio_fx.make_searchable(model, x, method="path", estimator=estimator, argmax_share=0.0)
     point = space.points()[0]
     calls = []
     for name in point.names:
@@ -215,8 +221,8 @@ def test_warmup_trains_whole_paths_then_the_seed_path_only():
         duccio_fx.make_searchable(model, x, method="path", warmup_seed_share=1.5)
 
 
-@pytest.mark.parametrize("method, options, logit", [("path", {}, 0.0), ("path+mask", {}, 2.0),
-                                                     ("path", {"seed_logit": 3.0}, 3.0)])
+@pytest.mark.parametrize("method, options, logit", [("path", {}, 2.0), ("path+mask", {}, 2.0),
+                                                     ("path", {"seed_logit": 0.0}, 0.0)])
 def test_search_starts_with_each_seed_alternative_at_the_seed_logit(tmp_path, method, options, logit):
     """θ of every point's seed alternative starts the search at `seed_logit` (each method's default, or the
     option), the others at 0: also after a warmup read from the cache, which holds θ as the warmup left it."""

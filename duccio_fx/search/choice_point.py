@@ -34,6 +34,13 @@ def first_max(values: torch.Tensor, segment: torch.Tensor, segments: int) -> tor
     return position.new_full((segments,), values.numel()).scatter_reduce(0, segment, candidates, "amin")
 
 
+def _host_uniform() -> float:
+    """A uniform draw from torch's host generator (seeded with the run): a host tensor, so no device read."""
+    draw = torch.rand((), device="cpu")
+    draw.duccio_host_copy = True  # type: ignore[attr-defined]  # (tests/test_step_sync.py counts device reads)
+    return float(draw)
+
+
 class ChoiceBank(nn.Module):
     """The architecture parameters of a supernet: the θ of every choice point in one flat vector."""
 
@@ -70,13 +77,12 @@ class ChoiceBank(nn.Module):
     def draw(self) -> torch.Tensor:
         """New hard one-hot g for every point (straight-through soft gradient), kept as `sample`."""
         n = len(self.sizes)
-        if self.seed_share is not None and not self.theta.requires_grad \
-                and float(torch.rand(())) < self.seed_share:  # (a host draw: no device read)
+        if self.seed_share is not None and not self.theta.requires_grad and _host_uniform() < self.seed_share:
             self.sample = self._one_hot(self.start)
             self.picks = [0] * n
             self._unused = set(range(n))
             return self.sample
-        if self.argmax_share > 0 and self.theta.requires_grad and float(torch.rand(())) < self.argmax_share:
+        if self.argmax_share > 0 and self.theta.requires_grad and _host_uniform() < self.argmax_share:
             first = first_max(self.theta.detach(), self.segment, n)
             self.sample = self._one_hot(first)  # constant: no gradient reaches θ through this draw
             self.picks = (first - self.start).tolist()

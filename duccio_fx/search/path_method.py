@@ -1,7 +1,7 @@
 """The path-based search method (DUCCIO's supernet DNAS): one choice among alternatives per eligible block.
 
     sp = duccio_fx.make_searchable(model, example_input, method="path")   # supernet-insertion runs here
-    loss = task_loss + lam * torch.relu(sp.costs()["macs"] - target)        # Σ g_i · cost_i, same g as forward
+    loss = task_loss + lam * torch.relu(sp.costs()["macs"] - target)        # Σ g_i · cost_i (cost_mode's g)
     small = sp.export()                                                      # the argmax alternatives, plain
 
 Options (`method_options` / CLI): `alternatives` (names and `PATTERN=names` rules), `estimator` ("all" or
@@ -20,7 +20,7 @@ from scratch beat the seed: the search trained it badly. Each step ran a random 
 were over a bound the architecture held already met, so the search kept cutting (to 40 % of the seed at a
 75 % bound). Argmax steps keep the held architecture trained; its own costs put the penalty on exactly
 what would be exported; and with seed logit 2 the points do not all flip at the first step of the penalty
-(with ties at θ = 0 any move flips an argmax). Together: +0.6 and +0.9 points against the seed.
+(with ties at θ = 0 any move flips an argmax). Together: +0.5 and +1.2 points against the seed.
 
 The warmup (θ frozen) trains the supernet on whole paths: each step runs the seed's path with probability
 `warmup_seed_share` (default 0.5) and otherwise an alternative drawn uniformly at every point, and the last
