@@ -12,8 +12,9 @@ leaves them out since issue 22 (alternatives over 4x the seed block's MACs), and
 narrow set NARROW explicitly (sampled estimator), as before. "mask-bits" and "mask-bits-act" are the mask
 search with `bits=(2, 4, 8)` (every layer's weights fake-quantized at 8, 4 and 2 bits, mixed by its Gumbel
 g) and also `act_bits=(2, 4, 8)` (a PACT quantizer on every layer's output, at three widths each). A search
-step also computes the differentiable costs and adds a size penalty, as a real search step does. Timings interleave seed and searchable runs and report the
-median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also times
+step also computes the differentiable costs and adds a size penalty, as a real search step does. Timings
+interleave seed and searchable runs and report the median of --reps repetitions of --steps steps each; the
+figure that matters is the ratio. It also times
 what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
 does not depend on the noise of the convolutions.
 

@@ -436,6 +436,8 @@ def test_a_registered_alternative_is_used():
     (["--alternatives", "conv3,conv9"], "unknown alternative"),
     (["--alternatives", "zz*=conv3"], "matches no layer"),
     (["--estimator", "some"], "unknown estimator"),
+    (["--path-costs", "mean"], "unknown cost mode"),
+    (["--argmax-share", "1"], "argmax share 1.0 must lie in [0, 1)"),
 ])
 def test_optimize_path_bad_input_exits_1_before_training(tmp_path, args, message):
     out = tmp_path / "run"

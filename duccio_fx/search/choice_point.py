@@ -78,16 +78,11 @@ class ChoiceBank(nn.Module):
         """New hard one-hot g for every point (straight-through soft gradient), kept as `sample`."""
         n = len(self.sizes)
         if self.seed_share is not None and not self.theta.requires_grad and _host_uniform() < self.seed_share:
-            self.sample = self._one_hot(self.start)
-            self.picks = [0] * n
-            self._unused = set(range(n))
-            return self.sample
+            return self._keep(self._one_hot(self.start), [0] * n)  # the seed's path (no device read)
         if self.argmax_share > 0 and self.theta.requires_grad and _host_uniform() < self.argmax_share:
             first = first_max(self.theta.detach(), self.segment, n)
-            self.sample = self._one_hot(first)  # constant: no gradient reaches θ through this draw
-            self.picks = (first - self.start).tolist()
-            self._unused = set(range(n))
-            return self.sample
+            # constant: no gradient reaches θ through this draw
+            return self._keep(self._one_hot(first), (first - self.start).tolist())
         theta = self.theta
         gumbels = -torch.empty_like(theta).exponential_().log()
         y = (theta + gumbels) / self.temperature
@@ -95,10 +90,14 @@ class ChoiceBank(nn.Module):
                    [self.segment]).exp()
         soft = shifted / shifted.new_zeros(n).index_add(0, self.segment, shifted)[self.segment]
         first = first_max(y.detach(), self.segment, n)
-        self.sample = self._one_hot(first) - soft.detach() + soft
-        self.picks = (first - self.start).tolist()  # the one read of the device per draw
-        self._unused = set(range(n))
-        return self.sample
+        # (the tolist is the one read of the device per draw)
+        return self._keep(self._one_hot(first) - soft.detach() + soft, (first - self.start).tolist())
+
+    def _keep(self, sample: torch.Tensor, picks: list[int]) -> torch.Tensor:
+        """Make `sample` the current g (every point's alternative in `picks`), unused by any point yet."""
+        self.sample, self.picks = sample, picks
+        self._unused = set(range(len(self.sizes)))
+        return sample
 
     def take(self, point: int) -> tuple[int, torch.Tensor]:
         """The alternative `point` runs in this forward pass and the flat g: a point that already ran with the

@@ -59,7 +59,7 @@ from duccio_fx.targets import Target, load_target
 
 COST_MODES = ("sampled", "expected", "argmax")
 PATH_METHODS = ("path", "path+mask")  # the methods built on a supernet of choice points (they take its options)
-# the options whose default differs between them (why: path_mask_method's docstring)
+# each method's defaults of the options they share (why: this module's and path_mask_method's docstrings)
 PATH_DEFAULTS: dict[str, dict[str, Any]] = {
     "path": {"cost_mode": "argmax", "seed_logit": 2.0, "argmax_share": 0.5},
     "path+mask": {"cost_mode": "expected", "seed_logit": 2.0, "argmax_share": 0.0}}
