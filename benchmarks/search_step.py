@@ -12,11 +12,12 @@ leaves them out since issue 22 (alternatives over 4x the seed block's MACs), and
 narrow set NARROW explicitly (sampled estimator), as before. "mask-bits" and "mask-bits-act" are the mask
 search with `bits=(2, 4, 8)` (every layer's weights fake-quantized at 8, 4 and 2 bits, mixed by its Gumbel
 g) and also `act_bits=(2, 4, 8)` (a PACT quantizer on every layer's output, at three widths each). A search
-step also computes the differentiable costs and adds a size penalty, as a real search step does. Timings
-interleave seed and searchable runs and report the median of --reps repetitions of --steps steps each; the
-figure that matters is the ratio. It also times
-what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`), which
-does not depend on the noise of the convolutions.
+step also adds the space's penalty on its params (`penalty`: the path method's default "neighbours" costs
+read every one-point flip), as a real search step does. Timings interleave seed and searchable runs and
+report the median of --reps repetitions of --steps steps each; the figure that matters is the ratio. It also
+times what the search adds by itself, the costs and their backward pass (`costs()` and `costs("gap8")`),
+which does not depend on the noise of the convolutions, and for spaces with "neighbours" costs the size
+penalty + backward with gap8.
 
 Options:
 
@@ -33,10 +34,11 @@ Op counts: for every searchable variant, the aten ops of one `costs()` + backwar
 `costs("gap8")` + backward of "size_bytes" (after one untimed warm-up call; a path space draws its sample
 outside the counted region), counted with torch.profiler as the events named `aten::*` (nested ones
 included); on cuda also the events that ran on the GPU (kernels, memcpy/memset). The script uses only
-`make_searchable`, `.costs`, `PathSpace.resample`, `load_target` and `zoo.build`, so it also runs against
-older commits for before/after figures: `git archive <commit> duccio_fx passes targets | tar -x -C OLD`, move
-OLD/passes and OLD/targets into OLD/duccio_fx/ (the installed layout), then run with PYTHONPATH=OLD
-(a plain PYTHONPATH to an old checkout still takes duccio_fx.passes and .targets from the editable install).
+`make_searchable`, `.costs`, `.penalty` (where it exists), `PathSpace.resample`, `load_target` and
+`zoo.build`, so it also runs against older commits for before/after figures: `git archive <commit>
+duccio_fx passes targets | tar -x -C OLD`, move OLD/passes and OLD/targets into OLD/duccio_fx/ (the
+installed layout), then run with PYTHONPATH=OLD (a plain PYTHONPATH to an old checkout still takes
+duccio_fx.passes and .targets from the editable install).
 """
 
 from __future__ import annotations
@@ -87,11 +89,23 @@ def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, se
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if searchable:
-            loss = loss + 1e-6 * torch.relu(model.costs()["params"] - 1000)
+            loss = loss + penalty(model, None)
         loss.backward()
         opt.step()
     sync(x.device)
     return (time.perf_counter() - start) / steps
+
+
+def penalty(search: nn.Module, target: Any) -> torch.Tensor:
+    """A search step's penalty on size (with a target) or params, bound 1000, λ 1e-6: `search.penalty`, which
+    with the path method's "neighbours" costs reads every one-point flip (a plain relu on `costs()` in commits
+    without it)."""
+    metric, key = ("size", "size_bytes") if target is not None else ("params", "params")
+    if not hasattr(search, "penalty"):
+        return 1e-6 * torch.relu(search.costs(target)[key] - 1000)
+    objective = duccio_fx.DuccioObjective([duccio_fx.Constraint(metric, 1000.0).at(1000.0)], schedule="constant",
+                                          constant_lambda=1e-6)
+    return search.penalty(objective, target, 0.0)
 
 
 def cost_call(search: nn.Module, target: str | None) -> tuple[Any, str]:
@@ -99,9 +113,11 @@ def cost_call(search: nn.Module, target: str | None) -> tuple[Any, str]:
     return hw, ("size_bytes" if hw is not None else "params")
 
 
-def cost_time(search: nn.Module, target: str | None, reps: int, device: torch.device) -> float:
-    """Median seconds of costs(target) + backward of one cost, as a search step does it (drawing the path
-    method's sample and clearing the architecture gradients are not timed)."""
+def cost_time(search: nn.Module, target: str | None, reps: int, device: torch.device,
+              penalised: bool = False) -> float:
+    """Median seconds of costs(target) + backward of one cost (with `penalised`, of the step's `penalty`), as a
+    search step does it (drawing the path method's sample and clearing the architecture gradients are not
+    timed)."""
     hw, key = cost_call(search, target)
     times = []
     for _ in range(reps):
@@ -113,7 +129,7 @@ def cost_time(search: nn.Module, target: str | None, reps: int, device: torch.de
                 p.grad = None
             sync(device)
             start = time.perf_counter()
-            search.costs(hw)[key].backward()
+            (penalty(search, hw) if penalised else search.costs(hw)[key]).backward()
             sync(device)
             total += time.perf_counter() - start
         times.append(total / 20)
@@ -244,6 +260,9 @@ def main() -> None:
             fig["costs"][key] = {"params": {"ms": plain_ms, **plain_ops}, "gap8": {"ms": gap8_ms, **gap8_ops}}
             print(f"    {key}: costs+backward {describe(plain_ms, plain_ops)}, with gap8 {describe(gap8_ms, gap8_ops)}",
                   flush=True)
+            if getattr(model, "cost_mode", None) == "neighbours":  # the penalty reads every one-point flip
+                fig["costs"][key]["penalty_gap8_ms"] = ms = cost_time(model, "gap8", args.reps, device, True) * 1000
+                print(f"    {key}: size penalty+backward with gap8 (neighbours costs) {ms:.2f} ms", flush=True)
         if args.json:  # after each model, so a later failure (e.g. out of memory) keeps what ran
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)

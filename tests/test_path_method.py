@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import duccio_fx
 from duccio_fx.cli import app
 from duccio_fx.search.choice_point import ChoicePoint
+from duccio_fx.search.constraints import Constraint
 from duccio_fx.targets import load_target
 from duccio_fx.zoo import build as zoo_build
 from tests.test_optimize import MODEL_FILE, model_file, recipe
@@ -115,12 +116,16 @@ def test_random_networks_export_exactly_with_exact_costs(plan, seed):
     space.set_choices(chosen)
     assert float(sampled.macs.detach()) == space.cost_values(GAP8).macs
     assert float(sampled.size_bytes.detach()) == pytest.approx(space.cost_values(GAP8).size_bytes, rel=1e-12)
-    # with cost_mode="argmax" (the default), those of the architecture held, whatever the forward pass ran
+    # with cost_mode="argmax", those of the architecture held, whatever the forward pass ran
     space.cost_mode = "argmax"
     space.resample()
     held = space.costs(GAP8)
     assert float(held.macs.detach()) == space.cost_values(GAP8).macs
     assert float(held.size_bytes.detach()) == pytest.approx(space.cost_values(GAP8).size_bytes, rel=1e-12)
+    # with cost_mode="neighbours" (the default), the penalty's gradient reads every one-point flip's costs
+    now = space.cost_values(GAP8)
+    assert_neighbour_gradient(space, [Constraint.parse("size", "97%").resolve(now),
+                                      Constraint.parse("macs", "102%").resolve(now)])
 
 
 # -- the choice parametrization -------------------------------------------------------------------------
@@ -167,11 +172,10 @@ def test_expected_costs_use_the_probabilities():
 
 
 def test_argmax_costs_are_the_held_architectures_with_the_probabilities_gradient():
-    """cost_mode="argmax" (the path method's default): in training the costs are those of the architecture the
-    search holds (what export() returns), whatever the draw ran, and their gradient is softmax(θ)'s."""
+    """cost_mode="argmax": in training the costs are those of the architecture the search holds (what export()
+    returns), whatever the draw ran, and their gradient is softmax(θ)'s (also `costs()` with "neighbours")."""
     model, x = zoo_build("resnet8")
-    space = duccio_fx.make_searchable(model, x, method="path")
-    assert space.cost_mode == "argmax"
+    space = duccio_fx.make_searchable(model, x, method="path", cost_mode="argmax")
     space.set_choices({"stack2.conv1": "dwsep3", "stack3.conv2": "identity"})
     space.train()
     space(x)
@@ -184,6 +188,72 @@ def test_argmax_costs_are_the_held_architectures_with_the_probabilities_gradient
     expected(x)
     expected.costs(GAP8).size_bytes.backward()
     assert torch.allclose(space.choice_bank.theta.grad, expected.choice_bank.theta.grad)
+
+
+def assert_neighbour_gradient(space: duccio_fx.PathSpace, constraints: list) -> list[float]:
+    """With cost_mode="neighbours", in training: the penalty's value is the held architecture's, and θ's
+    gradient is that of Σ_k E_{i∼softmax(θ_k)} Σ_j R_j · [R_j > T_j] (λ = 1) over the architectures one point
+    away from the one held (point k at alternative i), each computed from that architecture's own costs."""
+    from duccio_fx.search.objective import DuccioObjective
+
+    objective = DuccioObjective(constraints, schedule="constant", constant_lambda=1.0)
+    space.cost_mode = "neighbours"
+    space.train()
+    space.resample()
+    space.choice_bank.theta.grad = None
+    penalty = space.penalty(objective, GAP8, 0.0)
+    held = space.choices()
+    value = float(objective.penalty(space.cost_values(GAP8), 0.0))
+    assert float(penalty.detach()) == pytest.approx(value, rel=1e-12)
+    penalty.backward()
+    theta = space.choice_bank.theta.detach().clone()
+    flips = []
+    for info, point in zip(space.infos, space.points()):
+        for name in point.names:
+            space.set_choices({**held, info.point: name})
+            costs = space.cost_values(GAP8)
+            flips.append(sum(float(c.value(costs)) for c in constraints if not c.met(costs)))
+    with torch.no_grad():
+        space.choice_bank.theta.copy_(theta)
+    reference = theta.clone().requires_grad_(True)
+    probabilities = torch.cat([torch.softmax(t, 0) for t in reference.split(space.choice_bank.sizes)] or [reference])
+    (probabilities.double() * torch.tensor(flips, dtype=torch.float64)).sum().backward()
+    assert torch.allclose(space.choice_bank.theta.grad, reference.grad, rtol=1e-5, atol=1e-6 * max(flips + [1.0]))
+    return flips
+
+
+def test_neighbour_costs_read_the_costs_of_every_one_point_flip():
+    """Two totals and a layer-wise bound, some met and some not by the flips (see assert_neighbour_gradient)."""
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path", cost_mode="neighbours")
+    layer = "stack3.conv2.conv5.conv"  # a layer-wise bound that bites on every architecture holding conv5 there
+    space.set_choices({"stack3.conv2": "conv5"})
+    half = float(space.cost_values(GAP8).layer_bytes[layer]) / 2
+    randomize(space, 3)
+    now = space.cost_values(GAP8)  # bounds that a few flips meet: size just under the held one's, MACs over
+    constraints = [Constraint.parse("size", "97%").resolve(now), Constraint.parse("macs", "102%").resolve(now),
+                   Constraint("layer_memory", half, False, layer).at(half)]
+    flips = assert_neighbour_gradient(space, constraints)
+    assert len(set(flips)) > 2 and 0.0 in flips  # flips that meet every bound, and flips that do not
+
+
+def test_neighbour_costs_push_nothing_where_every_flip_is_feasible():
+    from duccio_fx.search.objective import DuccioObjective
+
+    model, x = zoo_build("resnet8")
+    space = duccio_fx.make_searchable(model, x, method="path")
+    assert space.cost_mode == "neighbours"  # the path method's default
+    bound = Constraint.parse("size", "200%").resolve(space.cost_values(GAP8))
+    space.train()
+    space.resample()
+    space.penalty(DuccioObjective([bound], schedule="constant"), GAP8, 0.0).backward()
+    assert not space.choice_bank.theta.grad.any()
+
+
+def test_path_mask_refuses_neighbour_costs():
+    model, x = zoo_build("resnet8")
+    with pytest.raises(duccio_fx.DuccioError, match="neighbours"):
+        duccio_fx.make_searchable(model, x, method="path+mask", cost_mode="neighbours")
 
 
 def test_temperature_decays_per_epoch():

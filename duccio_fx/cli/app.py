@@ -221,8 +221,10 @@ def optimize(
                                   "step, the paper's) or sampled (only the sampled one runs)"),
     path_costs: Optional[str] = typer.Option(None, "--path-costs", help="--method path/path+mask: costs of the "
                                              "sampled one-hot choice (sampled, paper eq. 8), of the softmax "
-                                             "probabilities (expected; path+mask's default) or of the "
-                                             "architecture held, every point's argmax (argmax; path's default)"),
+                                             "probabilities (expected; path+mask's default), of the "
+                                             "architecture held, every point's argmax (argmax), or that one's "
+                                             "penalty with a gradient from every architecture one point away "
+                                             "(neighbours; path's default, path only)"),
     temperature: float = typer.Option(5.0, "--temperature", help="--method path: Gumbel-softmax temperature at "
                                       "the first search epoch"),
     temperature_decay: float = typer.Option(0.8, "--temperature-decay", help="--method path: the temperature "

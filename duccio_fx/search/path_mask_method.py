@@ -278,6 +278,9 @@ def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules:
                          seed_logit: float = PATH_DEFAULTS["path+mask"]["seed_logit"],
                          argmax_share: float = PATH_DEFAULTS["path+mask"]["argmax_share"]) -> PathMaskSpace:
     """The path method's supernet (options as for method="path") with the mask method's channel masks."""
+    if cost_mode == "neighbours":  # its costs also move with the masks: not linear in the option weights
+        raise DuccioError("the path+mask method has no 'neighbours' costs", where="--path-costs",
+                          fix="use sampled, expected or argmax (neighbours is the path method's)")
     context = context or PassContext()
     options = dict(cost_mode=cost_mode, temperature=temperature, temperature_decay=temperature_decay,
                    warmup_seed_share=warmup_seed_share, seed_logit=seed_logit, argmax_share=argmax_share)

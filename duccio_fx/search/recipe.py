@@ -187,7 +187,7 @@ class Recipe:
             loss = task.float()
             if phase == "search":  # the costs stay in float64, outside autocast
                 frac = epoch + (i / steps if steps else 0.0)
-                loss = loss + self.objective.penalty(self.space.costs(self.target), frac).float()
+                loss = loss + self.space.penalty(self.objective, self.target, frac).float()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             average_gradients(params, self.world)  # every rank applies the same update

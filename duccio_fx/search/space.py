@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABCMeta, abstractmethod
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from duccio_fx.ir.meta import LayerTerm
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
 from duccio_fx.targets import Target
+
+if TYPE_CHECKING:
+    from duccio_fx.search.objective import DuccioObjective
 
 
 class SearchSpace(nn.Module, metaclass=ABCMeta):
@@ -50,6 +53,11 @@ class SearchSpace(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def costs(self, target: Target | str | None = None) -> Costs:
         """Costs of the architecture the forward pass uses now, differentiable w.r.t. θ."""
+
+    def penalty(self, objective: DuccioObjective, target: Target | str | None, epoch: float) -> torch.Tensor:
+        """The objective's penalty for this training step (add it to the task loss): by default on `costs`; a
+        method may give θ another gradient of the same value (the path method's "neighbours" costs)."""
+        return objective.penalty(self.costs(target), epoch)
 
     def cost_values(self, target: Target | str | None = None) -> Costs:
         """Costs (floats, no graph) of the architecture `export()` would return now: for decisions, logs and
