@@ -508,11 +508,12 @@ def test_a_registered_alternative_is_used():
     (["--estimator", "some"], "unknown estimator"),
     (["--path-costs", "mean"], "unknown cost mode"),
     (["--argmax-share", "1"], "argmax share 1.0 must lie in [0, 1)"),
+    (["--method", "path+mask", "--path-costs", "neighbours"], "has no 'neighbours' costs"),
 ])
 def test_optimize_path_bad_input_exits_1_before_training(tmp_path, args, message):
     out = tmp_path / "run"
     result = runner.invoke(app, ["optimize", model_file(tmp_path), "--method", "path", "--max-size", "50%",
-                                 "--out", str(out), "--no-cache", *args])
+                                 "--out", str(out), "--no-cache", *args])  # (a later --method wins)
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split())
     assert not out.exists()

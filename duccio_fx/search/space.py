@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABCMeta, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -24,10 +24,8 @@ from duccio_fx.costs.model import Costs
 from duccio_fx.ir.meta import LayerTerm
 from duccio_fx.ir.pass_manager import PassContext
 from duccio_fx.ir.tracer import LeafSpec
+from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.targets import Target
-
-if TYPE_CHECKING:
-    from duccio_fx.search.objective import DuccioObjective
 
 
 class SearchSpace(nn.Module, metaclass=ABCMeta):
