@@ -15,6 +15,7 @@ import duccio_fx
 from duccio_fx.cli import app
 from duccio_fx.search.choice_point import ChoicePoint
 from duccio_fx.search.constraints import Constraint
+from duccio_fx.search.objective import DuccioObjective
 from duccio_fx.targets import load_target
 from duccio_fx.zoo import build as zoo_build
 from tests.test_optimize import MODEL_FILE, model_file, recipe
@@ -194,8 +195,6 @@ def assert_neighbour_gradient(space: duccio_fx.PathSpace, constraints: list) -> 
     """With cost_mode="neighbours", in training: the penalty's value is the held architecture's, and θ's
     gradient is that of Σ_k E_{i∼softmax(θ_k)} Σ_j R_j · [R_j > T_j] (λ = 1) over the architectures one point
     away from the one held (point k at alternative i), each computed from that architecture's own costs."""
-    from duccio_fx.search.objective import DuccioObjective
-
     objective = DuccioObjective(constraints, schedule="constant", constant_lambda=1.0)
     space.cost_mode = "neighbours"
     space.train()
@@ -238,8 +237,6 @@ def test_neighbour_costs_read_the_costs_of_every_one_point_flip():
 
 
 def test_neighbour_costs_push_nothing_where_every_flip_is_feasible():
-    from duccio_fx.search.objective import DuccioObjective
-
     model, x = zoo_build("resnet8")
     space = duccio_fx.make_searchable(model, x, method="path")
     assert space.cost_mode == "neighbours"  # the path method's default
