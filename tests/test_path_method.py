@@ -506,6 +506,7 @@ def test_a_registered_alternative_is_used():
     (["--path-costs", "mean"], "unknown cost mode"),
     (["--argmax-share", "1"], "argmax share 1.0 must lie in [0, 1)"),
     (["--method", "path+mask", "--path-costs", "neighbours"], "has no 'neighbours' costs"),
+    (["--method", "path+mask", "--path-costs", "mean"], "use one of: sampled, expected, argmax"),
 ])
 def test_optimize_path_bad_input_exits_1_before_training(tmp_path, args, message):
     out = tmp_path / "run"

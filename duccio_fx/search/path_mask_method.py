@@ -59,7 +59,7 @@ from duccio_fx.passes.mask_insertion import BANK, MaskInsertion
 from duccio_fx.passes.shrink_export import ShrinkExport, strip_masks
 from duccio_fx.pipeline import analyze
 from duccio_fx.search.masks import PLAIN, MaskBank
-from duccio_fx.search.path_method import PATH_DEFAULTS, PathSpace, build_supernet
+from duccio_fx.search.path_method import COST_MODES, PATH_DEFAULTS, PathSpace, build_supernet
 from duccio_fx.search.space import register_search_method
 from duccio_fx.targets import Target, load_target
 
@@ -269,6 +269,10 @@ class PathMaskSpace(PathSpace):
         return out
 
 
+# "neighbours" needs costs linear in the choice weights alone; path+mask's also move with the masks
+PATH_MASK_COST_MODES = tuple(m for m in COST_MODES if m != "neighbours")
+
+
 @register_search_method("path+mask")
 def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[LeafSpec] = (),
                          context: PassContext | None = None, threshold: float = 0.5,
@@ -278,9 +282,9 @@ def make_path_mask_space(model: nn.Module, example_inputs: Any, *, leaf_modules:
                          seed_logit: float = PATH_DEFAULTS["path+mask"]["seed_logit"],
                          argmax_share: float = PATH_DEFAULTS["path+mask"]["argmax_share"]) -> PathMaskSpace:
     """The path method's supernet (options as for method="path") with the mask method's channel masks."""
-    if cost_mode == "neighbours":  # its costs also move with the masks: not linear in the option weights
-        raise DuccioError("the path+mask method has no 'neighbours' costs", where="--path-costs",
-                          fix="use sampled, expected or argmax (neighbours is the path method's)")
+    if cost_mode not in PATH_MASK_COST_MODES:
+        raise DuccioError(f"the path+mask method has no {cost_mode!r} costs", where="--path-costs",
+                          fix=f"use one of: {', '.join(PATH_MASK_COST_MODES)}")
     context = context or PassContext()
     options = dict(cost_mode=cost_mode, temperature=temperature, temperature_decay=temperature_decay,
                    warmup_seed_share=warmup_seed_share, seed_logit=seed_logit, argmax_share=argmax_share)
